@@ -1,0 +1,23 @@
+"""ENEC: lossless compression of bf16/fp16/fp32 (and fp8) weights with a block-based
+fixed-length exponent code (arXiv 2604.03298), with escapes so every bit pattern round-trips.
+
+>>> import enec, torch
+>>> w = torch.randn(4096, 4096, dtype=torch.bfloat16)
+>>> blob = enec.compress(w)
+>>> torch.equal(enec.decompress(blob), w)
+True
+"""
+
+from .codec import compress, decompress, stream_info
+from .errors import EnecError
+
+__all__ = ["compress", "decompress", "stream_info", "EnecError", "save_file", "load_file"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # checkpoint helpers import safetensors/torch lazily
+    if name in ("save_file", "load_file"):
+        from . import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'enec' has no attribute {name!r}")

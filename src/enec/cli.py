@@ -1,0 +1,162 @@
+"""The ``enec`` command: compress, decompress, info, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import EnecError
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _table(rows: list[list[str]], head: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _summary(stats: list[dict], verb: str, seconds: float) -> str:
+    rows = []
+    for s in stats:
+        o, c = s["original_bytes"], s["compressed_bytes"]
+        rows.append([Path(s["output"]).name, _gb(o), _gb(c), f"{o / c:.4f}" if c else "-",
+                     f"{o / s['codec_seconds'] / 1e9:.2f}" if s["codec_seconds"] else "-"])
+    o = sum(s["original_bytes"] for s in stats)
+    c = sum(s["compressed_bytes"] for s in stats)
+    codec = sum(s["codec_seconds"] for s in stats)
+    if len(stats) > 1:
+        rows.append(["total", _gb(o), _gb(c), f"{o / c:.4f}" if c else "-",
+                     f"{o / codec / 1e9:.2f}" if codec else "-"])
+    out = _table(rows, ["file", "original", "compressed", "ratio", "codec GB/s"])
+    return out + f"\n{verb} in {seconds:.2f} s wall ({o / max(seconds, 1e-9) / 1e9:.2f} GB/s end to end)"
+
+
+def _compress(args) -> int:
+    from . import checkpoint as ck
+
+    path = Path(args.path)
+    t0 = time.perf_counter()
+    kw = dict(threads=args.threads, force=args.force, progress=not args.quiet, block_size=args.block_size)
+    if path.is_dir():
+        stats = ck.compress_folder(path, args.output, **kw)
+    elif path.is_file():
+        stats = [ck.compress_file(path, args.output, **kw)]
+    else:
+        raise EnecError(f"no such file or folder: {path}")
+    if not args.quiet:
+        print(_summary(stats, "compressed", time.perf_counter() - t0))
+    return 0
+
+
+def _decompress(args) -> int:
+    from . import checkpoint as ck
+
+    path = Path(args.path)
+    t0 = time.perf_counter()
+    kw = dict(threads=args.threads, force=args.force, progress=not args.quiet)
+    if path.is_dir():
+        stats = ck.decompress_folder(path, args.output, **kw)
+    elif path.is_file():
+        stats = [ck.decompress_file(path, args.output, **kw)]
+    else:
+        raise EnecError(f"no such file or folder: {path}")
+    if not args.quiet:
+        print(_summary(stats, "restored (sha256 verified)", time.perf_counter() - t0))
+    return 0
+
+
+def _info(args) -> int:
+    from . import checkpoint as ck
+
+    path = Path(args.path)
+    files = sorted(path.rglob("*.enec")) if path.is_dir() else [path]
+    if not files:
+        raise EnecError(f"no .enec file in {path}")
+    report = []
+    for f in files:
+        meta, rows = ck.checkpoint_info(f)
+        report.append({"file": str(f), "source": meta.source_name, "sha256": meta.source_sha256,
+                       "tensors": rows})
+        if args.json:
+            continue
+        print(f"{f}  (restores {meta.source_name}, {_gb(meta.source_size)} -> {_gb(meta.size)},"
+              f" ratio {meta.source_size / meta.size:.4f})")
+        table = []
+        for r in rows:
+            p = r["params"]
+            table.append([r["name"], r["dtype"], "x".join(map(str, r["shape"])) or "scalar",
+                          f"{r['original_bytes'] / r['compressed_bytes']:.4f}" if r["compressed_bytes"] else "-",
+                          r["codec"],
+                          f"w1={p[0]} b1={p[1]} w2={p[2]} b2={p[3]}" if p else "-",
+                          r["raw_blocks"] or "-"])
+        print(_table(table, ["tensor", "dtype", "shape", "ratio", "codec", "params", "raw blocks"]))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    return 0
+
+
+def _bench(args) -> int:
+    from . import bench
+
+    return bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="enec", description="Lossless ENEC compression of model weights.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp, output=True):
+        if output:
+            sp.add_argument("-o", "--output", help="output file or folder (default: beside the input)")
+            sp.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
+        sp.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: all cores)")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
+
+    c = sub.add_parser("compress", help="compress a .safetensors file or a model folder")
+    c.add_argument("path")
+    common(c)
+    c.add_argument("--block-size", type=int, default=1 << 14, help="elements per block (power of two)")
+    c.set_defaults(func=_compress)
+
+    d = sub.add_parser("decompress", help="restore the original .safetensors file(s) byte for byte")
+    d.add_argument("path")
+    common(d)
+    d.set_defaults(func=_decompress)
+
+    i = sub.add_parser("info", help="per-tensor dtype, shape, ratio and parameters of a .enec file")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.set_defaults(func=_info)
+
+    b = sub.add_parser("bench", help="benchmark ENEC against zstd, lz4, ZipNN and memcpy")
+    from . import bench
+
+    bench.add_arguments(b)
+    b.set_defaults(func=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EnecError as exc:
+        print(f"enec: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"enec: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("enec: interrupted (no partial output was left)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""compress / decompress on torch tensors and numpy arrays (CPU kernels)."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from . import cpu
+from .errors import EnecError
+from .format import (
+    BLOCK_HEADER_BYTES,
+    DEFAULT_BLOCK_LOG2,
+    FLAG_NUMPY,
+    FORMATS,
+    MAX_BLOCK_LOG2,
+    MIN_BLOCK_LOG2,
+    FloatFormat,
+    build_header,
+    format_for,
+    padded,
+    parse_header,
+    table_bytes,
+)
+
+_NUMPY_FLOATS = {"float16": "float16", "float32": "float32", "bfloat16": "bfloat16"}
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is installed in every supported setup
+        return None
+    return torch
+
+
+# ------------------------------------------------------------------------------ threads
+
+
+@contextmanager
+def threads_set(threads: int | None):
+    """Run numba kernels with ``threads`` threads (None: all cores), restoring the old count."""
+    if threads is None:
+        yield
+        return
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not isinstance(threads, int) or not 1 <= threads <= limit:
+        raise EnecError(f"threads must be an integer from 1 to {limit}, got {threads!r}")
+    old = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+# ------------------------------------------------------------------------------ buffers
+
+
+def _new_bytes(n: int) -> tuple[bytes, np.ndarray]:
+    """An uninitialised ``bytes`` of length n and a writable uint8 view of its storage.
+
+    This is what C extensions do with ``PyBytes_FromStringAndSize(NULL, n)``: the object
+    is filled before anyone else sees it, which saves a copy of the whole stream.
+    """
+    if platform.python_implementation() == "CPython" and n > 0:
+        make = ctypes.pythonapi.PyBytes_FromStringAndSize
+        make.restype = ctypes.py_object
+        make.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+        obj = make(None, n)
+        addr = id(obj) + bytes.__basicsize__ - 1
+        view = np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(addr))
+        return obj, view
+    buf = bytearray(n)
+    return buf, np.frombuffer(buf, dtype=np.uint8)  # type: ignore[return-value]
+
+
+def _writable_alias(a: np.ndarray) -> np.ndarray:
+    """The same memory as a writable array, so kernels see one array type whatever the source.
+
+    numba compiles a separate specialisation for read-only arrays (bytes, read-only mmaps);
+    the kernels never write their inputs, so aliasing them as writable is safe and saves a
+    multi-second compile per variant. The caller keeps ``a`` alive for the call.
+    """
+    if a.flags.writeable or a.size == 0:
+        return a
+    addr = a.__array_interface__["data"][0]
+    raw = (ctypes.c_uint8 * a.nbytes).from_address(addr)
+    return np.frombuffer(raw, dtype=a.dtype).reshape(a.shape)
+
+
+def _as_flat(x, dtype: str | None) -> tuple[FloatFormat, np.ndarray, tuple[int, ...], int, object]:
+    """(format, flat unsigned view, shape, flags, keep-alive) for a tensor or array."""
+    torch = _torch()
+    if torch is not None and isinstance(x, torch.Tensor):
+        name = str(x.dtype).removeprefix("torch.")
+        if dtype is not None and dtype != name:
+            raise EnecError(f"dtype={dtype!r} does not match the tensor's dtype {name}")
+        fmt = format_for(name)
+        if x.device.type != "cpu":
+            raise EnecError(f"tensor on {x.device}: this build compresses CPU tensors only")
+        t = x.detach().contiguous()
+        int_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[fmt.itemsize]
+        flat = t.reshape(-1).view(int_dtype).numpy().view(fmt.uint_dtype)
+        return fmt, flat, tuple(t.shape), 0, t
+    if isinstance(x, np.ndarray):
+        if x.dtype.name == "bfloat16":  # ml_dtypes
+            name = "bfloat16"
+        elif x.dtype in (np.float16, np.float32):
+            name = x.dtype.name
+        elif x.dtype.kind == "u" and dtype is not None:
+            name = dtype
+        else:
+            raise EnecError(
+                f"cannot compress a numpy array of {x.dtype}: pass float16/float32, "
+                "or an unsigned-int array of the same width with dtype= one of "
+                "'bfloat16', 'float16', 'float32', 'float8_e4m3fn', 'float8_e5m2'"
+            )
+        if dtype is not None and dtype != name:
+            raise EnecError(f"dtype={dtype!r} does not match the array's dtype {name}")
+        fmt = format_for(name)
+        if x.dtype.itemsize != fmt.itemsize:
+            raise EnecError(f"a {fmt.name} array must have {fmt.itemsize}-byte elements, got {x.dtype}")
+        a = np.ascontiguousarray(x)
+        flat = _writable_alias(a.reshape(-1).view(fmt.uint_dtype))
+        return fmt, flat, tuple(a.shape), FLAG_NUMPY, a
+    raise EnecError(f"cannot compress {type(x).__name__}: pass a torch tensor or a numpy array")
+
+
+# ------------------------------------------------------------------------------ compress
+
+
+def _block_sizes(fmt: FloatFormat, counts: np.ndarray, n1: np.ndarray, n2: np.ndarray,
+                 w1: int, w2: int) -> tuple[np.ndarray, np.ndarray]:
+    """Coded-or-raw choice and byte size of every block (vectorised coded_block_bytes)."""
+    pn = (counts + 63) & ~63
+    coded = (BLOCK_HEADER_BYTES + fmt.rest_bytes * pn + (fmt.rest_planes + w1) * (pn // 8)
+             + (n1 * w2 + 7) // 8 + n2 + 7) & ~7
+    raw = (BLOCK_HEADER_BYTES + counts * fmt.itemsize + 7) & ~7
+    modes = (coded >= raw).astype(np.uint8)
+    return modes, np.where(modes == 1, raw, coded)
+
+
+def compress(x, *, dtype: str | None = None, threads: int | None = None,
+             block_size: int = 1 << DEFAULT_BLOCK_LOG2) -> bytes:
+    """Compress a float tensor or array losslessly into a self-describing ENEC stream.
+
+    ``x``: a torch tensor (bfloat16, float16, float32, float8_e4m3fn, float8_e5m2) or a
+    numpy array (float16, float32, or uint16 with ``dtype="bfloat16"``). ``threads``:
+    kernel threads (default: all cores). ``block_size``: elements per independently
+    decodable block, a power of two from 64 to 2**20.
+    """
+    fmt, flat, shape, flags, _keep = _as_flat(x, dtype)
+    blog2 = int(block_size).bit_length() - 1
+    if block_size != 1 << blog2 or not MIN_BLOCK_LOG2 <= blog2 <= MAX_BLOCK_LOG2:
+        raise EnecError(f"block_size must be a power of two from 64 to 2**20, got {block_size}")
+    numel = flat.size
+    nb = (numel + (1 << blog2) - 1) >> blog2
+    with threads_set(threads):
+        if nb == 0:
+            offsets = np.zeros(1, np.int64)
+            checks = np.zeros(0, np.uint32)
+            return build_header(fmt, shape, blog2, flags, offsets, checks)
+        hist = cpu.histogram_kernel(fmt)(flat, numel, blog2)
+        w1, b1, w2, b2 = cpu.choose_params(hist.sum(axis=0), fmt.ebits)
+        k = 1 << fmt.ebits
+        in1 = np.zeros(k, bool)
+        in1[(b1 + np.arange((1 << w1) - 1)) % k] = True
+        in2 = np.zeros(k, bool)
+        in2[(b2 + np.arange((1 << w2) - 1)) % k] = True
+        counts = hist.sum(axis=1)
+        n1 = hist[:, ~in1].sum(axis=1)
+        n2 = hist[:, ~in1 & ~in2].sum(axis=1)
+        modes, sizes = _block_sizes(fmt, counts, n1, n2, w1, w2)
+        offsets = np.zeros(nb + 1, np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        start = table_bytes(len(shape), nb)
+        total = start + int(offsets[-1])
+        obj, buf = _new_bytes(total)
+        payload = buf[start:]
+        checks = np.empty(nb, np.uint32)
+        cpu.encode_kernel(fmt, w1)(
+            flat, flat.view(np.uint8), numel, blog2, b1, w2, b2, modes, n1, n2, offsets,
+            payload, payload.view(np.uint64), payload.view(np.uint32), checks,
+        )
+    buf[:start] = np.frombuffer(build_header(fmt, shape, blog2, flags, offsets, checks), np.uint8)
+    return obj
+
+
+# ------------------------------------------------------------------------------ decompress
+
+
+def _check_out(out, fmt: FloatFormat, numel: int):
+    """Validate a caller's output buffer; return (result, flat unsigned view)."""
+    torch = _torch()
+    if torch is not None and isinstance(out, torch.Tensor):
+        want = getattr(torch, fmt.torch_name)
+        if out.dtype != want:
+            raise EnecError(f"out has dtype {out.dtype}, the stream holds {fmt.name}")
+        if out.device.type != "cpu":
+            raise EnecError(f"out is on {out.device}: this build decompresses into CPU tensors only")
+        if not out.is_contiguous() or out.numel() != numel:
+            raise EnecError(f"out must be contiguous with {numel} elements, got {tuple(out.shape)}")
+        int_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[fmt.itemsize]
+        return out, out.reshape(-1).view(int_dtype).numpy().view(fmt.uint_dtype)
+    if isinstance(out, np.ndarray):
+        ok = out.dtype.itemsize == fmt.itemsize and (
+            out.dtype.name in (fmt.numpy_name, fmt.name) or out.dtype == fmt.uint_dtype
+        )
+        if not ok:
+            raise EnecError(f"out has dtype {out.dtype}, the stream holds {fmt.name}")
+        if not out.flags.c_contiguous or not out.flags.writeable or out.size != numel:
+            raise EnecError(f"out must be a writable contiguous array of {numel} elements")
+        return out, out.reshape(-1).view(fmt.uint_dtype)
+    raise EnecError(f"out must be a torch tensor or numpy array, got {type(out).__name__}")
+
+
+def _new_out(fmt: FloatFormat, shape: tuple[int, ...], numpy_out: bool):
+    torch = _torch()
+    if numpy_out or torch is None:
+        arr = np.empty(shape, dtype=np.dtype(fmt.numpy_name))
+        return arr, arr.reshape(-1).view(fmt.uint_dtype)
+    t = torch.empty(shape, dtype=getattr(torch, fmt.torch_name))
+    int_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[fmt.itemsize]
+    return t, t.reshape(-1).view(int_dtype).numpy().view(fmt.uint_dtype)
+
+
+def _as_bytes(data) -> np.ndarray:
+    try:
+        arr = np.frombuffer(data, dtype=np.uint8)
+    except (TypeError, ValueError) as exc:
+        raise EnecError(f"expected a bytes-like ENEC stream, got {type(data).__name__}") from exc
+    return arr
+
+
+def decompress(data, out=None, *, threads: int | None = None, verify: bool = True):
+    """Decode an ENEC stream. Returns a torch tensor (numpy array if the stream was made
+    from numpy; bfloat16 as uint16) of the original dtype and shape, or fills ``out``
+    (a contiguous tensor/array with the same dtype and element count) and returns it.
+
+    ``verify`` checks every block's checksum (cheap; on by default). Any malformed,
+    truncated or corrupted stream raises :class:`EnecError`.
+    """
+    arr = _as_bytes(data)
+    info = parse_header(arr)
+    fmt = info.fmt
+    if out is None:
+        result, flat = _new_out(fmt, info.shape, bool(info.flags & FLAG_NUMPY))
+    else:
+        result, flat = _check_out(out, fmt, info.numel)
+    if info.nblocks == 0:
+        return result
+    payload = _writable_alias(arr[info.payload_start:])
+    status = np.zeros(info.nblocks, np.uint8)
+    offsets = info.offsets.astype(np.int64)
+    # blocks are decoded by kernels specialised for their level-1 width; raw blocks go along
+    heads = payload[offsets[:-1]]
+    widths = payload[offsets[:-1] + 1].astype(np.int64)
+    coded = heads == 0
+    valid = (widths >= 1) & (widths <= fmt.ebits)
+    status[coded & ~valid] = cpu.ST_BLOCK_HEADER
+    groups = np.unique(widths[coded & valid])
+    if groups.size == 0:
+        groups = np.array([1])
+    with threads_set(threads):
+        for g, w1 in enumerate(groups.tolist()):
+            pick = (coded & (widths == w1)) | (~coded if g == 0 else False)
+            blocks = np.flatnonzero(pick)
+            cpu.decode_kernel(fmt, w1)(
+                payload, payload.view(np.uint64), payload.view(np.uint32), offsets,
+                info.checksums, blocks, info.numel, info.block_log2, verify, flat,
+                flat.view(np.uint8), status,
+            )
+    bad = np.flatnonzero(status)
+    if bad.size:
+        b = int(bad[0])
+        more = f" (and {bad.size - 1} more blocks)" if bad.size > 1 else ""
+        raise EnecError(f"corrupted ENEC stream: block {b}: {cpu.STATUS_TEXT[int(status[b])]}{more}")
+    return result
+
+
+# ------------------------------------------------------------------------------ info
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What ``enec info`` prints for one stream."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    original_bytes: int
+    compressed_bytes: int
+    nblocks: int
+    raw_blocks: int
+    params: tuple[int, int, int, int] | None  # (w1, b1, w2, b2) of the coded blocks
+
+    @property
+    def ratio(self) -> float:
+        return self.original_bytes / self.compressed_bytes if self.compressed_bytes else 0.0
+
+
+def stream_info(data) -> Summary:
+    """Header-level facts about a stream (validates the header, not the blocks)."""
+    arr = _as_bytes(data)
+    info = parse_header(arr)
+    raw = 0
+    params = None
+    for b in range(info.nblocks):
+        o = info.payload_start + int(info.offsets[b])
+        if arr[o] == 1:
+            raw += 1
+        elif params is None:
+            params = tuple(int(v) for v in arr[o + 1 : o + 5])
+    return Summary(info.fmt.name, info.shape, info.original_bytes, info.compressed_bytes,
+                   info.nblocks, raw, params)
+
+
+__all__ = ["compress", "decompress", "stream_info", "Summary", "threads_set", "FORMATS", "padded"]
