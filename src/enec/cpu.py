@@ -61,6 +61,26 @@ def _cttz64(typingctx, x):
     return sig, codegen
 
 
+@intrinsic
+def _ctpop64(typingctx, x):
+    """Population count of a uint64 (LLVM's ctpop)."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.ctpop.i64")
+        return builder.call(fn, [args[0]])
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _bit_index(word, t, wi):
+    """Element of the lowest set bit of an escape-mask word (lane order); word must be nonzero."""
+    q = np.int64(_cttz64(word))
+    return (q & 7) * t + wi * 8 + (q >> 3)
+
+
 # ------------------------------------------------------------------------------ checksum
 
 
@@ -100,61 +120,53 @@ def hash_words(w32, start, nwords):
 
 
 @njit(cache=True)
-def _best_window(h, wsize):
-    """(coverage, start) of the circular window of ``wsize`` bins covering the most counts."""
-    k = h.size
-    if wsize <= 0:
-        return 0, 0
-    if wsize >= k:
-        return h.sum(), 0
-    cov = 0
-    for c in range(wsize):
-        cov += h[c]
-    best = cov
-    arg = 0
-    for s in range(1, k):
-        cov += h[(s + wsize - 1) % k] - h[s - 1]
-        if cov > best:
-            best = cov
-            arg = s
-    return best, arg
-
-
-@njit(cache=True)
 def choose_params(h, ebits):
     """Cost-minimising (w1, b1, w2, b2) for the exponent histogram ``h``.
 
     Level 1 codes exponent ``e`` as ``(e - b1) mod 2**ebits`` in ``w1`` bits when that is
     below ``2**w1 - 1`` (the escape code). Escaped exponents get a level-2 code in ``w2``
     bits against ``b2`` with its own escape, and level-2 escapes a raw byte. The cost is
-    exact in bits: ``w1*n + n1*w2 + 8*n2``. Ties go to the first candidate in loop order,
-    so every implementation picks the same parameters.
+    exact in bits: ``w1*n + n1*w2 + 8*n2``. Level-1 windows start only at occupied bins
+    (shifting a window off an empty bin never costs), level-2 windows anywhere; ties go to
+    the first candidate in loop order, so every implementation picks the same parameters.
     """
     k = 1 << ebits
     n = h.sum()
     best_cost = -1
     bw1, bb1, bw2, bb2 = 1, 0, 0, 0
     rem = np.empty(k, np.int64)
+    cs = np.zeros(2 * k + 1, np.int64)
     for w1 in range(1, ebits + 1):
         wsize1 = (1 << w1) - 1
         base = w1 * n
         if best_cost >= 0 and base >= best_cost:
             break
         for b1 in range(k):
-            cov1 = 0
-            for c in range(wsize1):
-                cov1 += h[(b1 + c) % k]
-            n1 = n - cov1
+            if h[b1] == 0 and n > 0:
+                continue
+            for c in range(k):
+                rem[c] = h[c]
+            for c in range(min(wsize1, k)):
+                rem[(b1 + c) % k] = 0
+            n1 = rem.sum()
             if n1 == 0:
                 if best_cost < 0 or base < best_cost:
                     best_cost, bw1, bb1, bw2, bb2 = base, w1, b1, 0, 0
                 continue
-            for c in range(k):
-                rem[c] = h[c]
-            for c in range(wsize1):
-                rem[(b1 + c) % k] = 0
+            for c in range(2 * k):
+                cs[c + 1] = cs[c] + rem[c % k]
             for w2 in range(0, ebits + 1):
-                cov2, b2 = _best_window(rem, (1 << w2) - 1)
+                wsize2 = (1 << w2) - 1
+                cov2 = 0
+                b2 = 0
+                if wsize2 >= k:
+                    cov2 = n1
+                elif wsize2 > 0:
+                    for s in range(k):
+                        v = cs[s + wsize2] - cs[s]
+                        if v > cov2:
+                            cov2 = v
+                            b2 = s
                 cost = base + n1 * w2 + 8 * (n1 - cov2)
                 if best_cost < 0 or cost < best_cost:
                     best_cost, bw1, bb1, bw2, bb2 = cost, w1, b1, w2, b2
@@ -355,7 +367,7 @@ def decode_kernel(fmt: FloatFormat, w1: int):
         RP = fmt.rest_planes
         ISZ = fmt.itemsize
         W1 = w1
-        CLEAR = ~(EM << POS)
+        ESC1 = (1 << W1) - 1
 
         @njit(parallel=True, cache=True)
         def decode_blocks(buf, buf64, buf32, offsets, checksums, blocks, numel, blog2,
@@ -406,6 +418,69 @@ def decode_kernel(fmt: FloatFormat, w1: int):
                 ro = o + 16
                 po = ro + RB * pn
                 co = po + RP * t
+                # escapes, lane order: their exponents go to ex[] (no read-modify-write of the
+                # output, whose rows are 4 KiB apart and would stall on 4K aliasing)
+                ex = np.empty(pn, np.uint8)
+                l2 = co + W1 * t
+                l3 = l2 + (n1 * w2 + 7) // 8
+                esc2 = (1 << w2) - 1
+                wbase = co // 8
+                tw = t // 8
+                # pass 1 lists the escaped elements in lane order (the only unpredictable loop);
+                # pass 2 decodes their exponents with reads clamped into the block and every
+                # check folded into `bad`, so corrupt input can neither branch nor overrun
+                lim = o + size - 1
+                where = np.empty(n1 + 8, np.int32)
+                c1 = 0
+                over = False
+                for wi in range(tw):
+                    word = buf64[wbase + wi]
+                    for p in range(1, W1):
+                        word &= buf64[wbase + p * tw + wi]
+                    if word == 0:
+                        continue
+                    cnt = np.int64(_ctpop64(word))
+                    if c1 + cnt > n1:
+                        over = True
+                        break
+                    # most words hold 1-4 escapes: take four without a data-dependent loop
+                    # (slots past cnt are scratch), then loop only for the rare rest
+                    where[c1] = _bit_index(word, t, wi)
+                    w = word & (word - np.uint64(1))
+                    where[c1 + 1] = _bit_index(w | np.uint64(1 << 63), t, wi)
+                    w &= w - np.uint64(1)
+                    where[c1 + 2] = _bit_index(w | np.uint64(1 << 63), t, wi)
+                    w &= w - np.uint64(1)
+                    where[c1 + 3] = _bit_index(w | np.uint64(1 << 63), t, wi)
+                    w &= w - np.uint64(1)
+                    c1 += min(cnt, 4)
+                    while w:
+                        where[c1] = _bit_index(w, t, wi)
+                        w &= w - np.uint64(1)
+                        c1 += 1
+                if over:
+                    status[b] = ST_ESCAPES
+                    continue
+                bad = False
+                c2 = 0
+                for idx in range(c1):
+                    i = where[idx]
+                    bad |= i >= n
+                    i = min(i, n - 1)
+                    bp = idx * w2
+                    by = min(l2 + (bp >> 3), lim)
+                    v = (np.int64(buf[by]) | (np.int64(buf[min(by + 1, lim)]) << 8)) >> (bp & 7)
+                    cc = v & esc2
+                    if cc == esc2:
+                        e = np.int64(buf[min(l3 + c2, lim)])
+                        bad |= e > EM
+                        c2 += 1
+                    else:
+                        e = (b2 + cc) & EM
+                    ex[i] = e & EM
+                if c1 != n1:
+                    status[b] = ST_ESCAPES
+                    continue
                 # one fused pass per lane row j: element j*t + k takes bit j of byte k of every
                 # plane; a single expression per element keeps LLVM vectorising over k
                 planes = buf[co : co + W1 * t]
@@ -419,6 +494,7 @@ def decode_kernel(fmt: FloatFormat, w1: int):
                     r0 = buf[ro + base : ro + base + kmax]
                     r1 = buf[ro + pn + base : ro + pn + base + kmax]
                     r2 = buf[ro + 2 * pn + base : ro + 2 * pn + base + kmax]
+                    exj = ex[base : base + kmax]
                     for k in range(kmax):
                         c = 0
                         for p in range(W1):
@@ -435,45 +511,10 @@ def decode_kernel(fmt: FloatFormat, w1: int):
                             for p in range(RP):
                                 h |= ((hplanes[p * t + k] >> j) & 1) << p
                             r |= np.uint32(h) << (8 * RB)
-                        e = np.uint32((b1 + c) & EM)
+                        e = np.uint32(exj[k] if c == ESC1 else (b1 + c) & EM)
                         yj[k] = (r & PM) | (e << POS) | ((r >> POS) << HPOS)
-                y = out[s : s + n]
-                # escapes, lane order
-                l2 = co + W1 * t
-                l3 = l2 + (n1 * w2 + 7) // 8
-                esc2 = (1 << w2) - 1
-                wbase = co // 8
-                tw = t // 8
-                # branch-free: reads are clamped into the block, checks are folded into `bad`
-                lim = o + size - 1
-                c1 = 0
-                c2 = 0
-                bad = 0
-                for wi in range(tw):
-                    word = buf64[wbase + wi]
-                    for p in range(1, W1):
-                        word &= buf64[wbase + p * tw + wi]
-                    while word:
-                        q = np.int64(_cttz64(word))
-                        word &= word - np.uint64(1)
-                        i = (q & 7) * t + wi * 8 + (q >> 3)
-                        bad |= i >= n
-                        i = min(i, n - 1)
-                        bp = c1 * w2
-                        by = min(l2 + (bp >> 3), lim)
-                        v = (np.int64(buf[by]) | (np.int64(buf[min(by + 1, lim)]) << 8)) >> (bp & 7)
-                        cc = v & esc2
-                        is3 = cc == esc2
-                        e3 = np.int64(buf[min(l3 + c2, lim)])
-                        bad |= is3 & (e3 > EM)
-                        e = e3 if is3 else (b2 + cc) & EM
-                        c2 += is3
-                        y[i] = (y[i] & CLEAR) | ((e & EM) << POS)
-                        c1 += 1
                 if bad:
                     status[b] = ST_ESCAPE_IN_PADDING
-                elif c1 != n1:
-                    status[b] = ST_ESCAPES
                 elif c2 != n2:
                     status[b] = ST_LEVEL3
 

@@ -23,7 +23,9 @@ from .format import (
 
 
 def choose_params(hist: np.ndarray, ebits: int) -> tuple[int, int, int, int]:
-    """Same search as the kernel: minimise w1*n + n1*w2 + 8*n2; first minimum wins."""
+    """Same search as the kernel: minimise w1*n + n1*w2 + 8*n2 over level-1 windows that
+    start at an occupied bin and every level-2 window; the first minimum in loop order wins
+    (w1, then b1, then w2 ascending; for level 2 the first best start)."""
     k = 1 << ebits
     n = int(hist.sum())
     best = None
@@ -32,23 +34,24 @@ def choose_params(hist: np.ndarray, ebits: int) -> tuple[int, int, int, int]:
             break
         win1 = (1 << w1) - 1
         for b1 in range(k):
+            if hist[b1] == 0 and n > 0:
+                continue
             in1 = np.zeros(k, bool)
-            in1[(b1 + np.arange(win1)) % k] = True
-            n1 = n - int(hist[in1].sum())
+            in1[(b1 + np.arange(min(win1, k))) % k] = True
+            rem = np.where(in1, 0, hist)
+            n1 = int(rem.sum())
             if n1 == 0:
                 if best is None or w1 * n < best[0]:
                     best = (w1 * n, w1, b1, 0, 0)
                 continue
-            rem = np.where(in1, 0, hist)
             for w2 in range(ebits + 1):
                 win2 = (1 << w2) - 1
-                if win2 == 0:
-                    cov2, b2 = 0, 0
-                elif win2 >= k:
-                    cov2, b2 = int(rem.sum()), 0
-                else:
+                cov2, b2 = 0, 0
+                if win2 >= k:
+                    cov2 = n1
+                elif win2 > 0:
                     covs = [int(rem[(s + np.arange(win2)) % k].sum()) for s in range(k)]
-                    b2 = int(np.argmax(covs))
+                    b2 = int(np.argmax(covs)) if max(covs) > 0 else 0
                     cov2 = covs[b2]
                 cost = w1 * n + n1 * w2 + 8 * (n1 - cov2)
                 if best is None or cost < best[0]:
