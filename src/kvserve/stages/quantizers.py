@@ -1,0 +1,465 @@
+"""Quantizers: float32 KV groups -> small-integer symbols plus side information.
+
+``encode(x, layer_ids, which, geometry) -> list[Part]`` with ``x`` of shape
+``(n, B, H, T, D)`` (float32, n stacked layers), ``which`` in ``{"k", "v"}`` and
+``geometry = (num_layers, num_kv_heads)`` of the whole model. Symbol parts (``bits`` set,
+uint8 values ``< 2**bits``, or the bf16 passthrough with ``bits=16``) go to the pipeline's
+lossless codec; side parts (``bits=None``: scales, minima, full-precision windows, masks)
+are stored raw. ``decode(parts, shape, layer_ids, which) -> x_hat`` reverses it, reading
+everything it needs from ``parts`` (no shared state with the encoder).
+
+Methods: ``none`` (bf16 passthrough), ``kvserve`` (KVServe mixed precision, arXiv
+2605.13734), ``kivi`` (KIVI, ICML'24, arXiv 2402.02750) and ``cachegen`` (CacheGen,
+SIGCOMM'24, arXiv 2310.07240).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+import torch
+
+from ..errors import KVServeError
+from .base import Stage, register
+
+
+@dataclass
+class Part:
+    """One named array of a bundle. ``bits`` set -> symbols for the codec; None -> raw side info.
+
+    ``dtype`` is the numpy dtype name, or ``"bfloat16"`` for uint16 arrays holding bf16 bits.
+    """
+
+    name: str
+    array: np.ndarray
+    bits: int | None = None
+    dtype: str = ""
+
+    def __post_init__(self):
+        if not self.dtype:
+            self.dtype = self.array.dtype.name
+
+
+def _bf16_to_np(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+
+
+def _np_to_bf16(a: np.ndarray, shape) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).reshape(shape)
+
+
+def _side(t: torch.Tensor, name: str) -> Part:
+    """Side info as float16 when it fits (finite), else float32."""
+    h = t.to(torch.float16)
+    if bool(torch.isfinite(h).all()):
+        return Part(name, h.contiguous().numpy().reshape(-1))
+    return Part(name, t.to(torch.float32).contiguous().numpy().reshape(-1))
+
+
+def _get(parts: dict, name: str, count: int) -> np.ndarray:
+    a = parts.get(name)
+    if a is None:
+        raise KVServeError(f"bundle lacks part {name!r}")
+    if a.size != count:
+        raise KVServeError(f"part {name!r} has {a.size} elements, expected {count}")
+    return a
+
+
+def _ft(parts, name, shape) -> torch.Tensor:
+    a = _get(parts, name, math.prod(shape))
+    if a.dtype not in (np.float16, np.float32):
+        raise KVServeError(f"part {name!r} must be float16/float32")
+    return torch.from_numpy(a.astype(np.float32, copy=False)).reshape(shape)
+
+
+def bits_for(levels: int) -> int:
+    """Bits needed to store symbols ``0 .. levels-1``."""
+    return max(1, int(levels - 1).bit_length())
+
+
+def _minmax(x: torch.Tensor, dims, levels, parts: list, prefix: str) -> torch.Tensor:
+    """Asymmetric min-max quantization with ``levels`` levels (tensor or int) over ``dims``.
+
+    Stores min and range (float16), returns uint8 symbols in ``[0, levels-1]``.
+    """
+    mn = x.amin(dim=dims, keepdim=True)
+    rg = x.amax(dim=dims, keepdim=True) - mn
+    pm, pr = _side(mn, prefix + "min"), _side(rg, prefix + "range")
+    parts += [pm, pr]
+    mn = torch.from_numpy(pm.array.astype(np.float32)).reshape(mn.shape)
+    rg = torch.from_numpy(pr.array.astype(np.float32)).reshape(rg.shape)
+    lv = levels - 1 if isinstance(levels, int) else (levels - 1).to(torch.float32)
+    inv = lv / rg.clamp_min(1e-8)
+    q = (x - mn).mul_(inv).round_().clamp_(min=0)
+    q = torch.minimum(q, torch.as_tensor(lv, dtype=q.dtype)) if not isinstance(lv, int) else q.clamp_(max=lv)
+    return q.to(torch.uint8)
+
+
+def _deminmax(q: torch.Tensor, parts: dict, prefix: str, stat_shape, levels) -> torch.Tensor:
+    mn = _ft(parts, prefix + "min", stat_shape)
+    rg = _ft(parts, prefix + "range", stat_shape)
+    lv = levels - 1 if isinstance(levels, int) else (levels - 1).to(torch.float32)
+    return q.to(torch.float32).mul_(rg / lv).add_(mn)
+
+
+class Quantizer(Stage):
+    kind = "quantizer"
+    lossy = True
+
+    def encode(self, x, layer_ids, which, geometry) -> list[Part]:
+        raise NotImplementedError
+
+    def decode(self, parts, shape, layer_ids, which) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@register
+class NoQuant(Quantizer):
+    """bf16 passthrough: one symbol part of 16-bit words (exact for bf16 input)."""
+
+    stage_id = "none"
+    lossy = False
+
+    def encode(self, x, layer_ids, which, geometry):
+        return [Part("x", _bf16_to_np(x), bits=16, dtype="bfloat16")]
+
+    def decode(self, parts, shape, layer_ids, which):
+        a = _get(parts, "x", math.prod(shape))
+        return _np_to_bf16(a, shape).to(torch.float32)
+
+
+# ---------------------------------------------------------------- full-precision windows
+
+
+class _Windowed(Quantizer):
+    """Shared handling of the first ``keep_sinks`` and last ``keep_recent`` tokens, kept in bf16
+    (attention sinks and the KIVI residual window). ``_span(T)`` gives (start, stop) of the
+    quantized middle."""
+
+    def _span(self, t: int) -> tuple[int, int]:
+        s = min(self.keep_sinks, t)
+        e = max(s, t - self.keep_recent)
+        return s, e
+
+    def _check_windows(self):
+        for p in ("keep_sinks", "keep_recent"):
+            v = getattr(self, p)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 1 << 20:
+                raise KVServeError(f"{self.stage_id}: {p} must be an int in [0, 2**20]")
+
+    def _encode_windows(self, x, s, e, parts):
+        if s > 0:
+            parts.append(Part("sink", _bf16_to_np(x[..., :s, :]), dtype="bfloat16"))
+        if e < x.shape[3]:
+            parts.append(Part("recent", _bf16_to_np(x[..., e:, :]), dtype="bfloat16"))
+
+    def _decode_windows(self, out, parts, shape, s, e):
+        n, b, h, t, d = shape
+        if s > 0:
+            out[..., :s, :] = _np_to_bf16(_get(parts, "sink", n * b * h * s * d), (n, b, h, s, d)).float()
+        if e < t:
+            out[..., e:, :] = _np_to_bf16(_get(parts, "recent", n * b * h * (t - e) * d), (n, b, h, t - e, d)).float()
+
+
+# ---------------------------------------------------------------- KVServe mixed precision
+
+
+@functools.lru_cache(maxsize=16)
+def load_scores(name: str) -> np.ndarray:
+    """Per-(layer, kv head) importance scores shipped with the package (``scores/NAME.json``)."""
+    try:
+        text = resources.files("kvserve").joinpath("scores", f"{name}.json").read_text()
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise KVServeError(f"unknown importance scores {name!r}") from exc
+    return np.asarray(json.loads(text)["scores"], dtype=np.float64)
+
+
+def _check_levels(sid, name, v, lo=2, hi=256):
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise KVServeError(f"{sid}: {name} must be an int in [{lo}, {hi}]")
+
+
+@register
+class KVServeQuant(_Windowed):
+    """KVServe mixed-precision asymmetric min-max quantization.
+
+    Precision is a *level count* (symbols ``0..levels-1``, ``scale = range/(levels-1)``).
+    Keys use ``key_axis`` (``"channel"``: stats per (layer, head, channel) over tokens,
+    optionally in token groups of ``key_group``; KIVI-style), values ``value_axis``
+    (``"token"``: per token over heads and head_dim, as KVServe; ``"token_head"``: per
+    token and head). A ``low_fraction`` of the (layer, kv-head) pairs gets the ``low_*``
+    level counts: with ``split="head"`` the pairs with the lowest importance ``scores``
+    (a packaged score file name, or an explicit ``[layers][heads]`` list), with
+    ``split="layer"`` the last layers. The resolved low mask travels in the bundle.
+    """
+
+    stage_id = "kvserve"
+    params = {
+        "high_key_levels": 8, "high_value_levels": 8, "low_key_levels": 6, "low_value_levels": 4,
+        "low_fraction": 0.0, "split": "head", "scores": None,
+        "key_axis": "channel", "value_axis": "token", "key_group": 0,
+        "keep_sinks": 0, "keep_recent": 0,
+    }
+
+    def validate(self):
+        for p in ("high_key_levels", "high_value_levels", "low_key_levels", "low_value_levels"):
+            _check_levels(self.stage_id, p, getattr(self, p))
+        if not isinstance(self.low_fraction, (int, float)) or isinstance(self.low_fraction, bool) \
+                or not 0.0 <= self.low_fraction <= 1.0:
+            raise KVServeError("kvserve: low_fraction must be in [0, 1]")
+        if self.split not in ("head", "layer"):
+            raise KVServeError("kvserve: split must be 'head' or 'layer'")
+        if self.key_axis not in ("channel", "token", "token_head"):
+            raise KVServeError("kvserve: key_axis must be 'channel', 'token' or 'token_head'")
+        if self.value_axis not in ("channel", "token", "token_head"):
+            raise KVServeError("kvserve: value_axis must be 'channel', 'token' or 'token_head'")
+        if not isinstance(self.key_group, int) or isinstance(self.key_group, bool) or not 0 <= self.key_group <= 1 << 20:
+            raise KVServeError("kvserve: key_group must be an int >= 0 (0 = all tokens)")
+        if self.scores is not None and not isinstance(self.scores, (str, list)):
+            raise KVServeError("kvserve: scores must be null, a score-file name or a [layers][heads] list")
+        if self.split == "head" and self.low_fraction > 0 and self.scores is None:
+            raise KVServeError("kvserve: split='head' with low_fraction > 0 needs scores")
+        self._check_windows()
+
+    def low_mask(self, num_layers: int, num_heads: int) -> np.ndarray:
+        """Boolean ``(num_layers, num_heads)``: True where the pair gets the low level counts."""
+        n_low = int(round(self.low_fraction * (num_layers if self.split == "layer" else num_layers * num_heads)))
+        mask = np.zeros((num_layers, num_heads), dtype=bool)
+        if n_low == 0:
+            return mask
+        if self.split == "layer":
+            mask[num_layers - n_low:] = True
+            return mask
+        sc = load_scores(self.scores) if isinstance(self.scores, str) else np.asarray(self.scores, dtype=np.float64)
+        if sc.shape != (num_layers, num_heads):
+            raise KVServeError(f"kvserve: scores have shape {sc.shape}, model has {(num_layers, num_heads)}")
+        order = np.argsort(sc.reshape(-1), kind="stable")[:n_low]
+        mask.reshape(-1)[order] = True
+        return mask
+
+    def _levels(self, mask_t: torch.Tensor, which: str) -> torch.Tensor:
+        hi = self.high_key_levels if which == "k" else self.high_value_levels
+        lo = self.low_key_levels if which == "k" else self.low_value_levels
+        lv = torch.where(mask_t, torch.tensor(float(lo)), torch.tensor(float(hi)))
+        return lv[:, None, :, None, None]  # (n, 1, H, 1, 1)
+
+    def _axis(self, which):
+        return self.key_axis if which == "k" else self.value_axis
+
+    def _stat_dims(self, which, shape5):
+        axis = self._axis(which)
+        if axis == "channel":
+            return (3,) if not (which == "k" and self.key_group) else (4,)
+        return (2, 4) if axis == "token" else (4,)
+
+    def _grouped(self, xm, which):
+        """Reshape the quantized middle ``(n,B,H,Tm,D)`` for token-grouped channel stats."""
+        n, b, h, t, d = xm.shape
+        if which == "k" and self._axis("k") == "channel" and self.key_group:
+            g = self.key_group
+            tg = t // g * g
+            return xm[..., :tg, :].reshape(n, b, h, tg // g, g, d), tg
+        return xm, t
+
+    def encode(self, x, layer_ids, which, geometry):
+        n, b, h, t, d = x.shape
+        s, e = self._span(t)
+        parts: list[Part] = []
+        mask = self.low_mask(*geometry)[list(layer_ids)]  # (n, H)
+        parts.append(Part("lowmask", mask.astype(np.uint8).reshape(-1)))
+        xm, tg = self._grouped(x[..., s:e, :], which)
+        if tg < e - s:  # remainder of a token grouping joins the recent window
+            e = s + tg
+        parts.append(Part("split", np.asarray([s, e], dtype=np.int64)))
+        self._encode_windows(x, s, e, parts)
+        if e > s:
+            mask_t = torch.from_numpy(mask)
+            lv = self._levels(mask_t, which)
+            if xm.dim() == 6:
+                lv = lv[..., None]
+                dims = (4,)
+            else:
+                dims = self._stat_dims(which, xm.shape)
+            q = _minmax(xm, dims, lv, parts, "")
+            q = q.reshape(n, b, h, e - s, d).transpose(1, 2)  # (n, H, B, Tm, D)
+            for tag, sel in (("hi", ~mask_t), ("lo", mask_t)):
+                if bool(sel.any()):
+                    levels = self._pair_levels(which, tag)
+                    parts.append(Part("q" + tag, q[sel].contiguous().numpy().reshape(-1), bits=bits_for(levels)))
+        return parts
+
+    def _pair_levels(self, which, tag):
+        if which == "k":
+            return self.high_key_levels if tag == "hi" else self.low_key_levels
+        return self.high_value_levels if tag == "hi" else self.low_value_levels
+
+    def decode(self, parts, shape, layer_ids, which):
+        n, b, h, t, d = shape
+        mask = _get(parts, "lowmask", n * h).reshape(n, h).astype(bool)
+        se = _get(parts, "split", 2)
+        s, e = int(se[0]), int(se[1])
+        if not 0 <= s <= e <= t:
+            raise KVServeError("kvserve: bad token split")
+        out = torch.empty(shape, dtype=torch.float32)
+        self._decode_windows(out, parts, shape, s, e)
+        if e > s:
+            tm = e - s
+            mask_t = torch.from_numpy(mask)
+            q = torch.empty((n, h, b, tm, d), dtype=torch.uint8)
+            for tag, sel in (("hi", ~mask_t), ("lo", mask_t)):
+                cnt = int(sel.sum())
+                if cnt:
+                    a = _get(parts, "q" + tag, cnt * b * tm * d)
+                    q[sel] = torch.from_numpy(a).reshape(cnt, b, tm, d)
+            q = q.transpose(1, 2)
+            lv = self._levels(mask_t, which)
+            if which == "k" and self._axis("k") == "channel" and self.key_group:
+                g = self.key_group
+                if tm % g:
+                    raise KVServeError("kvserve: token split not a multiple of key_group")
+                q = q.reshape(n, b, h, tm // g, g, d)
+                stat = (n, b, h, tm // g, 1, d)
+                lv = lv[..., None]
+            else:
+                dims = self._stat_dims(which, shape)
+                stat = tuple(1 if i in dims else sz for i, sz in enumerate((n, b, h, tm, d)))
+            out[..., s:e, :] = _deminmax(q, parts, "", stat, lv).reshape(n, b, h, tm, d)
+        return out
+
+
+# ---------------------------------------------------------------- KIVI
+
+
+@register
+class KIVIQuant(_Windowed):
+    """KIVI: keys per channel in groups of ``group_size`` tokens, values per token in groups of
+    ``group_size`` channels, ``bits`` in {2, 4}, asymmetric min-max with fp16 min/range, and
+    the most recent ``keep_recent`` tokens (plus any remainder of the token grouping) in bf16.
+    """
+
+    stage_id = "kivi"
+    params = {"bits": 2, "group_size": 32, "keep_recent": 128, "keep_sinks": 0}
+
+    def validate(self):
+        if self.bits not in (1, 2, 3, 4, 8) or isinstance(self.bits, bool):
+            raise KVServeError("kivi: bits must be one of 1, 2, 3, 4, 8")
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or not 1 <= self.group_size <= 4096:
+            raise KVServeError("kivi: group_size must be an int in [1, 4096]")
+        self._check_windows()
+
+    def _layout(self, t, d):
+        s, e = self._span(t)
+        g = self.group_size
+        e = s + (e - s) // g * g
+        gd = g if d % g == 0 else d  # value channel groups; whole head_dim if it does not divide
+        return s, e, gd
+
+    def encode(self, x, layer_ids, which, geometry):
+        n, b, h, t, d = x.shape
+        s, e, gd = self._layout(t, d)
+        parts: list[Part] = []
+        self._encode_windows(x, s, e, parts)
+        if e > s:
+            tm, g, lv = e - s, self.group_size, 1 << self.bits
+            xm = x[..., s:e, :]
+            if which == "k":
+                q = _minmax(xm.reshape(n, b, h, tm // g, g, d), (4,), lv, parts, "")
+            else:
+                q = _minmax(xm.reshape(n, b, h, tm, d // gd, gd), (5,), lv, parts, "")
+            parts.append(Part("q", q.contiguous().numpy().reshape(-1), bits=self.bits))
+        return parts
+
+    def decode(self, parts, shape, layer_ids, which):
+        n, b, h, t, d = shape
+        s, e, gd = self._layout(t, d)
+        out = torch.empty(shape, dtype=torch.float32)
+        self._decode_windows(out, parts, shape, s, e)
+        if e > s:
+            tm, g, lv = e - s, self.group_size, 1 << self.bits
+            if which == "k":
+                qs, stat = (n, b, h, tm // g, g, d), (n, b, h, tm // g, 1, d)
+            else:
+                qs, stat = (n, b, h, tm, d // gd, gd), (n, b, h, tm, d // gd, 1)
+            q = torch.from_numpy(_get(parts, "q", n * b * h * tm * d)).reshape(qs)
+            out[..., s:e, :] = _deminmax(q, parts, "", stat, lv).reshape(n, b, h, tm, d)
+        return out
+
+
+# ---------------------------------------------------------------- CacheGen
+
+
+def _check_bands(sid, name, bands):
+    ok = isinstance(bands, list) and 1 <= len(bands) <= 64
+    prev = 0.0
+    for item in bands if ok else []:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], (int, float))
+                and isinstance(item[1], int) and not isinstance(item[1], bool)):
+            ok = False
+            break
+        if not prev < item[0] <= 1.0 or not 3 <= item[1] <= 256:
+            ok = False
+            break
+        prev = item[0]
+    if not ok or bands[-1][0] != 1.0:
+        raise KVServeError(f"{sid}: {name} must be [[end_fraction, bins], ...] increasing to 1.0, bins in [3, 256]")
+
+
+@register
+class CacheGenQuant(Quantizer):
+    """CacheGen-style symmetric per-token quantization with layer-banded bin counts.
+
+    For a layer in a band with ``bins`` bins: ``C = bins // 2 - 1``,
+    ``q = round(x * C / max|x|) + C`` in ``[0, 2C]``, the max taken per token over all
+    heads and channels of the layer (fp16). Bands are ``[[end_fraction, bins], ...]`` over
+    layer depth; the defaults follow KVServe's recomposition (keys 32/16/12 bins with
+    boundaries at 32% and 63% of the layers, values 32/16 with a boundary at 15%).
+    CacheGen pairs it with arithmetic coding: use the ``ans`` codec.
+    """
+
+    stage_id = "cachegen"
+    params = {"key_bands": [[0.32, 32], [0.63, 16], [1.0, 12]], "value_bands": [[0.15, 32], [1.0, 16]]}
+
+    def validate(self):
+        _check_bands(self.stage_id, "key_bands", self.key_bands)
+        _check_bands(self.stage_id, "value_bands", self.value_bands)
+
+    def bins(self, layer: int, num_layers: int, which: str) -> int:
+        for end, bins in (self.key_bands if which == "k" else self.value_bands):
+            if layer < math.ceil(end * num_layers - 1e-9):
+                return bins
+        return (self.key_bands if which == "k" else self.value_bands)[-1][1]
+
+    def encode(self, x, layer_ids, which, geometry):
+        n, b, h, t, d = x.shape
+        bins = np.asarray([self.bins(int(li), geometry[0], which) for li in layer_ids], dtype=np.int64)
+        parts = [Part("bins", bins)]
+        amax = x.abs().amax(dim=(2, 4), keepdim=True)
+        pa = _side(amax, "amax")
+        parts.append(pa)
+        amax = torch.from_numpy(pa.array.astype(np.float32)).reshape(amax.shape)
+        c = torch.from_numpy(bins // 2 - 1).to(torch.float32).reshape(n, 1, 1, 1, 1)
+        q = (x * (c / amax.clamp_min(1e-8))).round_()
+        q = torch.maximum(torch.minimum(q, c), -c).add_(c).to(torch.uint8)
+        for bv in sorted(set(bins.tolist())):
+            sel = torch.from_numpy(bins == bv)
+            parts.append(Part(f"q{bv}", q[sel].contiguous().numpy().reshape(-1), bits=bits_for(2 * (bv // 2 - 1) + 1)))
+        return parts
+
+    def decode(self, parts, shape, layer_ids, which):
+        n, b, h, t, d = shape
+        bins = _get(parts, "bins", n)
+        if bins.dtype != np.int64 or not ((bins >= 3) & (bins <= 256)).all():
+            raise KVServeError("cachegen: bad bins")
+        amax = _ft(parts, "amax", (n, b, 1, t, 1))
+        q = torch.empty(shape, dtype=torch.float32)
+        for bv in sorted(set(bins.tolist())):
+            sel = torch.from_numpy(bins == bv)
+            cnt = int(sel.sum())
+            a = _get(parts, f"q{bv}", cnt * b * h * t * d)
+            q[sel] = torch.from_numpy(a).reshape(cnt, b, h, t, d).to(torch.float32)
+        c = torch.from_numpy(bins // 2 - 1).to(torch.float32).reshape(n, 1, 1, 1, 1)
+        return q.sub_(c).mul_(amax / c)

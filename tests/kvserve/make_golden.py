@@ -1,0 +1,30 @@
+"""Regenerate the golden bundles (only when the bundle format version changes on purpose).
+
+    python tests/kvserve/make_golden.py
+"""
+import hashlib
+import json
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from common import make_kv  # noqa: E402
+
+import kvserve  # noqa: E402
+
+DATA = pathlib.Path(__file__).with_name("data")
+NAMED = ["bf16", "kivi-2", "kivi-4", "cachegen", "kvserve"]
+
+if __name__ == "__main__":
+    kv = make_kv(layers=3, heads=2, tokens=160, dim=32, seed=42)
+    index = {}
+    for name in NAMED:
+        blob = kvserve.encode(kv, name, meta={"golden": name})
+        (DATA / f"golden-{name}.kvsv").write_bytes(blob)
+        out, _ = kvserve.decode(blob)
+        digest = hashlib.sha256(b"".join(t.contiguous().view(torch.int16).numpy().tobytes() for p in out for t in p)).hexdigest()
+        index[name] = {"bytes": len(blob), "sha256": digest}
+    (DATA / "golden.json").write_text(json.dumps(index, indent=1) + "\n")
+    print(json.dumps(index, indent=1))

@@ -1,0 +1,200 @@
+import numpy as np
+import pytest
+import torch
+
+from kvserve import KVServeError, get_stage, registered
+from kvserve.stages.codecs import bitpack, bitunpack
+from kvserve.stages.quantizers import bits_for
+
+from kvserve_test_common import check_codec_roundtrip, check_config, check_quantizer_roundtrip, check_transform_inverse
+
+# One list of every stage with easy and hard settings drives the conformance tests.
+STAGES = [
+    ("transform", {"id": "identity"}),
+    ("transform", {"id": "hadamard", "seed": 0}),
+    ("transform", {"id": "hadamard", "seed": 12345}),
+    ("quantizer", {"id": "none"}),
+    ("quantizer", {"id": "kvserve"}),
+    ("quantizer", {"id": "kvserve", "low_fraction": 0.5, "split": "layer", "key_group": 8, "keep_sinks": 2, "keep_recent": 5}),
+    ("quantizer", {"id": "kvserve", "low_fraction": 0.34, "split": "head", "scores": [[1, 2, 3], [0, 5, 1], [2, 2, 2], [9, 0, 1]],
+                   "value_axis": "token_head", "high_key_levels": 16, "low_key_levels": 3}),
+    ("quantizer", {"id": "kivi", "bits": 2}),
+    ("quantizer", {"id": "kivi", "bits": 4, "group_size": 16, "keep_recent": 7, "keep_sinks": 1}),
+    ("quantizer", {"id": "cachegen"}),
+    ("quantizer", {"id": "cachegen", "key_bands": [[0.5, 8], [1.0, 4]], "value_bands": [[1.0, 64]]}),
+    ("codec", {"id": "none"}),
+    ("codec", {"id": "bitpack"}),
+    ("codec", {"id": "zstd", "level": 1}),
+    ("codec", {"id": "zstd", "level": 3, "pack": True}),
+    ("codec", {"id": "lz4"}),
+    ("codec", {"id": "lz4", "pack": True}),
+    ("codec", {"id": "ans", "pair": True}),
+    ("codec", {"id": "ans", "pair": False}),
+    ("codec", {"id": "rans", "pair": True}),
+    ("codec", {"id": "rans", "pair": False}),
+]
+IDS = [f"{k}-{c['id']}-{i}" for i, (k, c) in enumerate(STAGES)]
+
+
+def test_every_registered_stage_is_covered():
+    covered = {(k, c["id"]) for k, c in STAGES} | {("codec", "enec")}
+    assert {(c.kind, c.stage_id) for c in registered()} == covered
+
+
+@pytest.mark.parametrize("kind,cfg", STAGES, ids=IDS)
+def test_config_roundtrip(kind, cfg):
+    check_config(get_stage(kind, cfg))
+
+
+@pytest.mark.parametrize("kind,cfg", [s for s in STAGES if s[0] == "codec"], ids=[i for i, s in zip(IDS, STAGES) if s[0] == "codec"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 16])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 1001, 3 << 19])
+def test_codec_exact_roundtrip(kind, cfg, bits, n):
+    codec = get_stage(kind, cfg)
+    if not codec.accepts(bits):
+        pytest.skip("codec does not take this width")
+    rng = np.random.default_rng(bits * 1000 + n)
+    if bits == 16:
+        arr = torch.randn(n).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    else:  # skewed like quantizer output
+        arr = np.clip(np.round(rng.normal((1 << bits) / 2, (1 << bits) / 6, n)), 0, (1 << bits) - 1).astype(np.uint8)
+    check_codec_roundtrip(codec, arr, bits)
+
+
+def test_enec_codec_roundtrip():
+    enec = pytest.importorskip("enec")
+    if not hasattr(enec, "compress"):
+        pytest.skip("enec.compress not available yet")
+    arr = torch.randn(5000).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    check_codec_roundtrip(get_stage("codec", {"id": "enec"}), arr, 16)
+
+
+def test_ans_compresses_skewed_symbols_near_entropy():
+    rng = np.random.default_rng(0)
+    arr = np.clip(np.round(rng.normal(3.5, 1.0, 200_000)), 0, 7).astype(np.uint8)
+    p = np.bincount(arr) / arr.size
+    entropy = -(p[p > 0] * np.log2(p[p > 0])).sum()
+    for cid in ("ans", "rans"):
+        buf = check_codec_roundtrip(get_stage("codec", cid), arr, 3)
+        assert len(buf) * 8 / arr.size < entropy + 0.05
+        assert len(buf) * 8 / arr.size < 3  # beats plain packing
+
+
+def test_bitpack_is_dense():
+    arr = np.arange(64, dtype=np.uint8) % 8
+    assert bitpack(arr, 3).size == 24
+    np.testing.assert_array_equal(bitunpack(bitpack(arr, 3), 64, 3), arr)
+
+
+@pytest.mark.parametrize("codec", ["bitpack", "zstd", "lz4", "ans", "rans", "none"])
+def test_codec_rejects_garbage(codec):
+    c = get_stage("codec", codec)
+    good = c.encode(np.arange(1000, dtype=np.uint8) % 16, 4)
+    for bad in (good[: len(good) // 2], good + b"\0" * 3, b""):
+        with pytest.raises(KVServeError):
+            out = c.decode(bad, 1000, 4)
+            # a stream that still decodes must at least have the right size
+            assert out.size == 1000
+            raise KVServeError("decoded")
+
+
+@pytest.mark.parametrize("dim", [1, 3, 8, 64, 96, 100, 256])
+def test_hadamard_inverse_any_head_dim(dim):
+    x = torch.randn(2, 1, 3, 17, dim) * 10
+    h = get_stage("transform", {"id": "hadamard", "seed": 7})
+    y = check_transform_inverse(h, x, [0, 5], atol=1e-3)
+    # orthogonal: norms are preserved; signs depend on (layer, head)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-4, atol=1e-3)
+    y2 = h.forward(x, [1, 5])
+    assert not torch.allclose(y2[0], y[0])
+    torch.testing.assert_close(y2[1], y[1])
+
+
+def test_hadamard_spreads_outlier_channel():
+    x = torch.randn(1, 1, 2, 256, 64)
+    x[..., 5] = 100
+    y = get_stage("transform", "hadamard").forward(x, [0])
+    assert y.abs().amax(dim=(3,)).max() < 0.5 * x.abs().amax(dim=(3,)).max()
+
+
+GEOM = (4, 3)
+
+
+@pytest.mark.parametrize("kind,cfg", [s for s in STAGES if s[0] == "quantizer"], ids=[i for i, s in zip(IDS, STAGES) if s[0] == "quantizer"])
+@pytest.mark.parametrize("which", ["k", "v"])
+@pytest.mark.parametrize("tokens", [0, 1, 5, 64, 131])
+def test_quantizer_roundtrip_and_error_bound(kind, cfg, which, tokens):
+    q = get_stage(kind, cfg)
+    x = torch.randn(4, 1, 3, tokens, 64) * torch.linspace(0.5, 4, 64)
+    ids = [0, 1, 2, 3]
+    out = check_quantizer_roundtrip(q, x, ids, which, GEOM)
+    err = (out - x).abs()
+    if cfg["id"] == "none":
+        torch.testing.assert_close(out, x.bfloat16().float())
+        return
+    if tokens == 0:
+        return
+    if cfg["id"] == "cachegen":
+        amax = x.abs().amax(dim=(2, 4), keepdim=True)
+        c = torch.tensor([q.bins(i, GEOM[0], which) // 2 - 1 for i in ids], dtype=torch.float32).reshape(4, 1, 1, 1, 1)
+        bound = amax / c / 2
+    else:
+        # asymmetric min-max: half a step of the coarsest level count over the widest range
+        lv = min(2 ** cfg.get("bits", 8), *(v for k, v in q.get_config().items() if k.endswith("_levels"))) \
+            if cfg["id"] == "kvserve" else 2 ** q.bits
+        rng = x.amax() - x.amin()
+        bound = rng / (lv - 1) / 2
+    assert bool((err <= bound * 1.01 + 1e-2).all()), float((err - bound).max())
+
+
+def test_quantizer_levels_reduce_error():
+    x = torch.randn(2, 1, 3, 128, 64)
+    errs = []
+    for levels in (4, 8, 16, 64):
+        q = get_stage("quantizer", {"id": "kvserve", "high_key_levels": levels})
+        out = check_quantizer_roundtrip(q, x, [0, 1], "k", (2, 3))
+        errs.append(float((out - x).pow(2).mean()))
+    assert errs == sorted(errs, reverse=True) and errs[-1] < errs[0] / 50
+
+
+def test_kvserve_low_mask_head_and_layer():
+    scores = [[5, 1, 9], [0, 7, 3]]
+    q = get_stage("quantizer", {"id": "kvserve", "low_fraction": 0.5, "split": "head", "scores": scores})
+    np.testing.assert_array_equal(q.low_mask(2, 3), [[False, True, False], [True, False, True]])
+    q = get_stage("quantizer", {"id": "kvserve", "low_fraction": 0.5, "split": "layer"})
+    np.testing.assert_array_equal(q.low_mask(4, 2), [[False] * 2] * 2 + [[True] * 2] * 2)
+    with pytest.raises(KVServeError):
+        get_stage("quantizer", {"id": "kvserve", "low_fraction": 0.5, "split": "head"}).low_mask(2, 3)
+    with pytest.raises(KVServeError):
+        q = get_stage("quantizer", {"id": "kvserve", "low_fraction": 0.5, "scores": scores})
+        q.low_mask(3, 3)
+
+
+def test_kivi_keeps_recent_window_exact():
+    x = torch.randn(1, 1, 2, 100, 64).bfloat16().float()
+    q = get_stage("quantizer", {"id": "kivi", "bits": 2, "group_size": 32, "keep_recent": 20})
+    out = check_quantizer_roundtrip(q, x, [0], "k", (1, 2))
+    # 100 - 20 = 80 -> 64 quantized tokens (two groups), the last 36 kept exactly
+    torch.testing.assert_close(out[..., 64:, :], x[..., 64:, :], rtol=0, atol=0)
+    assert (out[..., :64, :] - x[..., :64, :]).abs().max() > 0
+
+
+@pytest.mark.parametrize("kind,cfg", [
+    ("transform", {"id": "hadamard", "seed": -1}),
+    ("transform", {"id": "nope"}),
+    ("quantizer", {"id": "kivi", "bits": 5}),
+    ("quantizer", {"id": "kvserve", "high_key_levels": 1}),
+    ("quantizer", {"id": "kvserve", "low_fraction": 2}),
+    ("quantizer", {"id": "kvserve", "unknown": 1}),
+    ("quantizer", {"id": "cachegen", "key_bands": [[0.5, 8]]}),
+    ("codec", {"id": "zstd", "level": 99}),
+    ("codec", {"id": "ans", "pair": "yes"}),
+    ("codec", {"nope": 1}),
+])
+def test_invalid_configs_raise(kind, cfg):
+    with pytest.raises(KVServeError):
+        get_stage(kind, cfg)
+
+
+def test_bits_for():
+    assert [bits_for(n) for n in (2, 3, 4, 5, 8, 9, 16, 17, 256)] == [1, 2, 2, 3, 3, 4, 4, 5, 8]
