@@ -3,6 +3,7 @@
 # torch is pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PIP_ROOT_USER_ACTION=ignore
 PIP="python -m pip install --quiet --disable-pip-version-check"
 $PIP "torch==2.13.0"
 $PIP -e ".[test,bench]"

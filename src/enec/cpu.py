@@ -120,13 +120,14 @@ def hash_words(w32, start, nwords):
 
 
 @njit(cache=True)
-def choose_params(h, ebits):
+def choose_params(h, ebits, penalty):
     """Cost-minimising (w1, b1, w2, b2) for the exponent histogram ``h``.
 
     Level 1 codes exponent ``e`` as ``(e - b1) mod 2**ebits`` in ``w1`` bits when that is
     below ``2**w1 - 1`` (the escape code). Escaped exponents get a level-2 code in ``w2``
     bits against ``b2`` with its own escape, and level-2 escapes a raw byte. The cost is
-    exact in bits: ``w1*n + n1*w2 + 8*n2``. Level-1 windows start only at occupied bins
+    ``w1*n + n1*(w2 + penalty) + 8*n2``: the exact size in bits plus ``penalty`` bits per
+    level-1 escape, which are the slow part of decoding. Level-1 windows start only at occupied bins
     (shifting a window off an empty bin never costs), level-2 windows anywhere; ties go to
     the first candidate in loop order, so every implementation picks the same parameters.
     """
@@ -167,10 +168,50 @@ def choose_params(h, ebits):
                         if v > cov2:
                             cov2 = v
                             b2 = s
-                cost = base + n1 * w2 + 8 * (n1 - cov2)
+                cost = base + n1 * (w2 + penalty) + 8 * (n1 - cov2)
                 if best_cost < 0 or cost < best_cost:
                     best_cost, bw1, bb1, bw2, bb2 = cost, w1, b1, w2, b2
     return bw1, bb1, bw2, bb2
+
+
+@njit(cache=True)
+def plan_blocks(hist, counts, ebits, w1, b1, w2, b2, rbytes, rplanes, itemsize):
+    """Per block: level-1/level-3 escape counts, coded-or-raw mode, byte offsets.
+
+    ``hist``: (nblocks, 2**ebits) exponent histograms; ``counts``: elements per block.
+    Sizes follow format.coded_block_bytes / raw_block_bytes.
+    """
+    nb, k = hist.shape
+    in1 = np.zeros(k, np.bool_)
+    for c in range((1 << w1) - 1):
+        in1[(b1 + c) % k] = True
+    in2 = np.zeros(k, np.bool_)
+    for c in range(min((1 << w2) - 1, k)):
+        in2[(b2 + c) % k] = True
+    n1s = np.zeros(nb, np.int64)
+    n2s = np.zeros(nb, np.int64)
+    modes = np.zeros(nb, np.uint8)
+    offsets = np.zeros(nb + 1, np.int64)
+    for b in range(nb):
+        n1 = 0
+        n2 = 0
+        for c in range(k):
+            if not in1[c]:
+                n1 += hist[b, c]
+                if not in2[c]:
+                    n2 += hist[b, c]
+        n = counts[b]
+        pn = (n + 63) & ~63
+        coded = (16 + rbytes * pn + (rplanes + w1) * (pn // 8) + (n1 * w2 + 7) // 8 + n2 + 7) & ~7
+        raw = (16 + n * itemsize + 7) & ~7
+        if coded >= raw:
+            modes[b] = 1
+            offsets[b + 1] = offsets[b] + raw
+        else:
+            offsets[b + 1] = offsets[b] + coded
+        n1s[b] = n1
+        n2s[b] = n2
+    return modes, n1s, n2s, offsets
 
 
 _LOCK = threading.Lock()

@@ -22,8 +22,8 @@ from .format import (
 )
 
 
-def choose_params(hist: np.ndarray, ebits: int) -> tuple[int, int, int, int]:
-    """Same search as the kernel: minimise w1*n + n1*w2 + 8*n2 over level-1 windows that
+def choose_params(hist: np.ndarray, ebits: int, penalty: int = 2) -> tuple[int, int, int, int]:
+    """Same search as the kernel: minimise w1*n + n1*(w2 + penalty) + 8*n2 over level-1 windows that
     start at an occupied bin and every level-2 window; the first minimum in loop order wins
     (w1, then b1, then w2 ascending; for level 2 the first best start)."""
     k = 1 << ebits
@@ -49,11 +49,12 @@ def choose_params(hist: np.ndarray, ebits: int) -> tuple[int, int, int, int]:
                 cov2, b2 = 0, 0
                 if win2 >= k:
                     cov2 = n1
-                elif win2 > 0:
-                    covs = [int(rem[(s + np.arange(win2)) % k].sum()) for s in range(k)]
-                    b2 = int(np.argmax(covs)) if max(covs) > 0 else 0
-                    cov2 = covs[b2]
-                cost = w1 * n + n1 * w2 + 8 * (n1 - cov2)
+                elif win2 > 0:  # circular window sums by prefix sums; argmax keeps the first best
+                    cs = np.concatenate([[0], np.cumsum(np.concatenate([rem, rem]))])
+                    covs = cs[np.arange(k) + win2] - cs[np.arange(k)]
+                    b2 = int(np.argmax(covs))
+                    cov2 = int(covs[b2])
+                cost = w1 * n + n1 * (w2 + penalty) + 8 * (n1 - cov2)
                 if best is None or cost < best[0]:
                     best = (cost, w1, b1, w2, b2)
     return best[1:]
@@ -138,13 +139,14 @@ def encode_block(fmt: FloatFormat, x: np.ndarray, params) -> bytes:
     return bytes(out)
 
 
-def encode(x: np.ndarray, fmt: FloatFormat, shape=None, block_log2: int = 14, flags: int = 0) -> bytes:
+def encode(x: np.ndarray, fmt: FloatFormat, shape=None, block_log2: int = 14, flags: int = 0,
+           penalty: int = 2) -> bytes:
     """A whole stream from a flat unsigned-int array of ``fmt``'s width."""
     x = np.ascontiguousarray(x).reshape(-1)
     shape = tuple(shape) if shape is not None else (x.size,)
     em = (1 << fmt.ebits) - 1
     hist = np.bincount((x.astype(np.uint64) >> fmt.pos) & em, minlength=em + 1)
-    params = choose_params(hist, fmt.ebits) if x.size else (1, 0, 0, 0)
+    params = choose_params(hist, fmt.ebits, penalty) if x.size else (1, 0, 0, 0)
     bs = 1 << block_log2
     blocks = [encode_block(fmt, x[s : s + bs], params) for s in range(0, x.size, bs)]
     offsets = np.cumsum([0] + [len(b) for b in blocks]).astype(np.int64)

@@ -45,6 +45,44 @@ def test_kernels_match_reference_bytes(dtype, n):
     assert np.array_equal(reference.decode(fast), x)
 
 
+@pytest.mark.parametrize("penalty", [0, 2, 5])
+def test_parameter_search_matches_reference(penalty):
+    from enec import cpu
+
+    rng = np.random.default_rng(penalty)
+    for trial in range(60):
+        ebits = (4, 5, 8)[trial % 3]
+        k = 1 << ebits
+        kind = trial % 4
+        if kind == 0:
+            h = rng.integers(0, 50, k)
+        elif kind == 1:
+            h = np.zeros(k, np.int64)
+            h[rng.integers(0, k, 3)] = rng.integers(1, 100, 3)
+        elif kind == 2:
+            h = (1000 * np.exp(-np.abs(np.arange(k) - rng.integers(0, k)) / 2)).astype(np.int64)
+        else:
+            h = np.zeros(k, np.int64)
+            h[rng.integers(0, k)] = 7
+        h = h.astype(np.int64)
+        assert tuple(cpu.choose_params(h, ebits, penalty)) == reference.choose_params(h, ebits, penalty)
+
+
+def test_escape_penalty_trades_size_for_fewer_escapes():
+    x = sample("bfloat16", 60_000, seed=9)
+    small = enec.compress(x, dtype="bfloat16", escape_penalty=0)
+    fast = enec.compress(x, dtype="bfloat16", escape_penalty=8)
+    assert len(small) <= len(fast)
+    esc = lambda blob: sum(int.from_bytes(blob[o + 8 : o + 12], "little") for o in block_starts(blob))  # noqa: E731
+    assert esc(fast) <= esc(small)
+    assert np.array_equal(enec.decompress(fast).reshape(-1), x)
+
+
+def block_starts(blob: bytes) -> list[int]:
+    info = parse_header(blob)
+    return [info.payload_start + int(o) for o in info.offsets[:-1]]
+
+
 def test_checksum_reference_matches_kernel():
     from enec import cpu
 
