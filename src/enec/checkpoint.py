@@ -158,6 +158,20 @@ class Ckpt:
     size: int
 
 
+@contextmanager
+def _mapped(path: Path):
+    """(read-only mmap, size) of an existing file; an empty file maps to b""."""
+    if not path.is_file():
+        raise EnecError(f"no such file: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        try:
+            yield mm, size
+        finally:
+            _close(mm)
+
+
 def _close(mm) -> None:
     """Close an mmap; if views of it are still alive (a traceback holds them), let GC do it."""
     if isinstance(mm, mmap.mmap):
@@ -256,50 +270,43 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, 
     import time
 
     src = Path(src)
-    if not src.is_file():
-        raise EnecError(f"no such file: {src}")
     dst = Path(dst) if dst is not None else src.with_suffix(".enec")
-    size = src.stat().st_size
     sha = hashlib.sha256()
-    with open(src, "rb") as fin:
-        mm = mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-        try:
-            layout = parse_safetensors_header(mm, size, f"file ({src})")
-            names = sum(len(e.name.encode()) for e in layout.entries)
-            stats = {"source": str(src), "output": str(dst), "original_bytes": size,
-                     "tensors": len(layout.entries), "codec_seconds": 0.0, "by_dtype": {}}
-            with _atomic_write(dst, force) as tmp, open(tmp, "wb") as fout:
-                w = _Writer(fout, _table_reserve(len(layout.entries), 2 * names))
-                head = w.put(mm[: layout.data_start])
-                sha.update(mm[: layout.data_start])
-                entries = []
-                bar = _progress(size, f"compress {src.name}", progress)
-                for e in layout.entries:
-                    view = memoryview(mm)[e.start : e.end]
-                    sha.update(view)
-                    codec_dtype, itemsize, _ = ST_DTYPES[e.dtype]
-                    t0 = time.perf_counter()
-                    if codec_dtype is not None:
-                        arr = np.frombuffer(view, dtype=f"<u{itemsize}").reshape(e.shape)
-                        data = compress(arr, dtype=codec_dtype, threads=threads, block_size=block_size)
-                        crc = None
-                        codec = "enec"
-                    else:
-                        data, crc, codec = view, zlib.crc32(view), "raw"
-                    stats["codec_seconds"] += time.perf_counter() - t0
-                    off, n = w.put(data)
-                    d = stats["by_dtype"].setdefault(e.dtype, [0, 0])
-                    d[0] += e.end - e.start
-                    d[1] += n
-                    entries.append(CkptEntry(e.name, codec, off, n, crc))
-                    del view
-                    bar.update(e.end - e.start)
-                bar.close()
-                fout.truncate(w.pos)
-                stats["compressed_bytes"] = w.pos
-                w.finish(_meta(src.name, size, sha.hexdigest(), head, entries))
-        finally:
-            _close(mm)
+    with _mapped(src) as (mm, size):
+        layout = parse_safetensors_header(mm, size, f"file ({src})")
+        names = sum(len(e.name.encode()) for e in layout.entries)
+        stats = {"source": str(src), "output": str(dst), "original_bytes": size,
+                 "tensors": len(layout.entries), "codec_seconds": 0.0, "by_dtype": {}}
+        with _atomic_write(dst, force) as tmp, open(tmp, "wb") as fout:
+            w = _Writer(fout, _table_reserve(len(layout.entries), 2 * names))
+            head = w.put(mm[: layout.data_start])
+            sha.update(mm[: layout.data_start])
+            entries = []
+            bar = _progress(size, f"compress {src.name}", progress)
+            for e in layout.entries:
+                view = memoryview(mm)[e.start : e.end]
+                sha.update(view)
+                codec_dtype, itemsize, _ = ST_DTYPES[e.dtype]
+                t0 = time.perf_counter()
+                if codec_dtype is not None:
+                    arr = np.frombuffer(view, dtype=f"<u{itemsize}").reshape(e.shape)
+                    data = compress(arr, dtype=codec_dtype, threads=threads, block_size=block_size)
+                    crc = None
+                    codec = "enec"
+                else:
+                    data, crc, codec = view, zlib.crc32(view), "raw"
+                stats["codec_seconds"] += time.perf_counter() - t0
+                off, n = w.put(data)
+                d = stats["by_dtype"].setdefault(e.dtype, [0, 0])
+                d[0] += e.end - e.start
+                d[1] += n
+                entries.append(CkptEntry(e.name, codec, off, n, crc))
+                del view
+                bar.update(e.end - e.start)
+            bar.close()
+            fout.truncate(w.pos)
+            stats["compressed_bytes"] = w.pos
+            w.finish(_meta(src.name, size, sha.hexdigest(), head, entries))
     return stats
 
 
@@ -379,42 +386,35 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None
     import time
 
     src = Path(src)
-    if not src.is_file():
-        raise EnecError(f"no such file: {src}")
-    size = src.stat().st_size
-    with open(src, "rb") as fin:
-        mm = mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-        try:
-            ck = read_checkpoint(mm, size, str(src))
-            dst = Path(dst) if dst is not None else src.with_name(ck.source_name)
-            stats = {"source": str(src), "output": str(dst), "compressed_bytes": size,
-                     "original_bytes": ck.source_size, "codec_seconds": 0.0}
-            with _atomic_write(dst, force) as tmp:
-                with open(tmp, "wb+") as fout:
-                    fout.truncate(ck.source_size)
-                    om = mmap.mmap(fout.fileno(), ck.source_size) if ck.source_size else None
-                    try:
-                        out = np.frombuffer(om, np.uint8) if om is not None else np.zeros(0, np.uint8)
-                        hoff, hlen = ck.st_header
-                        out[:hlen] = np.frombuffer(mm, np.uint8, count=hlen, offset=hoff)
-                        bar = _progress(ck.source_size, f"decompress {src.name}", progress)
-                        for e, st in zip(ck.entries, ck.layout.entries):
-                            t0 = time.perf_counter()
-                            _decode_entry(mm, e, st, out[st.start : st.end], threads)
-                            stats["codec_seconds"] += time.perf_counter() - t0
-                            bar.update(st.end - st.start)
-                        bar.close()
-                        if verify_sha256 and ck.source_sha256:
-                            if hashlib.sha256(out).hexdigest() != ck.source_sha256:
-                                raise EnecError(f"corrupted ENEC checkpoint ({src}): sha256 of the restored file differs")
-                            stats["sha256"] = ck.source_sha256
-                        del out
-                        if om is not None:
-                            om.flush()
-                    finally:
-                        _close(om)
-        finally:
-            _close(mm)
+    with _mapped(src) as (mm, size):
+        ck = read_checkpoint(mm, size, str(src))
+        dst = Path(dst) if dst is not None else src.with_name(ck.source_name)
+        stats = {"source": str(src), "output": str(dst), "compressed_bytes": size,
+                 "original_bytes": ck.source_size, "codec_seconds": 0.0}
+        with _atomic_write(dst, force) as tmp:
+            with open(tmp, "wb+") as fout:
+                fout.truncate(ck.source_size)
+                om = mmap.mmap(fout.fileno(), ck.source_size) if ck.source_size else None
+                try:
+                    out = np.frombuffer(om, np.uint8) if om is not None else np.zeros(0, np.uint8)
+                    hoff, hlen = ck.st_header
+                    out[:hlen] = np.frombuffer(mm, np.uint8, count=hlen, offset=hoff)
+                    bar = _progress(ck.source_size, f"decompress {src.name}", progress)
+                    for e, st in zip(ck.entries, ck.layout.entries):
+                        t0 = time.perf_counter()
+                        _decode_entry(mm, e, st, out[st.start : st.end], threads)
+                        stats["codec_seconds"] += time.perf_counter() - t0
+                        bar.update(st.end - st.start)
+                    bar.close()
+                    if verify_sha256 and ck.source_sha256:
+                        if hashlib.sha256(out).hexdigest() != ck.source_sha256:
+                            raise EnecError(f"corrupted ENEC checkpoint ({src}): sha256 of the restored file differs")
+                        stats["sha256"] = ck.source_sha256
+                    del out
+                    if om is not None:
+                        om.flush()
+                finally:
+                    _close(om)
     return stats
 
 
@@ -522,45 +522,31 @@ def load_file(filename, device: str = "cpu", *, threads: int | None = None) -> d
     import torch
 
     path = Path(filename)
-    if not path.is_file():
-        raise EnecError(f"no such file: {path}")
-    size = path.stat().st_size
     out = {}
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-        try:
-            ck = read_checkpoint(mm, size, str(path))
-            with threads_set(threads):
-                for e, st in zip(ck.entries, ck.layout.entries):
-                    t = torch.empty(st.shape, dtype=getattr(torch, ST_DTYPES[st.dtype][2]))
-                    flat = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
-                    _decode_entry(mm, e, st, flat, None)
-                    out[e.name] = t if device == "cpu" else t.to(device)
-        finally:
-            _close(mm)
+    with _mapped(path) as (mm, size):
+        ck = read_checkpoint(mm, size, str(path))
+        with threads_set(threads):
+            for e, st in zip(ck.entries, ck.layout.entries):
+                t = torch.empty(st.shape, dtype=getattr(torch, ST_DTYPES[st.dtype][2]))
+                flat = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+                _decode_entry(mm, e, st, flat, None)
+                out[e.name] = t if device == "cpu" else t.to(device)
     return out
 
 
 def checkpoint_info(path) -> tuple[Ckpt, list[dict]]:
     """Per-tensor facts of a ``.enec`` file (for ``enec info``)."""
     path = Path(path)
-    if not path.is_file():
-        raise EnecError(f"no such file: {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-        try:
-            ck = read_checkpoint(mm, size, str(path))
-            rows = []
-            for e, st in zip(ck.entries, ck.layout.entries):
-                row = {"name": e.name, "dtype": st.dtype, "shape": list(st.shape),
-                       "original_bytes": st.end - st.start, "compressed_bytes": e.length,
-                       "codec": e.codec, "params": None, "raw_blocks": None}
-                if e.codec == "enec":
-                    s = stream_info(memoryview(mm)[e.offset : e.offset + e.length])
-                    row["params"] = list(s.params) if s.params else None
-                    row["raw_blocks"] = f"{s.raw_blocks}/{s.nblocks}"
-                rows.append(row)
-        finally:
-            _close(mm)
+    with _mapped(path) as (mm, size):
+        ck = read_checkpoint(mm, size, str(path))
+        rows = []
+        for e, st in zip(ck.entries, ck.layout.entries):
+            row = {"name": e.name, "dtype": st.dtype, "shape": list(st.shape),
+                   "original_bytes": st.end - st.start, "compressed_bytes": e.length,
+                   "codec": e.codec, "params": None, "raw_blocks": None}
+            if e.codec == "enec":
+                s = stream_info(memoryview(mm)[e.offset : e.offset + e.length])
+                row["params"] = list(s.params) if s.params else None
+                row["raw_blocks"] = f"{s.raw_blocks}/{s.nblocks}"
+            rows.append(row)
     return ck, rows

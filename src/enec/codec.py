@@ -125,7 +125,7 @@ def _as_flat(x, dtype: str | None) -> tuple[FloatFormat, np.ndarray, tuple[int, 
         fmt = format_for(name)
         if x.dtype.itemsize != fmt.itemsize:
             raise EnecError(f"a {fmt.name} array must have {fmt.itemsize}-byte elements, got {x.dtype}")
-        a = np.ascontiguousarray(x)
+        a = np.ascontiguousarray(x).reshape(x.shape)  # ascontiguousarray makes 0-d arrays 1-d
         flat = _writable_alias(a.reshape(-1).view(fmt.uint_dtype))
         return fmt, flat, tuple(a.shape), FLAG_NUMPY, a
     raise EnecError(f"cannot compress {type(x).__name__}: pass a torch tensor or a numpy array")

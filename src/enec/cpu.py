@@ -255,6 +255,15 @@ def histogram_kernel(fmt: FloatFormat):
         return block_histograms
 
 
+def _constants(fmt: FloatFormat, w1: int):
+    """The compile-time constants of a (dtype, level-1 width) kernel specialisation:
+    exponent position and width, 2**E, exponent mask, mantissa mask, sign position,
+    rest byte/bit planes, item size, w1 and the level-1 escape code."""
+    k = 1 << fmt.ebits
+    return (fmt.pos, fmt.ebits, k, k - 1, (1 << fmt.pos) - 1, fmt.pos + fmt.ebits,
+            fmt.rest_bytes, fmt.rest_planes, fmt.itemsize, w1, (1 << w1) - 1)
+
+
 # ------------------------------------------------------------------------------ encode
 
 
@@ -264,16 +273,7 @@ def encode_kernel(fmt: FloatFormat, w1: int):
     with _LOCK:
         if key in _ENC:
             return _ENC[key]
-        POS = fmt.pos
-        EB = fmt.ebits
-        EM = (1 << EB) - 1
-        PM = (1 << POS) - 1
-        HPOS = POS + EB
-        RB = fmt.rest_bytes
-        RP = fmt.rest_planes
-        ISZ = fmt.itemsize
-        W1 = w1
-        ESC1 = (1 << W1) - 1
+        POS, EB, K, EM, PM, HPOS, RB, RP, ISZ, W1, ESC1 = _constants(fmt, w1)
 
         @njit(parallel=True, cache=True)
         def encode_blocks(src, srcb, numel, blog2, b1, w2, b2, modes, n1s, n2s, offsets,
@@ -398,17 +398,7 @@ def decode_kernel(fmt: FloatFormat, w1: int):
     with _LOCK:
         if key in _DEC:
             return _DEC[key]
-        POS = fmt.pos
-        EB = fmt.ebits
-        K = 1 << EB
-        EM = K - 1
-        PM = (1 << POS) - 1
-        HPOS = POS + EB
-        RB = fmt.rest_bytes
-        RP = fmt.rest_planes
-        ISZ = fmt.itemsize
-        W1 = w1
-        ESC1 = (1 << W1) - 1
+        POS, EB, K, EM, PM, HPOS, RB, RP, ISZ, W1, ESC1 = _constants(fmt, w1)
 
         @njit(parallel=True, cache=True)
         def decode_blocks(buf, buf64, buf32, offsets, checksums, blocks, numel, blog2,

@@ -131,6 +131,19 @@ def test_sharded_folder_roundtrip(sharded_folder, tmp_path):
             assert sha(p) == sha(src / p.relative_to(tmp_path / "original")), p
 
 
+def test_edge_tensors_in_a_checkpoint(tmp_path):
+    """Scalars and empty tensors keep their shapes through compress / decompress / load."""
+    src = tmp_path / "edge.safetensors"
+    tensors = {"e": torch.empty(0, 3, dtype=torch.bfloat16), "s": torch.tensor(1.5),
+               "w": torch.randn(10, 10).to(torch.float16)}
+    st_save(tensors, str(src))
+    ck.compress_file(src)
+    ck.decompress_file(tmp_path / "edge.enec", tmp_path / "back.safetensors")
+    assert sha(tmp_path / "back.safetensors") == sha(src)
+    got = enec.load_file(tmp_path / "edge.enec")
+    assert {k: tuple(v.shape) for k, v in got.items()} == {k: tuple(v.shape) for k, v in tensors.items()}
+
+
 def test_refuses_to_overwrite(model_file, tmp_path):
     src = tmp_path / "model.safetensors"
     shutil.copy(model_file, src)

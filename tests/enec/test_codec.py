@@ -103,6 +103,13 @@ def test_numpy_in_numpy_out(dtype, np_dtype):
     assert np.array_equal(y.view(np.uint8), x.view(np.uint8))
 
 
+@pytest.mark.parametrize("shape", [(), (0,), (0, 3), (1,)])
+def test_numpy_shapes_survive(shape):
+    x = np.full(shape, 1.5, np.float32)
+    y = enec.decompress(enec.compress(x))
+    assert y.shape == shape and np.array_equal(y, x)
+
+
 def test_numpy_bfloat16_as_uint16():
     x = np.random.default_rng(0).integers(0, 2**16, size=(5, 1001), dtype=np.uint16)
     y = enec.decompress(enec.compress(x, dtype="bfloat16"))
