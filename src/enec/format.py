@@ -127,15 +127,15 @@ def min_block_bytes(fmt: FloatFormat, n: int) -> int:
 P1 = 0x9E3779B1
 P2 = 0x85EBCA77
 P3 = 0xC2B2AE3D
-LANES = 16
+LANES = 64
 M32 = 0xFFFFFFFF
 
 
 def block_checksum_reference(block: bytes | np.ndarray) -> int:
     """The block checksum in plain Python (slow; the kernels compute the same value).
 
-    Words are the block's little-endian u32s. Lane ``l`` starts at ``(l+1)*P3`` and absorbs
-    words ``l, l+16, l+32, ...`` with ``acc = rotl(acc ^ w, 15) * P1``; the lanes are then
+    Words are the block's little-endian u32s. Lane ``l`` (of 64) starts at ``(l+1)*P3`` and
+    absorbs words ``l, l+64, l+128, ...`` with ``acc = rotl(acc ^ w, 15) * P1``; the lanes are then
     folded in order into ``h = rotl(h + acc*P3, 17) * P1`` starting from ``h = nbytes``,
     followed by an avalanche. Every step is a bijection of the changed word, so any change
     confined to one word is always detected; other changes escape with odds about 2**-32.
