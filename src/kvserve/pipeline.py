@@ -25,7 +25,6 @@ from .stages import codecs as _codecs  # noqa: F401  (registers stages)
 from .stages import quantizers as _quantizers  # noqa: F401
 from .stages import transforms as _transforms  # noqa: F401
 from .stages.base import get_stage
-from .stages.quantizers import Part
 
 MAGIC = b"KVSV"
 VERSION = 1
