@@ -28,6 +28,13 @@ def main() -> int:
         bf16 = tmp / "minilm-bf16.safetensors"
         sd = load_file(str(src))
         save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, str(bf16))
+        print("warming up: the first use compiles the numba kernels (about a minute on 2 cores;"
+              " they are cached on disk, so later runs start at once) ...", flush=True)
+        warm = tmp / "warm"
+        warm.mkdir()
+        for path in (bf16, fp32):
+            enec_main(["compress", str(path), "-o", str(warm / "w.enec"), "-q", "-f"])
+            enec_main(["decompress", str(warm / "w.enec"), "-o", str(warm / "w.safetensors"), "-q", "-f"])
         for path in (bf16, fp32):
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             print(f"\n$ enec compress {path.name}")
