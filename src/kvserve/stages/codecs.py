@@ -273,8 +273,39 @@ class LZ4(_ByteCodec):
 # ------------------------------------------------------------------------- entropy coding
 
 
+class _PairingCodec(Codec):
+    """Entropy coders on quantized symbols that may merge pairs (``a * 2**bits + b``) when
+    ``2*bits <= 8``, so the coder sees half as many symbols from a squared alphabet."""
+
+    params = {"pair": True}
+
+    def validate(self):
+        if not isinstance(self.pair, bool):
+            raise KVServeError(f"{self.stage_id}: pair must be a bool")
+
+    def accepts(self, bits):
+        return 1 <= bits <= 8
+
+
+def _pair_symbols(arr: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 symbols ``(x[2i] << bits) | x[2i+1]``, the odd tail padded with a zero."""
+    a = np.ascontiguousarray(arr, dtype=np.uint8)
+    if a.size % 2:
+        a = np.concatenate([a, np.zeros(1, np.uint8)])
+    return ((a[0::2] << np.uint8(bits)) | a[1::2]).astype(np.uint8)
+
+
+def _unpair_symbols(sym: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`_pair_symbols`: ``count`` uint8 symbols."""
+    sym = np.asarray(sym)
+    out = np.empty(2 * sym.size, dtype=np.uint8)
+    out[0::2] = sym >> bits
+    out[1::2] = sym & ((1 << bits) - 1)
+    return out[:count]
+
+
 @register
-class ANS(Codec):
+class ANS(_PairingCodec):
     """Static-model rANS (``constriction``) with the part's own symbol histogram.
 
     When ``2*bits <= 8`` two symbols are merged into one (``a * 2**bits + b``) so the coder
@@ -283,14 +314,6 @@ class ANS(Codec):
     """
 
     stage_id = "ans"
-    params = {"pair": True}
-
-    def validate(self):
-        if not isinstance(self.pair, bool):
-            raise KVServeError("ans: pair must be a bool")
-
-    def accepts(self, bits):
-        return 1 <= bits <= 8
 
     @staticmethod
     def _model(counts: np.ndarray):
@@ -306,10 +329,7 @@ class ANS(Codec):
             raise KVServeError("ans: needs quantized symbols (bits <= 8)")
         paired = self.pair and 2 * bits <= 8 and arr.size > 0
         if paired:
-            n = arr.size
-            a = np.zeros(n + (n & 1), dtype=np.uint8)
-            a[:n] = arr
-            sym = (a[0::2].astype(np.int32) << bits) | a[1::2]
+            sym = _pair_symbols(arr, bits).astype(np.int32)
             alpha = 1 << (2 * bits)
         else:
             sym = arr.astype(np.int32)
@@ -352,10 +372,7 @@ class ANS(Codec):
         if sym.size != nsym or (sym.size and (sym.min() < 0 or sym.max() >= alpha)):
             raise KVServeError("ans: corrupt stream")
         if paired:
-            out = np.empty(2 * nsym, dtype=np.uint8)
-            out[0::2] = sym >> bits
-            out[1::2] = sym & ((1 << bits) - 1)
-            return out[:count]
+            return _unpair_symbols(sym, bits, count)
         return sym.astype(np.uint8)
 
 
@@ -392,7 +409,7 @@ class ENEC(Codec):
 
 
 @register
-class RANS(Codec):
+class RANS(_PairingCodec):
     """Parallel static rANS (numba, :mod:`kvserve.stages.rans`), 12-bit frequencies.
 
     As ``ans`` it merges pairs of symbols when ``2*bits <= 8``. Layout:
@@ -400,14 +417,6 @@ class RANS(Codec):
     """
 
     stage_id = "rans"
-    params = {"pair": True}
-
-    def validate(self):
-        if not isinstance(self.pair, bool):
-            raise KVServeError("rans: pair must be a bool")
-
-    def accepts(self, bits):
-        return 1 <= bits <= 8
 
     def encode(self, arr, bits):
         from . import rans
@@ -416,9 +425,7 @@ class RANS(Codec):
             raise KVServeError("rans: needs quantized symbols (bits <= 8)")
         paired = self.pair and 2 * bits <= 8
         if paired:
-            n = arr.size
-            a = arr if n % 2 == 0 else np.concatenate([arr, np.zeros(1, np.uint8)])
-            sym = ((a[0::2] << np.uint8(bits)) | a[1::2]).astype(np.uint8)
+            sym = _pair_symbols(arr, bits)
             alpha = 1 << (2 * bits)
         else:
             sym = np.ascontiguousarray(arr, dtype=np.uint8)
@@ -458,8 +465,5 @@ class RANS(Codec):
         if sym is None:
             raise KVServeError("rans: corrupt stream")
         if paired:
-            out = np.empty(2 * nsym, dtype=np.uint8)
-            out[0::2] = sym >> np.uint8(bits)
-            out[1::2] = sym & np.uint8((1 << bits) - 1)
-            return out[:count]
+            return _unpair_symbols(sym, bits, count)
         return sym
