@@ -11,13 +11,22 @@ True
 from .codec import compress, decompress, stream_info
 from .errors import EnecError
 
-__all__ = ["compress", "decompress", "stream_info", "EnecError", "save_file", "load_file"]
+__all__ = ["compress", "decompress", "stream_info", "EnecError", "save_file", "load_file", "from_pretrained",
+           "make_resident"]
 __version__ = "0.1.0"
 
 
-def __getattr__(name):  # checkpoint helpers import safetensors/torch lazily
+def __getattr__(name):  # these import safetensors/torch/transformers lazily
     if name in ("save_file", "load_file"):
         from . import checkpoint
 
         return getattr(checkpoint, name)
+    if name == "from_pretrained":
+        from .hf import from_pretrained
+
+        return from_pretrained
+    if name == "make_resident":
+        from .inference import make_resident
+
+        return make_resident
     raise AttributeError(f"module 'enec' has no attribute {name!r}")

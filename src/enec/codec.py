@@ -227,6 +227,78 @@ def _as_bytes(data) -> np.ndarray:
     return arr
 
 
+class Prepared:
+    """A parsed ENEC stream, ready to decode again and again (whole or by block range).
+
+    Parsing the header and grouping blocks by kernel costs tens of microseconds; code that
+    decodes the same stream many times (:mod:`enec.inference`) pays it once here. The
+    stream's bytes must stay alive and unchanged while this object is used.
+    """
+
+    def __init__(self, data):
+        arr = _as_bytes(data)
+        info = parse_header(arr)
+        self.data = data
+        self.info = info
+        self.fmt = info.fmt
+        self.shape = info.shape
+        self.numel = info.numel
+        self.block = 1 << info.block_log2
+        self.nblocks = info.nblocks
+        self.payload = _writable_alias(arr[info.payload_start:])
+        self.offsets = info.offsets.astype(np.int64)
+        if not self.nblocks:
+            self.groups, self.bad_header = [], np.zeros(0, np.int64)
+            return
+        # blocks are decoded by kernels specialised for their level-1 width; raw blocks go along
+        heads = self.payload[self.offsets[:-1]]
+        widths = self.payload[self.offsets[:-1] + 1].astype(np.int64)
+        coded = heads == 0
+        valid = (widths >= 1) & (widths <= self.fmt.ebits)
+        self.bad_header = np.flatnonzero(coded & ~valid)
+        ws = np.unique(widths[coded & valid])
+        if ws.size == 0:
+            ws = np.array([1])
+        self.groups = []
+        for g, w1 in enumerate(ws.tolist()):
+            pick = (coded & (widths == w1)) | (~coded if g == 0 else False)
+            self.groups.append((cpu.decode_kernel(self.fmt, w1), np.flatnonzero(pick)))
+
+    def decode(self, flat: np.ndarray, first: int = 0, stop: int | None = None, *,
+               threads: int | None = None, verify: bool = True) -> None:
+        """Decode blocks ``first .. stop-1`` into ``flat`` (unsigned view; element
+        ``first * block`` of the tensor lands at ``flat[0]``)."""
+        stop = self.nblocks if stop is None else stop
+        if not 0 <= first <= stop <= self.nblocks:
+            raise EnecError(f"block range {first}..{stop} outside 0..{self.nblocks}")
+        base = first * self.block
+        need = min(stop * self.block, self.numel) - base
+        if flat.size < need:
+            raise EnecError(f"output holds {flat.size} elements, blocks {first}..{stop} need {need}")
+        if first == stop:
+            return
+        status = np.zeros(self.nblocks, np.uint8)
+        status[self.bad_header] = cpu.ST_BLOCK_HEADER
+        whole = first == 0 and stop == self.nblocks
+        if stop - first == 1:  # one block is one task: skip the thread pool's wake-up and barrier
+            threads = 1
+        with threads_set(threads):
+            for kernel, blocks in self.groups:
+                if not whole:
+                    lo, hi = np.searchsorted(blocks, (first, stop))
+                    blocks = blocks[lo:hi]
+                    if not blocks.size:
+                        continue
+                kernel(self.payload, self.payload.view(np.uint64), self.payload.view(np.uint32),
+                       self.offsets, self.info.checksums, blocks, self.numel, self.info.block_log2,
+                       base, verify, flat, flat.view(np.uint8), status)
+        bad = np.flatnonzero(status[first:stop])
+        if bad.size:
+            b = int(bad[0]) + first
+            more = f" (and {bad.size - 1} more blocks)" if bad.size > 1 else ""
+            raise EnecError(f"corrupted ENEC stream: block {b}: {cpu.STATUS_TEXT[int(status[b])]}{more}")
+
+
 def decompress(data, out=None, *, threads: int | None = None, verify: bool = True):
     """Decode an ENEC stream. Returns a torch tensor (numpy array if the stream was made
     from numpy; bfloat16 as uint16) of the original dtype and shape, or fills ``out``
@@ -235,41 +307,12 @@ def decompress(data, out=None, *, threads: int | None = None, verify: bool = Tru
     ``verify`` checks every block's checksum (cheap; on by default). Any malformed,
     truncated or corrupted stream raises :class:`EnecError`.
     """
-    arr = _as_bytes(data)
-    info = parse_header(arr)
-    fmt = info.fmt
+    prep = data if isinstance(data, Prepared) else Prepared(data)
     if out is None:
-        result, flat = _new_out(fmt, info.shape, bool(info.flags & FLAG_NUMPY))
+        result, flat = _new_out(prep.fmt, prep.shape, bool(prep.info.flags & FLAG_NUMPY))
     else:
-        result, flat = _check_out(out, fmt, info.numel)
-    if info.nblocks == 0:
-        return result
-    payload = _writable_alias(arr[info.payload_start:])
-    status = np.zeros(info.nblocks, np.uint8)
-    offsets = info.offsets.astype(np.int64)
-    # blocks are decoded by kernels specialised for their level-1 width; raw blocks go along
-    heads = payload[offsets[:-1]]
-    widths = payload[offsets[:-1] + 1].astype(np.int64)
-    coded = heads == 0
-    valid = (widths >= 1) & (widths <= fmt.ebits)
-    status[coded & ~valid] = cpu.ST_BLOCK_HEADER
-    groups = np.unique(widths[coded & valid])
-    if groups.size == 0:
-        groups = np.array([1])
-    with threads_set(threads):
-        for g, w1 in enumerate(groups.tolist()):
-            pick = (coded & (widths == w1)) | (~coded if g == 0 else False)
-            blocks = np.flatnonzero(pick)
-            cpu.decode_kernel(fmt, w1)(
-                payload, payload.view(np.uint64), payload.view(np.uint32), offsets,
-                info.checksums, blocks, info.numel, info.block_log2, verify, flat,
-                flat.view(np.uint8), status,
-            )
-    bad = np.flatnonzero(status)
-    if bad.size:
-        b = int(bad[0])
-        more = f" (and {bad.size - 1} more blocks)" if bad.size > 1 else ""
-        raise EnecError(f"corrupted ENEC stream: block {b}: {cpu.STATUS_TEXT[int(status[b])]}{more}")
+        result, flat = _check_out(out, prep.fmt, prep.numel)
+    prep.decode(flat, threads=threads, verify=verify)
     return result
 
 
@@ -309,4 +352,4 @@ def stream_info(data) -> Summary:
                    info.nblocks, raw, params)
 
 
-__all__ = ["compress", "decompress", "stream_info", "Summary", "threads_set", "FORMATS", "padded"]
+__all__ = ["compress", "decompress", "stream_info", "Prepared", "Summary", "threads_set", "FORMATS", "padded"]

@@ -393,9 +393,11 @@ def encode_kernel(fmt: FloatFormat, w1: int):
 
 
 def decode_kernel(fmt: FloatFormat, w1: int):
-    """kernel(buf, buf64, buf32, offsets, checksums, blocks, numel, blog2, verify, out, outb, status).
+    """kernel(buf, buf64, buf32, offsets, checksums, blocks, numel, blog2, base, verify, out, outb, status).
 
     Decodes the blocks listed in ``blocks`` whose header says level-1 width ``w1`` (or raw).
+    Element ``i`` of the tensor lands at ``out[i - base]`` (``base`` > 0 decodes a block range
+    into a buffer that starts at element ``base``).
     """
     key = (fmt.code, w1)
     with _LOCK:
@@ -403,8 +405,8 @@ def decode_kernel(fmt: FloatFormat, w1: int):
             return _DEC[key]
         POS, EB, K, EM, PM, HPOS, RB, RP, ISZ, W1, ESC1 = _constants(fmt, w1)
 
-        @njit(parallel=True, cache=True)
-        def decode_blocks(buf, buf64, buf32, offsets, checksums, blocks, numel, blog2,
+        @njit(parallel=True, cache=True, nogil=True)
+        def decode_blocks(buf, buf64, buf32, offsets, checksums, blocks, numel, blog2, base,
                           verify, out, outb, status):
             for bi in prange(blocks.size):
                 b = blocks[bi]
@@ -430,7 +432,7 @@ def decode_kernel(fmt: FloatFormat, w1: int):
                     if size != ((16 + nbytes + 7) & ~7):
                         status[b] = ST_BLOCK_SIZE
                         continue
-                    dst = outb[s * ISZ : s * ISZ + nbytes]
+                    dst = outb[(s - base) * ISZ : (s - base) * ISZ + nbytes]
                     srcb = buf[o + 16 : o + 16 + nbytes]
                     for i in range(nbytes):
                         dst[i] = srcb[i]
@@ -535,7 +537,7 @@ def decode_kernel(fmt: FloatFormat, w1: int):
                     status[b] = ST_ESCAPES
                     continue
                 # 3. assemble: rest bits around the exponent
-                y = out[s : s + n]
+                y = out[s - base : s - base + n]
                 r0 = buf[ro : ro + n]
                 r1 = buf[ro + pn : ro + pn + n]
                 r2 = buf[ro + 2 * pn : ro + 2 * pn + n]

@@ -1,0 +1,143 @@
+"""Hugging Face folders: load an ENEC-compressed model, export GGUF checkpoints to safetensors.
+
+``enec compress <model folder>`` writes ``<folder>-enec``: every ``*.safetensors`` shard becomes a
+``.enec`` container and every other file (config, tokenizer, shard index) is copied. This module
+loads such a folder back into a ``transformers`` model whose weights are bit-identical to the
+original (:func:`from_pretrained`), or into a compressed-resident one (``resident=True``, see
+:mod:`enec.inference`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import EnecError
+from .streaming import iter_streamed
+
+
+def checkpoint_files(folder) -> list[Path]:
+    """The ``.enec`` shards of a compressed folder, in shard order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EnecError(f"no such folder: {folder}")
+    files = sorted(folder.glob("*.enec"))
+    if not files:
+        hint = " (it holds .safetensors files: compress it first with `enec compress`)" \
+            if any(folder.glob("*.safetensors")) else ""
+        raise EnecError(f"{folder} holds no .enec checkpoint{hint}")
+    return files
+
+
+def iter_tensors(folder, *, threads: int | None = None, keep=None, opener=None) -> Iterator[tuple[str, object]]:
+    """Yield ``(name, tensor)`` for every tensor of a compressed folder (or one ``.enec`` file).
+
+    Shards are read ahead on a background thread while earlier tensors decode (see
+    :mod:`enec.streaming`; ``opener`` replaces :func:`open`, e.g. a throttled reader).
+    ``keep(name, dtype, shape) -> bool``, when given, turns matching tensors into raw ENEC
+    streams instead: the item is then ``(name, uint8 array)`` viewing the shard's read buffer
+    (used by the compressed-resident loader, which never decodes them whole).
+    """
+    path = Path(folder)
+    files = [path] if path.is_file() else checkpoint_files(path)
+    yield from iter_streamed(files, opener=opener, threads=threads, keep=keep)
+
+
+def _quiet_transformers():
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def from_pretrained(path, *, model_class=None, dtype=None, resident: bool = False,
+                    threads: int | None = None, resident_options: dict | None = None, **kwargs):
+    """Load a folder made by ``enec compress`` into a ``transformers`` model.
+
+    ``model_class`` defaults to ``AutoModelForCausalLM``; any ``Auto*`` class or model class
+    works. ``dtype`` and other keyword arguments go to ``from_pretrained`` (plain load) or
+    ``from_config`` (resident load). With ``resident=False`` (default) the weights are decoded
+    and handed to transformers' own loader, so they are bit-identical to loading the
+    uncompressed folder. With ``resident=True`` large Linear/Embedding weights stay as ENEC
+    streams and are decoded just in time (see :func:`enec.inference.make_resident`;
+    ``resident_options`` go there); the full model is never materialised.
+    """
+    _quiet_transformers()
+    import transformers
+
+    path = Path(path)
+    files = checkpoint_files(path)
+    if model_class is None:
+        model_class = transformers.AutoModelForCausalLM
+    if resident:
+        from .inference import load_resident
+
+        return load_resident(path, model_class=model_class, dtype=dtype, threads=threads,
+                             options=resident_options or {}, **kwargs)
+    config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(str(path))
+    state = dict(iter_tensors(path, threads=threads))
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = concrete_class(model_class, config).from_pretrained(None, config=config, state_dict=state,
+                                                                **kwargs)
+    del state
+    _attach_generation_config(model, path)
+    model.eval()
+    model.enec_source = [str(f) for f in files]
+    return model
+
+
+def concrete_class(model_class, config):
+    """The model class an ``Auto*`` class picks for ``config`` (other classes unchanged)."""
+    mapping = getattr(model_class, "_model_mapping", None)
+    if mapping is None:
+        return model_class
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    try:
+        return _get_model_class(config, mapping)
+    except (KeyError, ValueError) as exc:
+        raise EnecError(f"{model_class.__name__} has no model for a {type(config).__name__}: {exc}") from None
+
+
+def _attach_generation_config(model, path: Path) -> None:
+    if (path / "generation_config.json").is_file() and getattr(model, "can_generate", lambda: False)():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+
+
+def export_gguf(gguf_file, dst, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB") -> Path:
+    """Write a GGUF checkpoint (as ``transformers`` dequantizes it) as a plain safetensors folder.
+
+    ``save_pretrained`` refuses GGUF-loaded models, so the model is rebuilt from its config
+    without the quantization config and the state dict moved over. The folder gets the
+    config, generation config and tokenizer, and loads with ``from_pretrained(dst)``.
+    """
+    _quiet_transformers()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = Path(gguf_file)
+    if not gguf_file.is_file():
+        raise EnecError(f"no such GGUF file: {gguf_file}")
+    dst = Path(dst)
+    torch_dtype = getattr(torch, dtype)
+    src = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                               dtype=torch_dtype)
+    tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    cfg = src.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = type(src.config).from_dict(cfg)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    result = model.load_state_dict(src.state_dict(), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise EnecError(f"GGUF export of {gguf_file.name} lost tensors: {result}")
+    model.generation_config = src.generation_config
+    from .checkpoint import _atomic_write
+
+    with _atomic_write(dst, force=True) as tmp:
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        tok.save_pretrained(str(tmp))
+    return dst
