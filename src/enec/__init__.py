@@ -8,7 +8,6 @@ fixed-length exponent code (arXiv 2604.03298), with escapes so every bit pattern
 True
 """
 
-from .codec import compress, decompress, stream_info
 from .errors import EnecError
 
 __all__ = ["compress", "decompress", "stream_info", "EnecError", "save_file", "load_file", "from_pretrained",
@@ -16,7 +15,11 @@ __all__ = ["compress", "decompress", "stream_info", "EnecError", "save_file", "l
 __version__ = "0.1.0"
 
 
-def __getattr__(name):  # these import safetensors/torch/transformers lazily
+def __getattr__(name):  # lazily: `import enec` alone loads neither numba nor torch
+    if name in ("compress", "decompress", "stream_info"):
+        from . import codec
+
+        return getattr(codec, name)
     if name in ("save_file", "load_file"):
         from . import checkpoint
 
