@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .codec import compress, decompress, stream_info, threads_set
+from .codec import Prepared, compress, decompress, stream_info, threads_set
 from .errors import EnecError
 
 MAGIC = b"ENECCKPT"
@@ -373,10 +373,10 @@ def _decode_entry(buf, e: CkptEntry, st: STEntry, out: np.ndarray, threads, veri
         return
     if codec_dtype is None:
         raise EnecError(f"corrupted ENEC checkpoint: tensor {e.name!r} of {st.dtype} cannot be ENEC-coded")
-    summary = stream_info(data)
-    if summary.dtype != codec_dtype or summary.shape != st.shape:
+    prep = Prepared(data)  # parses and validates the stream header once
+    if prep.fmt.name != codec_dtype or tuple(prep.shape) != tuple(st.shape):
         raise EnecError(f"corrupted ENEC checkpoint: stream of {e.name!r} does not match its header")
-    decompress(data, out=out.view(f"<u{itemsize}"), threads=threads, verify=verify)
+    decompress(prep, out=out.view(f"<u{itemsize}"), threads=threads, verify=verify)
 
 
 def decompress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *,

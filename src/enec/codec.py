@@ -50,6 +50,9 @@ def threads_set(threads: int | None):
     if not isinstance(threads, int) or not 1 <= threads <= limit:
         raise EnecError(f"threads must be an integer from 1 to {limit}, got {threads!r}")
     old = numba.get_num_threads()
+    if old == threads:
+        yield
+        return
     numba.set_num_threads(threads)
     try:
         yield
@@ -101,7 +104,7 @@ def _as_flat(x, dtype: str | None) -> tuple[FloatFormat, np.ndarray, tuple[int, 
             raise EnecError(f"dtype={dtype!r} does not match the tensor's dtype {name}")
         fmt = format_for(name)
         if x.device.type != "cpu":
-            raise EnecError(f"tensor on {x.device}: this build compresses CPU tensors only")
+            raise EnecError(f"tensor on {x.device}: compress takes CPU or CUDA tensors")
         t = x.detach().contiguous()
         int_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[fmt.itemsize]
         flat = t.reshape(-1).view(int_dtype).numpy().view(fmt.uint_dtype)
@@ -148,7 +151,14 @@ def compress(x, *, dtype: str | None = None, threads: int | None = None,
     decodable block, a power of two from 64 to 2**20. ``escape_penalty``: bits charged per
     level-1 escape when choosing the code parameters (0: smallest stream; the default 2
     costs about 0.6% on LLM weights and avoids escape-heavy codes that decoded 2.4x slower).
+
+    A CUDA tensor is compressed on its GPU by the Triton kernels of :mod:`enec.gpu` (same
+    bytes; ``threads`` does not apply).
     """
+    if _is_cuda(x):
+        from . import gpu  # imports triton lazily; EnecError without triton or CUDA
+
+        return gpu.compress(x, dtype=dtype, block_size=block_size, escape_penalty=escape_penalty)
     fmt, flat, shape, flags, _keep = _as_flat(x, dtype)
     blog2 = int(block_size).bit_length() - 1
     if block_size != 1 << blog2 or not MIN_BLOCK_LOG2 <= blog2 <= MAX_BLOCK_LOG2:
@@ -192,7 +202,7 @@ def _check_out(out, fmt: FloatFormat, numel: int):
         if out.dtype != want:
             raise EnecError(f"out has dtype {out.dtype}, the stream holds {fmt.name}")
         if out.device.type != "cpu":
-            raise EnecError(f"out is on {out.device}: this build decompresses into CPU tensors only")
+            raise EnecError(f"out is on {out.device}: decompress writes CPU or CUDA tensors")
         if not out.is_contiguous() or out.numel() != numel:
             raise EnecError(f"out must be contiguous with {numel} elements, got {tuple(out.shape)}")
         int_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[fmt.itemsize]
@@ -299,6 +309,32 @@ class Prepared:
             raise EnecError(f"corrupted ENEC stream: block {b}: {cpu.STATUS_TEXT[int(status[b])]}{more}")
 
 
+def warmup(dtypes=("bfloat16", "float16", "float32"), widths=None) -> float:
+    """Load the decode kernels for ``dtypes`` now (from numba's on-disk cache, or compile them
+    on the very first use) instead of at the first decode; returns the seconds spent.
+
+    A server can call this at start-up, e.g. while its checkpoint download begins.
+    ``widths``: the level-1 code widths to load (default: all).
+    """
+    import time
+
+    t0 = time.perf_counter()
+    u8 = np.zeros(64, np.uint8)
+    for name in dtypes:
+        fmt = format_for(name)
+        for w1 in widths or range(1, fmt.ebits + 1):
+            cpu.decode_kernel(fmt, w1)(u8, u8.view(np.uint64), u8.view(np.uint32), np.zeros(2, np.int64),
+                                       np.zeros(1, np.uint32), np.zeros(0, np.int64), 0, DEFAULT_BLOCK_LOG2,
+                                       0, True, np.zeros(1, fmt.uint_dtype), np.zeros(4, np.uint8),
+                                       np.zeros(1, np.uint8))
+    return time.perf_counter() - t0
+
+
+def _is_cuda(x) -> bool:
+    torch = _torch()
+    return torch is not None and isinstance(x, torch.Tensor) and x.device.type == "cuda"
+
+
 def decompress(data, out=None, *, threads: int | None = None, verify: bool = True):
     """Decode an ENEC stream. Returns a torch tensor (numpy array if the stream was made
     from numpy; bfloat16 as uint16) of the original dtype and shape, or fills ``out``
@@ -306,7 +342,14 @@ def decompress(data, out=None, *, threads: int | None = None, verify: bool = Tru
 
     ``verify`` checks every block's checksum (cheap; on by default). Any malformed,
     truncated or corrupted stream raises :class:`EnecError`.
+
+    A stream held in a CUDA uint8 tensor, or a CUDA ``out``, decodes on the GPU
+    (:func:`enec.gpu.decompress`; use it directly for ``stream=``/``device=``).
     """
+    if not isinstance(data, Prepared) and (_is_cuda(data) or _is_cuda(out)):
+        from . import gpu
+
+        return gpu.decompress(data, out, verify=verify)
     prep = data if isinstance(data, Prepared) else Prepared(data)
     if out is None:
         result, flat = _new_out(prep.fmt, prep.shape, bool(prep.info.flags & FLAG_NUMPY))
@@ -352,4 +395,4 @@ def stream_info(data) -> Summary:
                    info.nblocks, raw, params)
 
 
-__all__ = ["compress", "decompress", "stream_info", "Prepared", "Summary", "threads_set", "FORMATS", "padded"]
+__all__ = ["compress", "decompress", "stream_info", "warmup", "Prepared", "Summary", "threads_set", "FORMATS", "padded"]

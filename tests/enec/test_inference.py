@@ -81,7 +81,7 @@ def test_causal_lm_resident_matches(smollm2_enec, smollm2_folder):
     import enec
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_folder), dtype=torch.bfloat16).eval()
-    model = enec.from_pretrained(smollm2_enec, resident=True)
+    model = enec.from_pretrained(smollm2_enec, resident=True, resident_options={"prefetch": True})
     handle = model.enec_resident
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = _ids(32)
@@ -97,6 +97,8 @@ def test_causal_lm_resident_matches(smollm2_enec, smollm2_folder):
     assert st.prefetch_hits > 0
     with pytest.raises(EnecError, match="stored dtype"):
         enec.from_pretrained(smollm2_enec, resident=True, dtype=torch.float32)
+    with pytest.raises(EnecError, match="unknown resident_options"):
+        enec.from_pretrained(smollm2_enec, resident=True, resident_options={"buffer": 1})
 
 
 @pytest.mark.slow
