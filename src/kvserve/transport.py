@@ -1,0 +1,568 @@
+"""Authenticated, paced, length-prefixed frames over TCP (the KV channel of kvserve.serving).
+
+Wire format (all integers little-endian). On accept the server sends a 16-byte random
+*session nonce* in the clear. After that both directions carry frames::
+
+    offset size  field
+    0      4     magic b"KVTF"
+    4      1     version = 1
+    5      1     type (application defined, 1..255)
+    6      2     flags = 0
+    8      8     seq: 0, 1, 2, ... per direction and connection
+    16     8     payload length (at most the receiver's ``max_frame``)
+    24     len   payload
+    24+len 32    tag = HMAC-SHA256(secret, nonce || dir || header || payload)
+
+``dir`` is ``b"C"`` for client->server frames and ``b"S"`` for replies. Because the tag
+covers the per-connection nonce and the sequence number, a frame recorded on one connection
+cannot be replayed on another (different nonce) nor reordered or repeated on the same one
+(the receiver requires ``seq`` to be exactly the next one). The tag is a trailer so a large
+payload can be streamed (and paced) without buffering twice; the receiver checks the length
+against ``max_frame`` *before* reading the payload and the tag before handing it over.
+
+Every protocol failure raises a :class:`TransportError` subclass (a
+:class:`kvserve.KVServeError`): :class:`FrameTooLarge`, :class:`MalformedFrame`,
+:class:`AuthError`, :class:`ConnectionLost`. A :class:`FrameServer` answers a bad frame with
+an error frame when it can, closes that connection, counts it in ``server.rejected`` and
+keeps serving everybody else.
+
+Pacing: :class:`TokenBucket` (any rate, ``inf`` = unpaced) gates the sender's writes in
+small chunks. :class:`BandwidthEstimator` keeps an EWMA of observed transfer throughput,
+which the controller reads as its bandwidth input.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import KVServeError
+
+MAGIC = b"KVTF"
+VERSION = 1
+_HDR = struct.Struct("<4sBBHQQ")
+HEADER_SIZE = _HDR.size  # 24
+TAG_SIZE = 32
+NONCE_SIZE = 16
+DEFAULT_MAX_FRAME = 256 << 20
+CHUNK = 64 << 10
+
+# frame types used by the serving layer (the transport itself only reserves ERROR)
+T_ERROR = 255
+
+
+class TransportError(KVServeError):
+    """Any failure of the KV channel."""
+
+
+class MalformedFrame(TransportError):
+    """Bad magic, version, flags, sequence number or truncated frame."""
+
+
+class FrameTooLarge(MalformedFrame):
+    """Declared payload length above the receiver's ``max_frame``."""
+
+
+class AuthError(TransportError):
+    """HMAC tag mismatch: wrong secret, tampering, or a replayed/reordered frame."""
+
+
+class ConnectionLost(TransportError):
+    """The peer closed or reset the connection, or an I/O timeout expired."""
+
+
+class RemoteError(TransportError):
+    """The peer answered with an error frame."""
+
+
+def _secret(secret: bytes | str | None) -> bytes:
+    if secret is None:
+        secret = os.environ.get("KVSERVE_SECRET", "")
+    if isinstance(secret, str):
+        secret = secret.encode()
+    if len(secret) < 16:
+        raise TransportError("the KV channel needs a shared secret of at least 16 bytes "
+                             "(argument or KVSERVE_SECRET)")
+    return secret
+
+
+def new_secret() -> bytes:
+    """A fresh random 32-byte secret (hex text, so it can travel in an environment variable)."""
+    return os.urandom(16).hex().encode()
+
+
+# ------------------------------------------------------------------ pacing
+
+
+class TokenBucket:
+    """Token bucket of ``rate_bps`` bytes/s with ``burst`` bytes of depth; ``inf`` = unpaced.
+
+    ``consume(n)`` blocks until ``n`` bytes may go. The bucket starts empty-ish (one burst) so a
+    short transfer cannot run far ahead of the rate; sleeping is done on the monotonic clock
+    against the ideal schedule, so per-sleep overshoot does not accumulate.
+    """
+
+    def __init__(self, rate_bps: float, burst: int | None = None):
+        self.set_rate(rate_bps, burst)
+
+    def set_rate(self, rate_bps: float, burst: int | None = None) -> None:
+        if not rate_bps > 0:
+            raise TransportError("pacing rate must be > 0 bytes/s")
+        self.rate = float(rate_bps)
+        if math.isinf(self.rate):
+            self.burst = float("inf")
+        else:
+            # ~2 ms of traffic, at least one TCP segment, at most one chunk
+            self.burst = float(burst if burst is not None else min(CHUNK, max(1500, self.rate * 0.002)))
+        self.tokens = self.burst if not math.isinf(self.rate) else 0.0
+        self.last = time.perf_counter()
+
+    def chunk_size(self) -> int:
+        if math.isinf(self.rate):
+            return 1 << 20
+        return int(max(1024, min(CHUNK, self.burst)))
+
+    def consume(self, n: int) -> None:
+        if math.isinf(self.rate):
+            return
+        now = time.perf_counter()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        self.tokens -= n
+        if self.tokens < 0:
+            wait = -self.tokens / self.rate
+            deadline = now + wait
+            while True:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                time.sleep(left)
+            now = time.perf_counter()
+            self.tokens += (now - self.last) * self.rate
+            self.last = now
+
+
+class BandwidthEstimator:
+    """EWMA of observed throughput (Mbit/s, 10^6 bits) from completed transfers.
+
+    Transfers below ``min_bytes`` are ignored (they measure latency, not bandwidth).
+    ``mbps`` is ``initial_mbps`` until the first observation.
+    """
+
+    def __init__(self, alpha: float = 0.5, initial_mbps: float = 1000.0, min_bytes: int = 32 << 10):
+        self.alpha, self.mbps, self.min_bytes = alpha, float(initial_mbps), min_bytes
+        self.samples = 0
+
+    def update(self, nbytes: int, seconds: float) -> float:
+        if nbytes >= self.min_bytes and seconds > 0:
+            sample = nbytes * 8 / seconds / 1e6
+            self.mbps = sample if self.samples == 0 else self.alpha * sample + (1 - self.alpha) * self.mbps
+            self.samples += 1
+        return self.mbps
+
+
+# ------------------------------------------------------------------ framing
+
+
+def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        try:
+            k = sock.recv_into(view[got:], n - got)
+        except socket.timeout as exc:
+            raise ConnectionLost(f"timed out reading {what}") from exc
+        except OSError as exc:
+            raise ConnectionLost(f"connection error reading {what}: {exc}") from exc
+        if k == 0:
+            if got == 0 and what == "frame header":
+                raise ConnectionLost("connection closed by peer")
+            raise MalformedFrame(f"connection closed mid-frame ({what}: {got}/{n} bytes)")
+        got += k
+    return bytes(buf)
+
+
+def pack_message(meta: dict, blob: bytes | memoryview = b"") -> list:
+    """Payload = u32 JSON length | JSON object | binary blob (returned as parts, no copy)."""
+    j = json.dumps(meta, separators=(",", ":")).encode()
+    return [struct.pack("<I", len(j)), j, blob]
+
+
+def unpack_message(payload: bytes) -> tuple[dict, memoryview]:
+    mv = memoryview(payload)
+    if len(mv) < 4:
+        raise MalformedFrame("message shorter than its JSON length field")
+    (n,) = struct.unpack_from("<I", mv, 0)
+    if 4 + n > len(mv):
+        raise MalformedFrame("message JSON length exceeds the payload")
+    try:
+        meta = json.loads(bytes(mv[4:4 + n]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedFrame("message metadata is not valid JSON") from exc
+    if not isinstance(meta, dict):
+        raise MalformedFrame("message metadata must be a JSON object")
+    return meta, mv[4 + n:]
+
+
+class Channel:
+    """One authenticated connection (either end). Not thread-safe: one user at a time."""
+
+    def __init__(self, sock: socket.socket, secret: bytes, nonce: bytes, is_client: bool,
+                 max_frame: int = DEFAULT_MAX_FRAME):
+        self.sock, self.secret, self.nonce, self.max_frame = sock, secret, nonce, max_frame
+        self.out_dir, self.in_dir = (b"C", b"S") if is_client else (b"S", b"C")
+        self.send_seq = 0
+        self.recv_seq = 0
+        self.bytes_sent = 0
+
+    def _mac(self, direction: bytes):
+        return hmac.new(self.secret, self.nonce + direction, hashlib.sha256)
+
+    def send(self, ftype: int, parts, pacer: TokenBucket | None = None) -> int:
+        """Send one frame made of ``parts`` (bytes-likes); returns the bytes on the wire."""
+        if isinstance(parts, (bytes, bytearray, memoryview)):
+            parts = [parts]
+        views = [memoryview(p).cast("B") for p in parts]
+        length = sum(len(v) for v in views)
+        header = _HDR.pack(MAGIC, VERSION, ftype, 0, self.send_seq, length)
+        mac = self._mac(self.out_dir)
+        mac.update(header)
+        step = pacer.chunk_size() if pacer else 1 << 20
+        try:
+            self._write(header, pacer)
+            for v in views:
+                for off in range(0, len(v), step):
+                    piece = v[off:off + step]
+                    mac.update(piece)
+                    self._write(piece, pacer)
+            self._write(mac.digest(), pacer)
+        except OSError as exc:
+            raise ConnectionLost(f"connection error while sending: {exc}") from exc
+        self.send_seq += 1
+        total = HEADER_SIZE + length + TAG_SIZE
+        self.bytes_sent += total
+        return total
+
+    def _write(self, data, pacer):
+        if pacer is not None:
+            pacer.consume(len(data))
+        self.sock.sendall(data)
+
+    def recv(self) -> tuple[int, bytes]:
+        """Receive one frame; returns ``(type, payload)``. Raises TransportError subclasses."""
+        header = _recv_exact(self.sock, HEADER_SIZE, "frame header")
+        magic, version, ftype, flags, seq, length = _HDR.unpack(header)
+        if magic != MAGIC:
+            raise MalformedFrame("bad frame magic (not a kvserve KV channel peer)")
+        if version != VERSION:
+            raise MalformedFrame(f"unsupported frame version {version}")
+        if flags:
+            raise MalformedFrame("unsupported frame flags")
+        if length > self.max_frame:
+            raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
+        payload = _recv_exact(self.sock, length, "frame payload")
+        tag = _recv_exact(self.sock, TAG_SIZE, "frame tag")
+        mac = self._mac(self.in_dir)
+        mac.update(header)
+        mac.update(payload)
+        if not hmac.compare_digest(mac.digest(), tag):
+            raise AuthError("frame authentication failed (wrong secret, tampered or replayed frame)")
+        if seq != self.recv_seq:
+            # the tag was valid, so this is a replay/reorder within the connection
+            raise AuthError(f"frame out of sequence (got {seq}, expected {self.recv_seq}): replay rejected")
+        self.recv_seq += 1
+        if ftype == T_ERROR:
+            raise RemoteError(payload.decode("utf-8", "replace"))
+        return ftype, payload
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------------ server
+
+
+Handler = Callable[[int, bytes, dict], tuple[int, object]]
+
+
+class FrameServer:
+    """Threaded TCP server: each connection gets a nonce, then request frames -> ``handler``.
+
+    ``handler(ftype, payload, info) -> (reply_type, reply_parts)``; an exception that is a
+    :class:`KVServeError` is answered with an error frame and the connection stays open; a
+    protocol error (bad frame) closes that connection only. ``info`` carries the peer address
+    and the ``Channel`` (so a handler can time its receive). Listens on loopback by default.
+    """
+
+    def __init__(self, handler: Handler, secret: bytes | str | None = None, host: str = "127.0.0.1",
+                 port: int = 0, max_frame: int = DEFAULT_MAX_FRAME, io_timeout: float = 60.0):
+        self.handler, self.secret, self.max_frame, self.io_timeout = handler, _secret(secret), max_frame, io_timeout
+        self.sock = socket.create_server((host, port), reuse_port=False)
+        self.sock.settimeout(0.2)
+        self.address = self.sock.getsockname()[:2]
+        self.rejected: list[str] = []  # one line per rejected frame / connection
+        self.served = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "FrameServer":
+        self._thread = threading.Thread(target=self._accept_loop, name="kvserve-frame-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._accept_loop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _accept_loop(self):
+        while not self._stop.is_set():
+            try:
+                conn, addr = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            threading.Thread(target=self._serve_conn, args=(conn, addr), daemon=True).start()
+
+    def _reject(self, addr, exc):
+        with self._lock:
+            self.rejected.append(f"{addr[0]}:{addr[1]}: {type(exc).__name__}: {exc}")
+
+    def _serve_conn(self, conn: socket.socket, addr):
+        conn.settimeout(self.io_timeout)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        nonce = os.urandom(NONCE_SIZE)
+        ch = Channel(conn, self.secret, nonce, is_client=False, max_frame=self.max_frame)
+        try:
+            conn.sendall(nonce)
+            while not self._stop.is_set():
+                try:
+                    ftype, payload = ch.recv()
+                except ConnectionLost:
+                    break
+                except TransportError as exc:  # bad frame: tell the peer if possible, drop the connection
+                    self._reject(addr, exc)
+                    try:
+                        ch.send(T_ERROR, str(exc).encode())
+                    except TransportError:
+                        pass
+                    break
+                try:
+                    rtype, parts = self.handler(ftype, payload, {"peer": addr, "channel": ch})
+                except KVServeError as exc:
+                    ch.send(T_ERROR, f"{type(exc).__name__}: {exc}".encode())
+                    continue
+                except Exception as exc:  # handler bug: report, keep the server alive
+                    self._reject(addr, exc)
+                    ch.send(T_ERROR, f"internal error: {type(exc).__name__}: {exc}".encode())
+                    continue
+                ch.send(rtype, parts)
+                with self._lock:
+                    self.served += 1
+        except TransportError:
+            pass
+        except OSError:
+            pass
+        finally:
+            ch.close()
+
+
+# ------------------------------------------------------------------ client
+
+
+@dataclass
+class TransferStats:
+    attempts: int = 0
+    bytes_sent: int = 0
+    send_s: float = 0.0  # first header byte to last tag byte handed to the kernel
+    total_s: float = 0.0  # request sent .. reply received (last attempt)
+    errors: list = field(default_factory=list)
+
+
+def connect(address, secret: bytes | str | None = None, timeout: float = 30.0,
+            max_frame: int = DEFAULT_MAX_FRAME) -> Channel:
+    sock = socket.create_connection(tuple(address), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        nonce = _recv_exact(sock, NONCE_SIZE, "session nonce")
+    except TransportError:
+        sock.close()
+        raise
+    return Channel(sock, _secret(secret), nonce, is_client=True, max_frame=max_frame)
+
+
+class FrameClient:
+    """Request/reply client with reconnects and bounded retries.
+
+    ``request(type, parts, pacer)`` sends one frame and waits for the reply frame. On a
+    dropped connection or I/O timeout it reconnects and resends, up to ``retries`` more
+    times with exponential backoff, then raises :class:`ConnectionLost`. A
+    :class:`RemoteError` (the server rejected the request) or an :class:`AuthError` (the
+    reply does not authenticate: wrong secret) is not retried.
+    """
+
+    def __init__(self, address, secret: bytes | str | None = None, retries: int = 2, timeout: float = 30.0,
+                 backoff: float = 0.05, max_frame: int = DEFAULT_MAX_FRAME):
+        self.address, self.secret = tuple(address), _secret(secret)
+        self.retries, self.timeout, self.backoff, self.max_frame = retries, timeout, backoff, max_frame
+        self.ch: Channel | None = None
+        self.stats = TransferStats()
+
+    def close(self):
+        if self.ch is not None:
+            self.ch.close()
+            self.ch = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def request(self, ftype: int, parts, pacer: TokenBucket | None = None) -> tuple[int, bytes]:
+        st = self.stats = TransferStats()
+        for attempt in range(self.retries + 1):
+            st.attempts = attempt + 1
+            try:
+                if self.ch is None:
+                    self.ch = connect(self.address, self.secret, self.timeout, self.max_frame)
+                t0 = time.perf_counter()
+                try:
+                    st.bytes_sent = self.ch.send(ftype, parts, pacer)
+                except ConnectionLost:
+                    self._raise_pending_error()
+                    raise
+                t1 = time.perf_counter()
+                reply = self.ch.recv()
+                st.send_s, st.total_s = t1 - t0, time.perf_counter() - t0
+                return reply
+            except (RemoteError, AuthError):
+                self.close()
+                raise
+            except (TransportError, OSError) as exc:
+                st.errors.append(f"{type(exc).__name__}: {exc}")
+                self.close()
+                if attempt == self.retries:
+                    raise ConnectionLost(f"{self.address[0]}:{self.address[1]}: gave up after "
+                                         f"{attempt + 1} attempt(s): {st.errors[-1]}") from exc
+                time.sleep(self.backoff * (2 ** attempt))
+        raise AssertionError("unreachable")
+
+    def _raise_pending_error(self):
+        """After a failed send: if the server explained why (an error frame, e.g. the frame
+        was too large), raise that instead of a bare broken pipe."""
+        try:
+            self.ch.sock.settimeout(0.5)
+            self.ch.recv()
+        except RemoteError:
+            self.close()
+            raise
+        except (TransportError, OSError):
+            pass
+
+    def call(self, ftype: int, meta: dict, blob=b"", pacer: TokenBucket | None = None) -> tuple[dict, memoryview]:
+        """``request`` with a JSON+blob message each way (see :func:`pack_message`)."""
+        _, payload = self.request(ftype, pack_message(meta, blob), pacer)
+        return unpack_message(payload)
+
+
+# ------------------------------------------------------------------ a paced TCP relay
+
+
+class PacedRelay:
+    """Loopback TCP relay that paces the server->client direction with a token bucket.
+
+    Puts a bandwidth limit in front of any TCP service (e.g. a Redis prefix store) without
+    touching the service or its client. ``rate_bps`` can be changed while it runs.
+    """
+
+    def __init__(self, target, rate_bps: float, host: str = "127.0.0.1"):
+        self.target, self.rate = tuple(target), rate_bps
+        self.sock = socket.create_server((host, 0))
+        self.sock.settimeout(0.2)
+        self.address = self.sock.getsockname()[:2]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _loop(self):
+        while not self._stop.is_set():
+            try:
+                c, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            try:
+                s = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                c.close()
+                continue
+            for sk in (c, s):
+                sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._pump, args=(c, s, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(s, c, self), daemon=True).start()
+
+    def _pump(self, src, dst, paced):
+        bucket = TokenBucket(paced.rate) if paced else None
+        try:
+            while not self._stop.is_set():
+                if bucket is not None and bucket.rate != paced.rate:
+                    bucket.set_rate(paced.rate)
+                n = bucket.chunk_size() if bucket else 1 << 16
+                data = src.recv(n)
+                if not data:
+                    break
+                if bucket is not None:
+                    bucket.consume(len(data))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sk in (src, dst):
+                try:
+                    sk.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sk.close()
