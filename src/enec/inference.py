@@ -523,9 +523,17 @@ def make_resident(model, *, min_numel: int = DEFAULT_MIN_NUMEL, buffer_bytes: in
     decoder's thread count; ``prefetch`` runs the decoder ahead in a background thread
     (default: only if the machine has more cores than torch uses, see :func:`auto_prefetch`).
     Returns the :class:`ResidentModel` (use ``.stats()``, ``.restore()``, or ``with``).
+
+    A model on a CUDA device is handed to :func:`enec.gpu_resident.make_resident_gpu`
+    (streams kept on the GPU, decoded by the Triton kernels; ``buffer_bytes``,
+    ``chunk_bytes`` and ``threads`` do not apply there).
     """
     from tqdm import tqdm
 
+    if any(p.device.type == "cuda" for p in model.parameters()):
+        from .gpu_resident import make_resident_gpu
+
+        return make_resident_gpu(model, min_numel=min_numel, prefetch=prefetch is not False, progress=progress)
     pairs = list(_managed(model, min_numel))
     if not pairs:
         raise EnecError(f"no float Linear/Embedding weight with at least {min_numel} elements on the CPU")
