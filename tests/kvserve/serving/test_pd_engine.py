@@ -19,14 +19,8 @@ MAX_NEW = 5
 
 
 @pytest.fixture(scope="module")
-def ref_model():
-    import torch
-
-    torch.set_num_threads(1)
-    try:
-        return engine.load_model_fast("smollm2")
-    except Exception as exc:  # model package missing
-        pytest.skip(f"SmolLM2 unavailable: {exc}")
+def ref_model(serving_model):
+    return serving_model
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,16 @@
+"""One SmolLM2 instance per test session for the serving tests (1 torch thread)."""
+import pytest
+
+
+@pytest.fixture(scope="session")
+def serving_model():
+    pytest.importorskip("transformers")
+    import torch
+
+    from kvserve.serving import engine
+
+    torch.set_num_threads(1)
+    try:
+        return engine.load_model_fast("smollm2")
+    except Exception as exc:  # model package missing
+        pytest.skip(f"SmolLM2 unavailable: {exc}")
