@@ -253,7 +253,116 @@ def _units(out: str, work: str) -> None:
         res["controller"] = {"profile": decision.profile, "pipeline": pipe.name, "bytes": len(blob)}
     except Exception as exc:
         res["controller"] = {"error": f"{type(exc).__name__}: {exc}"}
+    res["roles"] = _roles(Path(work) / "roles")
     Path(out).write_text(json.dumps(res, indent=1))
+
+
+def _roles(work: Path) -> dict:
+    """Scheduler and worker roles driven by hand (no engine): a producer following a chunked
+    prefill over two steps and three blocks, saving from a CPU-layout paged cache; a consumer
+    finding the bundle, planning the load and scattering it into other blocks."""
+    from types import SimpleNamespace as NS
+
+    import torch
+    from vllm import _custom_ops as ops
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvserve.serving import vllm_connector as vc
+
+    bs, h, d, layers = 32, 3, 64, ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
+    fwd = {n: NS(attn_backend=NS(get_name=lambda: "CPU_ATTN"), head_size=d, isa="vec") for n in layers}
+
+    def make(role_name, role):
+        cfg = NS(kv_transfer_config=KVTransferConfig(
+                     kv_connector="KVServeConnector", kv_connector_module_path=MODULE, kv_role=role_name,
+                     kv_connector_extra_config={"store": str(work), "compression": "bf16"}),
+                 cache_config=NS(block_size=bs, cache_dtype="auto"), model_config=NS(use_mla=False),
+                 parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1),
+                 compilation_config=NS(static_forward_context=fwd))
+        return vc.KVServeConnector(cfg, role, NS(kv_cache_groups=[NS(layer_names=layers)]))
+
+    def step(new=(), cached=(), sched=None):
+        c = NS(req_ids=[x[0] for x in cached], new_block_ids=[x[1] for x in cached],
+               num_computed_tokens=[x[2] for x in cached], resumed_req_ids=set())
+        return NS(scheduled_new_reqs=list(new), scheduled_cached_reqs=c, num_scheduled_tokens=sched or {})
+
+    out: dict = {}
+    prompt = list(range(1000, 1070))  # 70 tokens: three blocks
+    req = NS(request_id="r1", prompt_token_ids=prompt, kv_transfer_params=None)
+    sched = make("kv_producer", KVConnectorRole.SCHEDULER)
+    sched.on_new_request(req)
+    m1 = sched.build_connector_meta(step(new=[NS(req_id="r1", prompt_token_ids=prompt, block_ids=([5, 2],),
+                                                 num_computed_tokens=0)], sched={"r1": 64}))
+    m2 = sched.build_connector_meta(step(cached=[("r1", ([7],), 64)], sched={"r1": 6}))
+    out["chunked_save_step"] = [len(m1.transfers), len(m2.transfers)]
+    tr = m2.transfers[0]
+    out["save_plan"] = {"blocks": tr.block_ids[0], "end": tr.end, "is_store": tr.is_store}
+    out["finished_params"] = sched.request_finished(req, [])[1]
+
+    # worker: write real KV through the CPU kernel into blocks 5, 2, 7, save it
+    torch.manual_seed(1)
+    kv = {n: (torch.randn(1, h, 70, d).bfloat16(), torch.randn(1, h, 70, d).bfloat16()) for n in layers}
+    caches = {}
+    for n in layers:
+        cache = torch.zeros(10, h, bs, 2 * d, dtype=torch.bfloat16)
+        kc, vcache = vc.split_kv(cache, "CPU_ATTN")
+        blk, off = vc.token_slots([5, 2, 7], bs, bs, 0, 70)
+        ops.cpu_attn_reshape_and_cache(kv[n][0][0].permute(1, 0, 2).contiguous(), kv[n][1][0].permute(1, 0, 2).contiguous(),
+                                       kc, vcache, blk * bs + off, "vec")
+        caches[n] = cache
+    worker = make("kv_producer", KVConnectorRole.WORKER)
+    worker.register_kv_caches(caches)
+    worker.bind_connector_metadata(m2)
+    for n in layers:
+        worker.save_kv_layer(n, caches[n], None)
+    worker.wait_for_save()
+    worker.clear_connector_metadata()
+    import kvserve
+
+    got, meta = kvserve.decode(worker._store.get(tr.key, "tp0-1.pp0-1"))
+    out["bundle_equals_written"] = meta["layers"] == layers and all(
+        torch.equal(got[i][0], kv[n][0]) and torch.equal(got[i][1], kv[n][1]) for i, n in enumerate(layers))
+
+    # consumer scheduler: 69 tokens to load; local hit of one block -> load the rest
+    csched = make("kv_consumer", KVConnectorRole.SCHEDULER)
+    creq = NS(request_id="c1", prompt_token_ids=prompt, kv_transfer_params=None)
+    out["matched"] = [list(csched.get_num_new_matched_tokens(creq, 0)), list(csched.get_num_new_matched_tokens(creq, 32))]
+    csched.update_state_after_alloc(creq, NS(get_block_ids=lambda: ([1, 8, 3],)), 37)
+    m3 = csched.build_connector_meta(step(new=[NS(req_id="c1", prompt_token_ids=prompt, block_ids=([1, 8, 3],),
+                                                  num_computed_tokens=32)], sched={"c1": 1}))
+    lt = m3.transfers[0]
+    out["load_plan"] = {"blocks": lt.block_ids[0], "start": lt.start, "end": lt.end, "is_store": lt.is_store}
+    other = {n: torch.zeros(10, h, bs, 2 * d, dtype=torch.bfloat16) for n in layers}
+    cworker = make("kv_consumer", KVConnectorRole.WORKER)
+    cworker.register_kv_caches(other)
+    cworker.bind_connector_metadata(m3)
+    cworker.start_load_kv(None)
+    pk, pv = vc.probe_cpu_tile_layout("vec", torch.bfloat16, h, bs, d)
+    ok, untouched = True, True
+    for n in layers:
+        kc, vcache = vc.split_kv(other[n], "CPU_ATTN")
+        blk, off = vc.token_slots([1, 8, 3], bs, bs, 32, 69)
+        ok &= torch.equal(vc.gather_tokens(kc, blk, off, pk), kv[n][0][:, :, 32:69])
+        ok &= torch.equal(vc.gather_tokens(vcache, blk, off, pv), kv[n][1][:, :, 32:69])
+        tail_blk, tail_off = vc.token_slots([1, 8, 3], bs, bs, 69, 96)  # the last token, the free tail
+        untouched &= not other[n][1].any().item()  # the locally computed block
+        untouched &= not vc.gather_tokens(kc, tail_blk, tail_off, pk).any().item()
+        untouched &= not vc.gather_tokens(vcache, tail_blk, tail_off, pv).any().item()
+    out["loaded_equals_saved"] = bool(ok)
+    out["outside_range_untouched"] = bool(untouched)
+    out["load_errors"] = sorted(cworker.get_block_ids_with_load_errors())
+    # the same load against a corrupted bundle: no hit in the scheduler
+    path = worker._store.path(tr.key, "tp0-1.pp0-1")
+    data = bytearray(path.read_bytes())
+    data[100] ^= 1
+    path.write_bytes(bytes(data))
+    out["matched_corrupt"] = list(make("kv_consumer", KVConnectorRole.SCHEDULER).get_num_new_matched_tokens(creq, 0))
+    # ... and a worker handed a plan for it reports the planned blocks
+    cworker.bind_connector_metadata(m3)
+    cworker.start_load_kv(None)
+    out["load_errors_corrupt"] = sorted(cworker.get_block_ids_with_load_errors())
+    return out
 
 
 def main(argv: list[str]) -> None:
@@ -317,6 +426,17 @@ def test_connector_pieces(tmp_path):
     assert "positive 'bandwidth_mbps'" in err["bad_controller"]
     assert "need more than the 1 blocks" in err["too_big"]
     assert res["fixed"] == "bf16"
+    roles = res["roles"]
+    assert roles["chunked_save_step"] == [0, 1]  # saved in the step that completes the prompt
+    assert roles["save_plan"] == {"blocks": [5, 2, 7], "end": 70, "is_store": True}
+    assert roles["finished_params"]["kvserve_key"]
+    assert roles["bundle_equals_written"]
+    assert roles["matched"] == [[69, False], [37, False]]
+    assert roles["load_plan"] == {"blocks": [1, 8, 3], "start": 32, "end": 69, "is_store": False}
+    assert roles["loaded_equals_saved"] and roles["outside_range_untouched"]
+    assert roles["load_errors"] == []
+    assert roles["matched_corrupt"] == [0, False]
+    assert roles["load_errors_corrupt"] == [3, 8]
     ctl = res["controller"]
     if "error" in ctl:  # the controller or its library is not there: a clear error, not a crash
         assert "kvserve.controller" in ctl["error"] or "library" in ctl["error"], ctl
