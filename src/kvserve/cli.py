@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     e.set_defaults(fn=_evaluate)
     ls = sub.add_parser("profiles", help="list the packaged profiles")
     ls.set_defaults(fn=lambda a: print("\n".join(__import__("kvserve").profile_names())) or 0)
+    from .calibrate import add_calibrate_parser
+
+    add_calibrate_parser(sub)
     from . import controller as _controller, profiler as _profiler, simulate as _simulate
 
     _profiler.add_profile_parser(sub)

@@ -100,7 +100,7 @@ class Pipeline:
         for w, which in enumerate("kv"):
             for gi, ids in enumerate(_groups([s[w] for s in shapes])):
                 x = torch.stack([layers[i][w] for i in ids]).to(torch.float32)
-                x = self.transform.forward(x, ids)
+                x = self.transform.forward(x, ids, which)
                 for part in self.quantizer.encode(x, ids, which, geometry):
                     if part.bits is not None:
                         blob = self.codec.encode(part.array, part.bits)
@@ -290,7 +290,7 @@ def _decode(header: dict, payload: memoryview):
             x = pipe.quantizer.decode(arrays, shape, ids, which)
             if tuple(x.shape) != shape:
                 raise KVServeError("bundle: decoded group has the wrong shape")
-            x = pipe.transform.inverse(x, ids).to(torch.bfloat16)
+            x = pipe.transform.inverse(x, ids, which).to(torch.bfloat16)
             for j, li in enumerate(ids):
                 out[li][w] = x[j]
     return [(k, v) for k, v in out], meta

@@ -51,6 +51,7 @@ class EvalConfig:
     threads: int = 2
     split: str = "test"
     text_file: str | None = None
+    kl: bool = False  # also report mean KL(bf16 || compressed) of the continuation (tuning signal)
 
 
 @dataclass
@@ -189,7 +190,8 @@ class Evaluator:
         logits = continuation(self.model, kv, n, [ctx[-1]] + cont[:-1])
         gen = greedy(self.model, kv, n, ctx[-1], c.gen) if c.gen else []
         return {"kv": kv, "n": n, "nll": _nll(logits, cont), "top1": logits.argmax(-1), "gen": gen,
-                "ctx_last": ctx[-1], "cont": cont}
+                "ctx_last": ctx[-1], "cont": cont,
+                "logp": torch.log_softmax(logits, -1).to(torch.bfloat16) if c.kl else None}
 
     def _passkey_prompts(self, texts):
         c = self.cfg
@@ -218,6 +220,7 @@ class Evaluator:
         t_enc = t_dec = 0.0
         nll_b = nll_c = 0.0
         ntok = agree = 0
+        kl = 0.0
         gen_scores = []
         for r in self.ref:
             kv2, size, te, td = self._roundtrip(pipe, r["kv"], r["n"])
@@ -230,6 +233,9 @@ class Evaluator:
             nll_c += _nll(logits, r["cont"])
             ntok += len(r["cont"])
             agree += int((logits.argmax(-1) == r["top1"]).sum())
+            if r["logp"] is not None:
+                p = r["logp"].float()
+                kl += float((p.exp() * (p - torch.log_softmax(logits, -1))).sum())
             if c.gen:
                 g = greedy(self.model, kv2, r["n"], r["ctx_last"], c.gen)
                 same = 0
@@ -253,6 +259,7 @@ class Evaluator:
             encode_MBps=raw / t_enc / 1e6,
             decode_MBps=raw / t_dec / 1e6,
             extra={"ppl_bf16": math.exp(nll_b / ntok), "ppl": math.exp(nll_c / ntok),
+                   **({"kl": kl / ntok} if c.kl else {}),
                    "bits_per_value": 8 * comp / (raw / 2), "config": pipe.get_config()},
         )
 

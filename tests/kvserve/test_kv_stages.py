@@ -13,11 +13,20 @@ STAGES = [
     ("transform", {"id": "identity"}),
     ("transform", {"id": "hadamard", "seed": 0}),
     ("transform", {"id": "hadamard", "seed": 12345}),
+    ("transform", {"id": "hadamard", "seed": 3, "key_rope_theta": 10000.0}),
+    ("transform", {"id": "hadamard", "seed": 0, "key_rope_theta": [1e4, 1e6, 1e4, 1e6, 10.0, 500000]}),
     ("quantizer", {"id": "none"}),
     ("quantizer", {"id": "kvserve"}),
     ("quantizer", {"id": "kvserve", "low_fraction": 0.5, "split": "layer", "key_group": 8, "keep_sinks": 2, "keep_recent": 5}),
     ("quantizer", {"id": "kvserve", "low_fraction": 0.34, "split": "head", "scores": [[1, 2, 3], [0, 5, 1], [2, 2, 2], [9, 0, 1]],
                    "value_axis": "token_head", "high_key_levels": 16, "low_key_levels": 3}),
+    ("quantizer", {"id": "kvserve", "tiers": [[0.25, 4, 3], [0.75, 8, 5], [1.0, 16, 6]], "split": "head",
+                   "scores": [[1, 2, 3], [0, 5, 1], [2, 2, 2], [9, 0, 1]], "keep_sinks": 1}),
+    ("quantizer", {"id": "kvserve", "tiers": [[0.5, 5, 4], [1.0, 9, 7]], "split": "layer", "key_group": 8}),
+    ("quantizer", {"id": "kvserve", "tiers": [[1.0, 7, 5]], "value_axis": "token_head"}),
+    ("quantizer", {"id": "kvserve", "tiers": [[0.5, 5, 3], [1.0, 9, 6]], "scores": [[1, 2, 3], [0, 5, 1], [2, 2, 2], [9, 0, 1]],
+                   "compact_value_stats": True, "keep_sinks": 1}),
+    ("quantizer", {"id": "kvserve", "high_value_levels": 6, "compact_value_stats": True, "value_axis": "token_head"}),
     ("quantizer", {"id": "kivi", "bits": 2}),
     ("quantizer", {"id": "kivi", "bits": 4, "group_size": 16, "keep_recent": 7, "keep_sinks": 1}),
     ("quantizer", {"id": "cachegen"}),
@@ -140,7 +149,8 @@ def test_quantizer_roundtrip_and_error_bound(kind, cfg, which, tokens):
         bound = amax / c / 2
     else:
         # asymmetric min-max: half a step of the coarsest level count over the widest range
-        lv = min(2 ** cfg.get("bits", 8), *(v for k, v in q.get_config().items() if k.endswith("_levels"))) \
+        lv = min(2 ** cfg.get("bits", 8), *(v for k, v in q.get_config().items() if k.endswith("_levels")),
+                 *(lvl for row in (q.tiers or []) for lvl in row[1:])) \
             if cfg["id"] == "kvserve" else 2 ** q.bits
         rng = x.amax() - x.amin()
         bound = rng / (lv - 1) / 2
@@ -179,8 +189,78 @@ def test_kivi_keeps_recent_window_exact():
     assert (out[..., :64, :] - x[..., :64, :]).abs().max() > 0
 
 
+def test_kvserve_tiers_rank_pairs_by_score():
+    scores = [[5, 1, 9], [0, 7, 3]]  # ranks: (1,0) < (0,1) < (1,2) < (0,0) < (1,1) < (0,2)
+    q = get_stage("quantizer", {"id": "kvserve", "tiers": [[1 / 3, 4, 3], [5 / 6, 6, 4], [1.0, 10, 6]], "scores": scores})
+    np.testing.assert_array_equal(q.tier_index(2, 3), [[1, 0, 2], [0, 1, 1]])
+    q = get_stage("quantizer", {"id": "kvserve", "tiers": [[0.5, 4, 3], [1.0, 10, 6]], "split": "layer"})
+    np.testing.assert_array_equal(q.tier_index(4, 2), [[1, 1], [1, 1], [0, 0], [0, 0]])
+    # more precision for a tier means less error on the pairs in it
+    x = torch.randn(2, 1, 3, 64, 64)
+    out = check_quantizer_roundtrip(get_stage("quantizer", {"id": "kvserve", "tiers": [[0.5, 3, 3], [1.0, 64, 64]],
+                                                            "scores": scores}), x, [0, 1], "k", (2, 3))
+    err = (out - x).pow(2).mean(dim=(1, 3, 4))  # (layer, head)
+    lo = err[torch.tensor([[False, True, False], [True, False, True]])]
+    hi = err[torch.tensor([[True, False, True], [False, True, False]])]
+    assert float(lo.min()) > 20 * float(hi.max())
+
+
+def test_compact_value_stats_are_smaller_and_close():
+    x = torch.randn(3, 1, 3, 200, 64) * torch.linspace(0.1, 5, 200)[:, None]
+    plain = get_stage("quantizer", {"id": "kvserve", "high_value_levels": 6})
+    comp = get_stage("quantizer", {"id": "kvserve", "high_value_levels": 6, "compact_value_stats": True})
+    side = {}
+    errs = {}
+    for name, q in (("plain", plain), ("compact", comp)):
+        parts = q.encode(x, [0, 1, 2], "v", (3, 3))
+        side[name] = sum(p.array.nbytes for p in parts if p.bits is None)
+        out = check_quantizer_roundtrip(q, x, [0, 1, 2], "v", (3, 3))
+        errs[name] = float((out - x).pow(2).mean())
+    assert side["compact"] < 0.55 * side["plain"]
+    assert errs["compact"] < 1.05 * errs["plain"]
+    # keys are unaffected; a min far from zero (offset values) falls back to fp16 stats
+    assert {p.name for p in comp.encode(x, [0, 1, 2], "k", (3, 3))} == {p.name for p in plain.encode(x, [0, 1, 2], "k", (3, 3))}
+    names = {p.name for p in comp.encode(x + 100, [0, 1, 2], "v", (3, 3))}
+    assert "min" in names and "rcode" not in names
+    out = check_quantizer_roundtrip(comp, x + 100, [0, 1, 2], "v", (3, 3))
+    assert float((out - x - 100).abs().max()) < 10
+
+
+def test_scores_list_picks_the_matching_geometry():
+    q = get_stage("quantizer", {"id": "kvserve", "tiers": [[0.5, 4, 3], [1.0, 8, 5]], "scores": ["smollm2", "gemma3"]})
+    assert q.tier_index(18, 1).sum() == 9 and q.tier_index(30, 3).sum() == 45
+    with pytest.raises(KVServeError):
+        q.tier_index(4, 2)
+
+
+def test_hadamard_key_rope_undoes_rotary_embedding():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    n, t, d, theta = 2, 37, 64, 100000.0
+    k_pre = torch.randn(n, 1, 3, t, d)
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    freqs = torch.arange(t, dtype=torch.float64)[:, None] * inv[None]
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos().float()[None], emb.sin().float()[None]
+    k_post = torch.stack([apply_rotary_pos_emb(k_pre[i], k_pre[i], cos, sin)[0] for i in range(n)])
+    plain = get_stage("transform", {"id": "hadamard", "seed": 1})
+    rope = get_stage("transform", {"id": "hadamard", "seed": 1, "key_rope_theta": theta})
+    # keys: the transform sees the pre-RoPE keys; values are left alone
+    torch.testing.assert_close(rope.forward(k_post, [0, 1], "k"), plain.forward(k_pre, [0, 1], "k"), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rope.forward(k_post, [0, 1], "v"), plain.forward(k_post, [0, 1], "v"))
+    back = rope.inverse(rope.forward(k_post, [0, 1], "k"), [0, 1], "k")
+    torch.testing.assert_close(back, k_post, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind,cfg", [
     ("transform", {"id": "hadamard", "seed": -1}),
+    ("transform", {"id": "hadamard", "key_rope_theta": 0.5}),
+    ("transform", {"id": "hadamard", "key_rope_theta": [1e4, "x"]}),
+    ("quantizer", {"id": "kvserve", "tiers": [[0.5, 4, 3]]}),
+    ("quantizer", {"id": "kvserve", "tiers": [[0.5, 4, 3], [0.4, 6, 4], [1.0, 8, 5]], "split": "layer"}),
+    ("quantizer", {"id": "kvserve", "tiers": [[1.0, 1, 3]]}),
+    ("quantizer", {"id": "kvserve", "tiers": [[0.5, 4, 3], [1.0, 8, 5]]}),  # split=head needs scores
+    ("quantizer", {"id": "kvserve", "tiers": [[1.0, 8, 5]], "low_fraction": 0.5, "split": "layer"}),
     ("transform", {"id": "nope"}),
     ("quantizer", {"id": "kivi", "bits": 5}),
     ("quantizer", {"id": "kvserve", "high_key_levels": 1}),

@@ -100,10 +100,64 @@ def _minmax(x: torch.Tensor, dims, levels, parts: list, prefix: str) -> torch.Te
 
 
 def _deminmax(q: torch.Tensor, parts: dict, prefix: str, stat_shape, levels) -> torch.Tensor:
-    mn = _ft(parts, prefix + "min", stat_shape)
-    rg = _ft(parts, prefix + "range", stat_shape)
+    mn, rg = _stats(parts, prefix, stat_shape)
     lv = levels - 1 if isinstance(levels, int) else (levels - 1).to(torch.float32)
     return q.to(torch.float32).mul_(rg / lv).add_(mn)
+
+
+_RC = 32.0  # range codes: steps of 2**(1/32) below the layer's largest range
+_MC = 128.0  # min codes: units of range/128
+
+
+def _minmax_compact(x: torch.Tensor, dims, levels, parts: list, prefix: str) -> torch.Tensor:
+    """As :func:`_minmax`, but each (min, range) pair costs 2 bytes instead of 4: the range
+    as a uint8 code ``c`` (``range_hat = rmax * 2**((c - 255)/32) >= range``, ``rmax`` one
+    float32 per stacked layer: the layer's largest range) and the min as an int8 code in
+    units of ``range_hat/128``. If a min does not fit (it lies more than one range from
+    zero) the part falls back to fp16 stats. ``x`` is ``(n, ...)`` with dim 0 not reduced."""
+    mn = x.amin(dim=dims, keepdim=True)
+    rg = x.amax(dim=dims, keepdim=True) - mn
+    if rg.numel() == 0 or 0 in dims:
+        return _minmax(x, dims, levels, parts, prefix)
+    rmax = rg.reshape(rg.shape[0], -1).amax(1).to(torch.float32)
+    if not bool(torch.isfinite(rmax).all() and (rmax > 0).all()):
+        return _minmax(x, dims, levels, parts, prefix)
+    rmax = rmax.reshape((-1,) + (1,) * (rg.dim() - 1))
+    rc = torch.ceil(torch.log2(torch.maximum(rg, rmax * 2.0 ** -7.9) / rmax) * _RC - 1e-6).clamp_(-255, 0) + 255
+    rhat = rmax * torch.exp2((rc - 255) / _RC)
+    mc = torch.round(mn / (rhat / _MC))
+    if bool((mc < -128).any() or (mc > 127).any()):
+        return _minmax(x, dims, levels, parts, prefix)
+    parts += [Part(prefix + "rmax", rmax.numpy().reshape(-1).copy()),
+              Part(prefix + "rcode", rc.to(torch.uint8).numpy().reshape(-1)),
+              Part(prefix + "mcode", mc.to(torch.int8).numpy().reshape(-1).view(np.uint8))]
+    mn, rg = _compact_stats(rc, mc, rmax)
+    lv = levels - 1 if isinstance(levels, int) else (levels - 1).to(torch.float32)
+    inv = lv / rg
+    q = (x - mn).mul_(inv).round_().clamp_(min=0)
+    q = torch.minimum(q, torch.as_tensor(lv, dtype=q.dtype)) if not isinstance(lv, int) else q.clamp_(max=lv)
+    return q.to(torch.uint8)
+
+
+def _compact_stats(rc: torch.Tensor, mc: torch.Tensor, rmax):
+    rg = rmax * torch.exp2((rc.to(torch.float32) - 255) / _RC)
+    mn = mc.to(torch.float32) * (rg / _MC)
+    # the rounded min may leave the maximum up to range/256 above the top level: clamped
+    return mn, rg
+
+
+def _stats(parts: dict, prefix: str, stat_shape):
+    """(min, range) float32 from fp16/fp32 stats or compact codes, whichever the part holds."""
+    if prefix + "rcode" in parts:
+        cnt = math.prod(stat_shape)
+        rmax_a = _get(parts, prefix + "rmax", stat_shape[0])
+        if rmax_a.dtype != np.float32 or not (np.isfinite(rmax_a).all() and (rmax_a > 0).all()):
+            raise KVServeError("bad compact stats")
+        rc = torch.from_numpy(_get(parts, prefix + "rcode", cnt).astype(np.float32)).reshape(stat_shape)
+        mc = torch.from_numpy(_get(parts, prefix + "mcode", cnt).view(np.int8).astype(np.float32)).reshape(stat_shape)
+        rmax = torch.from_numpy(rmax_a.copy()).reshape((-1,) + (1,) * (len(stat_shape) - 1))
+        return _compact_stats(rc, mc, rmax)
+    return _ft(parts, prefix + "min", stat_shape), _ft(parts, prefix + "range", stat_shape)
 
 
 class Quantizer(Stage):
@@ -193,8 +247,24 @@ class KVServeQuant(_Windowed):
     (``"token"``: per token over heads and head_dim, as KVServe; ``"token_head"``: per
     token and head). A ``low_fraction`` of the (layer, kv-head) pairs gets the ``low_*``
     level counts: with ``split="head"`` the pairs with the lowest importance ``scores``
-    (a packaged score file name, or an explicit ``[layers][heads]`` list), with
+    (a packaged score file name, e.g. ``"smollm2"`` from ``kvserve calibrate``; a list of
+    names, the first whose geometry fits the model is used; or an explicit
+    ``[layers][heads]`` list), with
     ``split="layer"`` the last layers. The resolved low mask travels in the bundle.
+
+    ``tiers`` (default None) generalises the two-way split to any number of precision
+    tiers: ``[[end_fraction, key_levels, value_levels], ...]`` with end fractions increasing
+    to 1.0 over the (layer, kv-head) pairs ranked from least to most important (by
+    ``scores`` for ``split="head"``, from the last layer backwards for ``split="layer"``).
+    E.g. ``[[0.3, 5, 3], [0.8, 8, 5], [1.0, 12, 6]]``: the 30% least important pairs get
+    5/3 levels, the next 50% 8/5, the top 20% 12/6. When set, ``high_*``/``low_*`` and
+    ``low_fraction`` are unused (``low_fraction`` must stay 0); the per-pair tier index
+    travels in the bundle (part ``tier``).
+
+    ``compact_value_stats`` (default False) stores the values' (min, range) in 2 bytes
+    instead of 4 (8-bit log-coded range, 8-bit min in range/64 units; see
+    :func:`_minmax_compact`): with per-token value stats that side information is a few
+    percent of the bundle.
     """
 
     stage_id = "kvserve"
@@ -202,7 +272,7 @@ class KVServeQuant(_Windowed):
         "high_key_levels": 8, "high_value_levels": 8, "low_key_levels": 6, "low_value_levels": 4,
         "low_fraction": 0.0, "split": "head", "scores": None,
         "key_axis": "channel", "value_axis": "token", "key_group": 0,
-        "keep_sinks": 0, "keep_recent": 0,
+        "keep_sinks": 0, "keep_recent": 0, "tiers": None, "compact_value_stats": False,
     }
 
     def validate(self):
@@ -220,10 +290,69 @@ class KVServeQuant(_Windowed):
         if not isinstance(self.key_group, int) or isinstance(self.key_group, bool) or not 0 <= self.key_group <= 1 << 20:
             raise KVServeError("kvserve: key_group must be an int >= 0 (0 = all tokens)")
         if self.scores is not None and not isinstance(self.scores, (str, list)):
-            raise KVServeError("kvserve: scores must be null, a score-file name or a [layers][heads] list")
+            raise KVServeError("kvserve: scores must be null, a score-file name, a list of names or a [layers][heads] list")
         if self.split == "head" and self.low_fraction > 0 and self.scores is None:
             raise KVServeError("kvserve: split='head' with low_fraction > 0 needs scores")
+        if self.tiers is not None:
+            self._check_tiers()
+        if not isinstance(self.compact_value_stats, bool):
+            raise KVServeError("kvserve: compact_value_stats must be a bool")
         self._check_windows()
+
+    def _check_tiers(self):
+        t = self.tiers
+        msg = "kvserve: tiers must be [[end_fraction, key_levels, value_levels], ...] increasing to 1.0 (at most 16)"
+        if not isinstance(t, list) or not 1 <= len(t) <= 16:
+            raise KVServeError(msg)
+        prev = 0.0
+        for row in t:
+            if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], (int, float))
+                    and not isinstance(row[0], bool) and prev < row[0] <= 1.0):
+                raise KVServeError(msg)
+            _check_levels(self.stage_id, "tier key_levels", row[1])
+            _check_levels(self.stage_id, "tier value_levels", row[2])
+            prev = row[0]
+        if t[-1][0] != 1.0:
+            raise KVServeError(msg)
+        if self.low_fraction:
+            raise KVServeError("kvserve: use either tiers or low_fraction, not both")
+        if self.split == "head" and len(t) > 1 and self.scores is None:
+            raise KVServeError("kvserve: split='head' with tiers needs scores")
+
+    def _ranking(self, num_layers: int, num_heads: int) -> np.ndarray:
+        """Flat (layer * heads + head) indices from least to most important."""
+        if self.split == "layer":
+            return np.arange(num_layers * num_heads)[::-1].reshape(num_layers, num_heads)[:, ::-1].reshape(-1)
+        sc = self.score_array(num_layers, num_heads)
+        return np.argsort(sc.reshape(-1), kind="stable")
+
+    def tier_index(self, num_layers: int, num_heads: int) -> np.ndarray:
+        """uint8 ``(num_layers, num_heads)``: the tier of each pair (``tiers`` set)."""
+        n = num_layers * num_heads
+        idx = np.zeros(n, dtype=np.uint8)
+        if len(self.tiers) > 1:
+            order = self._ranking(num_layers, num_heads)
+            start = 0
+            for ti, (end, _, _) in enumerate(self.tiers):
+                stop = n if end >= 1.0 else int(round(end * n))
+                idx[order[start:stop]] = ti
+                start = max(start, stop)
+        return idx.reshape(num_layers, num_heads)
+
+    def score_array(self, num_layers: int, num_heads: int) -> np.ndarray:
+        """The ``(num_layers, num_heads)`` importance scores: from a packaged score file name,
+        the first of a list of names whose geometry matches, or an explicit list."""
+        sc = self.scores
+        if isinstance(sc, list) and sc and all(isinstance(x, str) for x in sc):
+            for name in sc:
+                arr = load_scores(name)
+                if arr.shape == (num_layers, num_heads):
+                    return arr
+            raise KVServeError(f"kvserve: none of the score files {sc} fits a model of {(num_layers, num_heads)}")
+        arr = load_scores(sc) if isinstance(sc, str) else np.asarray(sc, dtype=np.float64)
+        if arr.shape != (num_layers, num_heads):
+            raise KVServeError(f"kvserve: scores have shape {arr.shape}, model has {(num_layers, num_heads)}")
+        return arr
 
     def low_mask(self, num_layers: int, num_heads: int) -> np.ndarray:
         """Boolean ``(num_layers, num_heads)``: True where the pair gets the low level counts."""
@@ -234,9 +363,7 @@ class KVServeQuant(_Windowed):
         if self.split == "layer":
             mask[num_layers - n_low:] = True
             return mask
-        sc = load_scores(self.scores) if isinstance(self.scores, str) else np.asarray(self.scores, dtype=np.float64)
-        if sc.shape != (num_layers, num_heads):
-            raise KVServeError(f"kvserve: scores have shape {sc.shape}, model has {(num_layers, num_heads)}")
+        sc = self.score_array(num_layers, num_heads)
         order = np.argsort(sc.reshape(-1), kind="stable")[:n_low]
         mask.reshape(-1)[order] = True
         return mask
@@ -265,7 +392,12 @@ class KVServeQuant(_Windowed):
             return xm[..., :tg, :].reshape(n, b, h, tg // g, g, d), tg
         return xm, t
 
+    def _tier_levels(self, which):
+        return [r[1] if which == "k" else r[2] for r in self.tiers]
+
     def encode(self, x, layer_ids, which, geometry):
+        if self.tiers is not None:
+            return self._encode_tiers(x, layer_ids, which, geometry)
         n, b, h, t, d = x.shape
         s, e = self._span(t)
         parts: list[Part] = []
@@ -284,7 +416,8 @@ class KVServeQuant(_Windowed):
                 dims = (4,)
             else:
                 dims = self._stat_dims(which, xm.shape)
-            q = _minmax(xm, dims, lv, parts, "")
+            quant = _minmax_compact if (which == "v" and self.compact_value_stats) else _minmax
+            q = quant(xm, dims, lv, parts, "")
             q = q.reshape(n, b, h, e - s, d).transpose(1, 2)  # (n, H, B, Tm, D)
             for tag, sel in (("hi", ~mask_t), ("lo", mask_t)):
                 if bool(sel.any()):
@@ -297,7 +430,38 @@ class KVServeQuant(_Windowed):
             return self.high_key_levels if tag == "hi" else self.low_key_levels
         return self.high_value_levels if tag == "hi" else self.low_value_levels
 
+    def _encode_tiers(self, x, layer_ids, which, geometry):
+        n, b, h, t, d = x.shape
+        s, e = self._span(t)
+        parts: list[Part] = []
+        tier = self.tier_index(*geometry)[list(layer_ids)]  # (n, H)
+        parts.append(Part("tier", tier.reshape(-1).copy()))
+        xm, tg = self._grouped(x[..., s:e, :], which)
+        if tg < e - s:
+            e = s + tg
+        parts.append(Part("split", np.asarray([s, e], dtype=np.int64)))
+        self._encode_windows(x, s, e, parts)
+        if e > s:
+            tl = self._tier_levels(which)
+            tier_t = torch.from_numpy(tier.astype(np.int64))
+            lv = torch.tensor(tl, dtype=torch.float32)[tier_t][:, None, :, None, None]
+            if xm.dim() == 6:
+                lv = lv[..., None]
+                dims = (4,)
+            else:
+                dims = self._stat_dims(which, xm.shape)
+            quant = _minmax_compact if (which == "v" and self.compact_value_stats) else _minmax
+            q = quant(xm, dims, lv, parts, "")
+            q = q.reshape(n, b, h, e - s, d).transpose(1, 2)  # (n, H, B, Tm, D)
+            for ti, levels in enumerate(tl):
+                sel = tier_t == ti
+                if bool(sel.any()):
+                    parts.append(Part(f"q{ti}", q[sel].contiguous().numpy().reshape(-1), bits=bits_for(levels)))
+        return parts
+
     def decode(self, parts, shape, layer_ids, which):
+        if self.tiers is not None:
+            return self._decode_tiers(parts, shape, layer_ids, which)
         n, b, h, t, d = shape
         mask = _get(parts, "lowmask", n * h).reshape(n, h).astype(bool)
         se = _get(parts, "split", 2)
@@ -317,6 +481,43 @@ class KVServeQuant(_Windowed):
                     q[sel] = torch.from_numpy(a).reshape(cnt, b, tm, d)
             q = q.transpose(1, 2)
             lv = self._levels(mask_t, which)
+            if which == "k" and self._axis("k") == "channel" and self.key_group:
+                g = self.key_group
+                if tm % g:
+                    raise KVServeError("kvserve: token split not a multiple of key_group")
+                q = q.reshape(n, b, h, tm // g, g, d)
+                stat = (n, b, h, tm // g, 1, d)
+                lv = lv[..., None]
+            else:
+                dims = self._stat_dims(which, shape)
+                stat = tuple(1 if i in dims else sz for i, sz in enumerate((n, b, h, tm, d)))
+            out[..., s:e, :] = _deminmax(q, parts, "", stat, lv).reshape(n, b, h, tm, d)
+        return out
+
+    def _decode_tiers(self, parts, shape, layer_ids, which):
+        n, b, h, t, d = shape
+        tier = _get(parts, "tier", n * h).reshape(n, h)
+        tl = self._tier_levels(which)
+        if tier.dtype != np.uint8 or (tier.size and int(tier.max()) >= len(tl)):
+            raise KVServeError("kvserve: bad tier table")
+        se = _get(parts, "split", 2)
+        s, e = int(se[0]), int(se[1])
+        if not 0 <= s <= e <= t:
+            raise KVServeError("kvserve: bad token split")
+        out = torch.empty(shape, dtype=torch.float32)
+        self._decode_windows(out, parts, shape, s, e)
+        if e > s:
+            tm = e - s
+            tier_t = torch.from_numpy(tier.astype(np.int64))
+            q = torch.empty((n, h, b, tm, d), dtype=torch.uint8)
+            for ti in range(len(tl)):
+                sel = tier_t == ti
+                cnt = int(sel.sum())
+                if cnt:
+                    a = _get(parts, f"q{ti}", cnt * b * tm * d)
+                    q[sel] = torch.from_numpy(a).reshape(cnt, b, tm, d)
+            q = q.transpose(1, 2)
+            lv = torch.tensor(tl, dtype=torch.float32)[tier_t][:, None, :, None, None]
             if which == "k" and self._axis("k") == "channel" and self.key_group:
                 g = self.key_group
                 if tm % g:

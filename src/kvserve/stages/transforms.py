@@ -1,8 +1,8 @@
 """Transforms: invertible maps over ``head_dim`` applied before quantization.
 
-Shapes: ``forward(x, layer_ids)`` takes ``x`` of shape ``(n, B, H, T, D)`` float32 and
-returns the same shape; ``inverse`` undoes it (exactly for identity, to float rounding for
-Hadamard).
+Shapes: ``forward(x, layer_ids, which)`` takes ``x`` of shape ``(n, B, H, T, D)`` float32
+(``which`` is ``"k"`` for keys, ``"v"`` for values) and returns the same shape; ``inverse``
+undoes it (exactly for identity, to float rounding for Hadamard).
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from .base import Stage, register
 class Transform(Stage):
     kind = "transform"
 
-    def forward(self, x: torch.Tensor, layer_ids: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer_ids: list[int], which: str = "k") -> torch.Tensor:
         raise NotImplementedError
 
-    def inverse(self, y: torch.Tensor, layer_ids: list[int]) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, layer_ids: list[int], which: str = "k") -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -32,10 +32,10 @@ class Identity(Transform):
 
     stage_id = "identity"
 
-    def forward(self, x, layer_ids):
+    def forward(self, x, layer_ids, which="k"):
         return x
 
-    def inverse(self, y, layer_ids):
+    def inverse(self, y, layer_ids, which="k"):
         return y
 
 
@@ -68,6 +68,29 @@ def _signs(seed: int, layer: int, heads: int, d: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(rows, dtype=np.float32))
 
 
+@functools.lru_cache(maxsize=64)
+def _rope_cos_sin(theta: float, t: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of shape ``(t, d//2)`` for positions ``0..t-1`` (float64 angles)."""
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = torch.arange(t, dtype=torch.float64)[:, None] * inv[None, :]
+    return torch.cos(ang).to(torch.float32), torch.sin(ang).to(torch.float32)
+
+
+def _rotate(x: torch.Tensor, thetas: list[float], sign: float) -> torch.Tensor:
+    """Rotate channel pairs ``(i, i + D/2)`` (the ``rotate_half`` RoPE layout) of each stacked
+    layer by ``sign * position * theta**(-2i/D)``; ``sign=-1`` undoes RoPE."""
+    n, b, h, t, d = x.shape
+    half = d // 2
+    out = torch.empty_like(x)
+    for j, th in enumerate(thetas):
+        c, s = _rope_cos_sin(float(th), t, d)
+        s = s * sign
+        x1, x2 = x[j, ..., :half], x[j, ..., half:]
+        out[j, ..., :half] = x1 * c - x2 * s
+        out[j, ..., half:] = x2 * c + x1 * s
+    return out
+
+
 @register
 class Hadamard(Transform):
     """Randomized Hadamard over ``head_dim`` (KVServe, QuaRot-style).
@@ -77,23 +100,54 @@ class Hadamard(Transform):
     over power-of-two chunks when ``head_dim`` is not a power of two (96 -> 64 + 32).
     Orthogonal, so ``x = (y @ H^T) * s``. Spreads outlier channels over all channels, which
     makes min-max quantization much less wasteful.
+
+    ``key_rope_theta`` (default None: off) first undoes rotary position embedding on the
+    *keys* (KVQuant's pre-RoPE key quantization): channel pairs ``(i, i + D/2)`` (the
+    ``rotate_half`` layout of Llama/Gemma in transformers) are rotated back by
+    ``p * theta**(-2i/D)`` for token index ``p = 0..T-1``. A number, or one number per model
+    layer (Gemma-3: 10000 on sliding layers, 1e6 on global ones). It is an exact rotation
+    whatever the true positions are; when the cache holds a suffix of the sequence (a
+    sliding window) the residual is a constant rotation per channel pair, which keeps the
+    per-channel statistics that make pre-RoPE keys cheap to quantize.
     """
 
     stage_id = "hadamard"
-    params = {"seed": 0}
+    params = {"seed": 0, "key_rope_theta": None}
 
     def validate(self):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
             raise KVServeError("hadamard: seed must be an int in [0, 2**32)")
+        th = self.key_rope_theta
+        vals = th if isinstance(th, list) else [th]
+        if th is not None and not (1 <= len(vals) <= 4096 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 1.0 < v < 1e12 for v in vals)):
+            raise KVServeError("hadamard: key_rope_theta must be null, a number > 1 or a per-layer list of them")
+
+    def _thetas(self, layer_ids, d):
+        if self.key_rope_theta is None:
+            return None
+        if d % 2:
+            raise KVServeError("hadamard: key_rope_theta needs an even head_dim")
+        th = self.key_rope_theta
+        if not isinstance(th, list):
+            return [th] * len(layer_ids)
+        if max(layer_ids) >= len(th):
+            raise KVServeError(f"hadamard: key_rope_theta has {len(th)} layers, KV has more")
+        return [th[int(li)] for li in layer_ids]
 
     def _sign_tensor(self, layer_ids, heads, d):
         s = torch.stack([_signs(self.seed, int(li), heads, d) for li in layer_ids])  # (n, H, D)
         return s[:, None, :, None, :]  # (n, 1, H, 1, D)
 
-    def forward(self, x, layer_ids):
+    def forward(self, x, layer_ids, which="k"):
         n, b, h, t, d = x.shape
+        th = self._thetas(layer_ids, d) if which == "k" else None
+        if th is not None:
+            x = _rotate(x, th, -1.0)
         return (x * self._sign_tensor(layer_ids, h, d)) @ _hadamard_matrix(d)
 
-    def inverse(self, y, layer_ids):
+    def inverse(self, y, layer_ids, which="k"):
         n, b, h, t, d = y.shape
-        return (y @ _hadamard_matrix(d).T) * self._sign_tensor(layer_ids, h, d)
+        x = (y @ _hadamard_matrix(d).T) * self._sign_tensor(layer_ids, h, d)
+        th = self._thetas(layer_ids, d) if which == "k" else None
+        return _rotate(x, th, 1.0) if th is not None else x

