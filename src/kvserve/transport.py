@@ -154,17 +154,24 @@ class BandwidthEstimator:
     """EWMA of observed throughput (Mbit/s, 10^6 bits) from completed transfers.
 
     Transfers below ``min_bytes`` are ignored (they measure latency, not bandwidth).
-    ``mbps`` is ``initial_mbps`` until the first observation.
+    ``mbps`` is ``initial_mbps`` until the first observation. A sample more than ``jump``
+    times away from the estimate (either way) is taken as a change of link and replaces the
+    estimate outright, so a step change is tracked after one transfer instead of the several
+    an EWMA needs; smaller deviations are smoothed with weight ``alpha``.
     """
 
-    def __init__(self, alpha: float = 0.5, initial_mbps: float = 1000.0, min_bytes: int = 32 << 10):
-        self.alpha, self.mbps, self.min_bytes = alpha, float(initial_mbps), min_bytes
+    def __init__(self, alpha: float = 0.5, initial_mbps: float = 1000.0, min_bytes: int = 32 << 10,
+                 jump: float = 2.0):
+        self.alpha, self.mbps, self.min_bytes, self.jump = alpha, float(initial_mbps), min_bytes, jump
         self.samples = 0
 
     def update(self, nbytes: int, seconds: float) -> float:
         if nbytes >= self.min_bytes and seconds > 0:
             sample = nbytes * 8 / seconds / 1e6
-            self.mbps = sample if self.samples == 0 else self.alpha * sample + (1 - self.alpha) * self.mbps
+            if self.samples == 0 or not 1 / self.jump <= sample / self.mbps <= self.jump:
+                self.mbps = sample
+            else:
+                self.mbps = self.alpha * sample + (1 - self.alpha) * self.mbps
             self.samples += 1
         return self.mbps
 

@@ -9,7 +9,10 @@ def serving_model():
 
     from kvserve.serving import engine
 
+    from kvserve.stages import codecs
+
     torch.set_num_threads(1)
+    codecs.set_threads(1)  # numba's spinning pool would otherwise starve torch on a small machine
     try:
         return engine.load_model_fast("smollm2")
     except Exception as exc:  # model package missing

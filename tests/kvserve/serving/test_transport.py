@@ -184,8 +184,10 @@ def test_bandwidth_estimator():
     assert est.samples == 0
     est.update(10_000_000, 1.0)  # 80 Mbps
     assert est.mbps == pytest.approx(80)
-    est.update(10_000_000, 0.5)  # 160 -> ewma 120
-    assert est.mbps == pytest.approx(120)
+    est.update(10_000_000, 0.8)  # 100 -> ewma 90
+    assert est.mbps == pytest.approx(90)
+    est.update(10_000_000, 8.0)  # 10: a step change (> 2x) replaces the estimate
+    assert est.mbps == pytest.approx(10)
 
 
 def test_retry_after_dropped_connection():
