@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     _profiler.add_profile_parser(sub)
     _controller.add_decide_parser(sub)
     _simulate.add_simulate_parser(sub)
+    from .serving import bench as _bench_serving
+
+    _bench_serving.add_parser(sub)
     args = p.parse_args(argv)
     try:
         return args.fn(args)
