@@ -4,3 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 python -m enec.demo "$@"
+# KVServe in prefill/decode-disaggregated serving: two worker processes, KV over a paced link
+python -m kvserve.serving.demo

