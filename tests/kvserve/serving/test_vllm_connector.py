@@ -233,7 +233,7 @@ def _units(out: str, work: str) -> None:
                     "no_tmp_left": not list((Path(work) / "store").glob(".tmp-*")),
                     "key_stable": vc.prompt_key([1, 2, 3]) == vc.prompt_key((1, 2, 3)) != vc.prompt_key([1, 2, 3], "m")}
     for name, fn in {"bad_key": lambda: store.path("../etc", "tp0-1.pp0-1"),
-                     "url_store": lambda: vc.open_store("redis://localhost"),
+                     "url_store": lambda: vc.open_store("http://localhost"),
                      "bad_profile": lambda: vc.resolve_compression("no-such-profile"),
                      "bad_controller": lambda: vc.resolve_compression({"mode": "controller"}),
                      "too_big": lambda: vc.token_slots([0], 32, 32, 0, 40)}.items():
@@ -253,11 +253,20 @@ def _units(out: str, work: str) -> None:
         res["controller"] = {"profile": decision.profile, "pipeline": pipe.name, "bytes": len(blob)}
     except Exception as exc:
         res["controller"] = {"error": f"{type(exc).__name__}: {exc}"}
-    res["roles"] = _roles(Path(work) / "roles")
+    res["roles"] = _roles(str(Path(work) / "roles"))
+    try:  # the same against a real Redis server (Debian's redis-server), when there is one
+        import redis  # noqa: F401
+
+        from kvserve.serving.store import RedisServer
+
+        with RedisServer() as server:
+            res["roles_redis"] = _roles(f"redis://127.0.0.1:{server.port}/0")
+    except Exception as exc:
+        res["roles_redis"] = {"skipped": f"{type(exc).__name__}: {exc}"}
     Path(out).write_text(json.dumps(res, indent=1))
 
 
-def _roles(work: Path) -> dict:
+def _roles(store: str) -> dict:
     """Scheduler and worker roles driven by hand (no engine): a producer following a chunked
     prefill over two steps and three blocks, saving from a CPU-layout paged cache; a consumer
     finding the bundle, planning the load and scattering it into other blocks."""
@@ -276,7 +285,7 @@ def _roles(work: Path) -> dict:
     def make(role_name, role):
         cfg = NS(kv_transfer_config=KVTransferConfig(
                      kv_connector="KVServeConnector", kv_connector_module_path=MODULE, kv_role=role_name,
-                     kv_connector_extra_config={"store": str(work), "compression": "bf16"}),
+                     kv_connector_extra_config={"store": store, "compression": "bf16"}),
                  cache_config=NS(block_size=bs, cache_dtype="auto"), model_config=NS(use_mla=False),
                  parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1),
                  compilation_config=NS(static_forward_context=fwd))
@@ -353,10 +362,9 @@ def _roles(work: Path) -> dict:
     out["outside_range_untouched"] = bool(untouched)
     out["load_errors"] = sorted(cworker.get_block_ids_with_load_errors())
     # the same load against a corrupted bundle: no hit in the scheduler
-    path = worker._store.path(tr.key, "tp0-1.pp0-1")
-    data = bytearray(path.read_bytes())
+    data = bytearray(worker._store.get(tr.key, "tp0-1.pp0-1"))
     data[100] ^= 1
-    path.write_bytes(bytes(data))
+    worker._store.put(tr.key, "tp0-1.pp0-1", bytes(data))
     out["matched_corrupt"] = list(make("kv_consumer", KVConnectorRole.SCHEDULER).get_num_new_matched_tokens(creq, 0))
     # ... and a worker handed a plan for it reports the planned blocks
     cworker.bind_connector_metadata(m3)
@@ -421,11 +429,16 @@ def test_connector_pieces(tmp_path):
     assert all(res["store"].values()), res["store"]
     err = res["errors"]
     assert "bad store key" in err["bad_key"]
-    assert "only a filesystem directory" in err["url_store"]
+    assert "only a directory or a redis:// URL" in err["url_store"]
     assert "unknown profile 'no-such-profile'" in err["bad_profile"]
     assert "positive 'bandwidth_mbps'" in err["bad_controller"]
     assert "need more than the 1 blocks" in err["too_big"]
     assert res["fixed"] == "bf16"
+    roles_redis = res["roles_redis"]
+    if "skipped" in roles_redis:
+        assert "redis" in roles_redis["skipped"].lower(), roles_redis
+    else:
+        assert roles_redis == res["roles"] | {"finished_params": roles_redis["finished_params"]}
     roles = res["roles"]
     assert roles["chunked_save_step"] == [0, 1]  # saved in the step that completes the prompt
     assert roles["save_plan"] == {"blocks": [5, 2, 7], "end": 70, "is_store": True}
