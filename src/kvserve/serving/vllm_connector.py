@@ -107,6 +107,17 @@ def _count(**kw: int) -> None:
             STATS[k] = STATS.get(k, 0) + int(v)
 
 
+def _sync_allowed():
+    """vLLM's marker for deliberate device<->host copies (checked under VLLM_GPU_SYNC_CHECK)."""
+    try:
+        from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+    except ImportError:  # older vLLM
+        import contextlib
+
+        return contextlib.nullcontext()
+    return gpu_sync_allowed()
+
+
 class KVServeConnectorError(RuntimeError):
     """A setting or layout this connector cannot serve."""
 
@@ -453,7 +464,7 @@ class KVServeConnector(KVConnectorBase_V1):
         self._saved_keys: dict[str, str] = {}
         # worker state
         self._kv_caches: dict[str, torch.Tensor] = {}
-        self._layer_info: dict[str, tuple[str, int | None]] = {}
+        self._layer_info: dict[str, tuple[str, int | None, str | None]] = {}
         self._gathered: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._failed_blocks: set[int] = set()
         self._warned_cast = False
@@ -561,10 +572,11 @@ class KVServeConnector(KVConnectorBase_V1):
                         f"layer {name}: bundle KV {tuple(x.shape)} does not fit the cache "
                         f"(heads {cache.shape[1]}, head size {cache.shape[3]}, {tr.end} tokens)")
             plan.append((name, k_cache, v_cache, kbs, pk, pv, k, v))
-        for name, k_cache, v_cache, kbs, pk, pv, k, v in plan:
-            blk, off = token_slots(self._blocks_of(tr, name), self._block_size, kbs, tr.start, tr.end, k_cache.device)
-            scatter_tokens(k_cache, blk, off, k[:, :, tr.start:tr.end], pk)
-            scatter_tokens(v_cache, blk, off, v[:, :, tr.start:tr.end], pv)
+        with _sync_allowed():  # host -> device copies of the decoded KV, on purpose
+            for name, k_cache, v_cache, kbs, pk, pv, k, v in plan:
+                blk, off = token_slots(self._blocks_of(tr, name), self._block_size, kbs, tr.start, tr.end, k_cache.device)
+                scatter_tokens(k_cache, blk, off, k[:, :, tr.start:tr.end], pk)
+                scatter_tokens(v_cache, blk, off, v[:, :, tr.start:tr.end], pv)
         return parse_header(data)[0]["profile"].get("name", "")
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -579,14 +591,12 @@ class KVServeConnector(KVConnectorBase_V1):
             return
         k_cache, v_cache, kbs, pk, pv = self._layer(layer_name, kv_layer)
         for tr in saves:
-            blk, off = token_slots(self._blocks_of(tr, layer_name), self._block_size, kbs, 0, tr.end, k_cache.device)
+            # gathered copies stay on the cache's device until wait_for_save: no host sync
+            # inside the forward (the index tensors are built on the host and sent once)
+            with _sync_allowed():
+                blk, off = token_slots(self._blocks_of(tr, layer_name), self._block_size, kbs, 0, tr.end, k_cache.device)
             k = gather_tokens(k_cache, blk, off, pk)
             v = gather_tokens(v_cache, blk, off, pv)
-            if k.dtype != torch.bfloat16 and not self._warned_cast:
-                logger.warning("kvserve: KV cache is %s; bundles hold bf16 (not lossless for this dtype)", k.dtype)
-                self._warned_cast = True
-            k = k.to(device="cpu", dtype=torch.bfloat16)
-            v = v.to(device="cpu", dtype=torch.bfloat16)
             self._gathered.setdefault(tr.req_id, {})[layer_name] = (k, v)
 
     def wait_for_save(self):
@@ -608,7 +618,13 @@ class KVServeConnector(KVConnectorBase_V1):
 
     def _save(self, tr: _Transfer, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         names = list(layers)
-        kv = [layers[n] for n in names]
+        first = layers[names[0]][0]
+        if first.dtype != torch.bfloat16 and not self._warned_cast:
+            logger.warning("kvserve: KV cache is %s; bundles hold bf16 (not lossless for this dtype)", first.dtype)
+            self._warned_cast = True
+        with _sync_allowed():  # device -> host copies of the prompt's KV, on purpose
+            kv = [(k.to(device="cpu", dtype=torch.bfloat16), v.to(device="cpu", dtype=torch.bfloat16))
+                  for k, v in (layers[n] for n in names)]
         raw = sum(k.numel() * 2 + v.numel() * 2 for k, v in kv)
         t0 = time.perf_counter()
         pipe, decision = self._chooser.choose(raw, tr.compression)
