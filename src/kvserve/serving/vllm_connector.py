@@ -19,7 +19,8 @@ Load it with::
   to let :class:`kvserve.controller.Controller` choose per request (after each save it is fed
   the measured encode + store time plus the bundle's modelled transfer time at ``B``). The chosen profile travels in
   the bundle (kvserve bundles carry their config), so the consumer needs no setting.
-  A request may override it with ``kv_transfer_params={"kvserve_compression": ...}``.
+  A request may override it with ``kv_transfer_params={"kvserve_compression": ...}``, or give
+  the controller its own bandwidth estimate with ``{"kvserve_bandwidth_mbps": B}``.
 * Requests are keyed by a hash of their prompt tokens (and ``namespace``), or by
   ``kv_transfer_params["kvserve_key"]`` (letters and digits): the producer's outputs carry
   the key they were stored under in ``kv_transfer_params``, for a router to pass on.
@@ -267,16 +268,17 @@ class _Chooser:
             self._pipes[k] = Pipeline.from_config(config)
         return self._pipes[k]
 
-    def choose(self, kv_bytes: int, override: Any = None):
-        """-> (pipeline, decision or None)."""
+    def choose(self, kv_bytes: int, override: Any = None, bandwidth_mbps: float | None = None):
+        """-> (pipeline, decision or None). ``override``: a request's fixed profile;
+        ``bandwidth_mbps``: a request's bandwidth estimate for the controller."""
         if override is not None:
             mode, cfg = resolve_compression(override)
             if mode == "fixed":
                 return self.pipeline(cfg), None
         if self.mode == "fixed":
             return self._fixed, None
-        d = self.controller.decide(kv_bytes, float(self.setting["bandwidth_mbps"]),
-                                   float(self.setting.get("t_model_ms", 0.0)))
+        bw = float(bandwidth_mbps or self.setting["bandwidth_mbps"])
+        d = self.controller.decide(kv_bytes, bw, float(self.setting.get("t_model_ms", 0.0)))
         cfg = getattr(d, "config", None)
         if cfg is None:  # uncompressed
             from kvserve.pipeline import load_profile
@@ -403,6 +405,7 @@ class _Transfer:
     end: int  # one past the last token
     is_store: bool
     compression: Any = None  # per-request override (saves)
+    bandwidth_mbps: float | None = None  # per-request bandwidth estimate (saves, controller)
 
 
 @dataclass
@@ -418,6 +421,7 @@ class _Tracked:
     prompt_len: int
     block_ids: list[list[int]]
     compression: Any = None
+    bandwidth_mbps: float | None = None
 
 
 # --------------------------------------------------------------------- the connector
@@ -627,14 +631,14 @@ class KVServeConnector(KVConnectorBase_V1):
                   for k, v in (layers[n] for n in names)]
         raw = sum(k.numel() * 2 + v.numel() * 2 for k, v in kv)
         t0 = time.perf_counter()
-        pipe, decision = self._chooser.choose(raw, tr.compression)
+        pipe, decision = self._chooser.choose(raw, tr.compression, tr.bandwidth_mbps)
         blob = pipe.encode(kv, meta={"seq_len": tr.end, "layers": names, "key": tr.key,
                                      "block_size": self._block_size})
         self._store.put(tr.key, self._tag(), blob)
         ms = (time.perf_counter() - t0) * 1e3
         if decision is not None:
-            # the store is not the link: add the modelled transfer at the configured bandwidth
-            ms += len(blob) * 8 / (float(self._chooser.setting["bandwidth_mbps"]) * 1e3)
+            # the store is not the link: add the modelled transfer at the decision's bandwidth
+            ms += len(blob) * 8 / (float(decision.bandwidth_mbps or self._chooser.setting["bandwidth_mbps"]) * 1e3)
             self._chooser.observe(decision, ms)
         _count(saves=1, saved_tokens=tr.end, saved_bytes=len(blob), raw_bytes=raw)
         logger.info("kvserve: saved %d tokens of request %s with profile %r: %d -> %d bytes (%.2fx)",
@@ -749,7 +753,8 @@ class KVServeConnector(KVConnectorBase_V1):
         if computed_after_step < tracked.prompt_len:
             return
         meta.transfers.append(_Transfer(rid, tracked.key, tuple(tracked.block_ids), 0, tracked.prompt_len,
-                                        is_store=True, compression=tracked.compression))
+                                        is_store=True, compression=tracked.compression,
+                                        bandwidth_mbps=tracked.bandwidth_mbps))
         self._saved_keys[rid] = tracked.key
         del self._tracked[rid]
 
@@ -763,7 +768,11 @@ class KVServeConnector(KVConnectorBase_V1):
         if not self._overwrite and all(self._store.exists(key, t) for t in self._tags):
             return  # already in the store
         params = request.kv_transfer_params or {}
-        self._tracked[request.request_id] = _Tracked(key, len(prompt), [], params.get("kvserve_compression"))
+        bw = params.get("kvserve_bandwidth_mbps")
+        if bw is not None and not (isinstance(bw, (int, float)) and bw > 0):
+            logger.warning("kvserve: ignoring kvserve_bandwidth_mbps %r of request %s", bw, request.request_id)
+            bw = None
+        self._tracked[request.request_id] = _Tracked(key, len(prompt), [], params.get("kvserve_compression"), bw)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id

@@ -259,7 +259,11 @@ def _units(out: str, work: str) -> None:
         pipe, decision = chooser.choose(4 * 2 * 3 * 64 * 64 * 2)
         blob = pipe.encode(kv, meta={"seq_len": 64})
         chooser.observe(decision, 5.0)
-        res["controller"] = {"profile": decision.profile, "pipeline": pipe.name, "bytes": len(blob)}
+        # a request's own bandwidth estimate: a slow link compresses, a very fast one does not
+        slow = chooser.choose(16 << 20, None, 10)[1]
+        fast = chooser.choose(16 << 20, None, 1e7)[1]
+        res["controller"] = {"profile": decision.profile, "pipeline": pipe.name, "bytes": len(blob),
+                             "slow": [slow.profile, slow.ratio], "fast": [fast.profile, fast.ratio]}
     except Exception as exc:
         res["controller"] = {"error": f"{type(exc).__name__}: {exc}"}
     res["roles"] = _roles(str(Path(work) / "roles"))
@@ -464,6 +468,7 @@ def test_connector_pieces(tmp_path):
         assert "kvserve.controller" in ctl["error"] or "library" in ctl["error"], ctl
     else:
         assert ctl["pipeline"] and ctl["bytes"] > 0, ctl
+        assert ctl["slow"][1] > 2 and ctl["fast"][1] == 1.0, ctl
 
 
 @pytest.fixture(scope="module")
