@@ -230,6 +230,7 @@ class Channel:
         self.send_seq = 0
         self.recv_seq = 0
         self.bytes_sent = 0
+        self.last_recv_s = 0.0
 
     def _mac(self, direction: bytes):
         return hmac.new(self.secret, self.nonce + direction, hashlib.sha256)
@@ -276,8 +277,12 @@ class Channel:
             raise MalformedFrame("unsupported frame flags")
         if length > self.max_frame:
             raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
+        t0 = time.perf_counter()
         payload = _recv_exact(self.sock, length, "frame payload")
         tag = _recv_exact(self.sock, TAG_SIZE, "frame tag")
+        # header complete -> tag complete: how fast the payload arrived (the link rate for
+        # a frame larger than a few chunks, without connect, ack or processing overheads)
+        self.last_recv_s = time.perf_counter() - t0
         mac = self._mac(self.in_dir)
         mac.update(header)
         mac.update(payload)

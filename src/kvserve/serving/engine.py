@@ -147,7 +147,7 @@ def _ms(s: float) -> float:
 class PrefillWorker:
     """Handles PREFILL: prefill, choose a profile, encode, push the KV to the decode worker."""
 
-    def __init__(self, model, secret: bytes, decode_addr=None, retries: int = 2, push_timeout: float = 120.0,
+    def __init__(self, model, secret: bytes, decode_addr=None, retries: int = 2, push_timeout: float = 60.0,
                  min_quality: float = 97.0, epsilon: float = 0.0, library: str | None = None):
         self.model, self.secret, self.decode_addr = model, secret, decode_addr
         self.retries, self.push_timeout = retries, push_timeout
@@ -162,8 +162,10 @@ class PrefillWorker:
         if self._ctl is None:
             from ..controller import Controller, load_library
 
+            # codec_alpha 0.5: learn this machine's codec speed (workers run 1 thread; the
+            # library was profiled with more) within a few requests
             self._ctl = Controller(load_library(self.library), slo_ms=float("inf"), min_quality=self.min_quality,
-                                   epsilon=self.epsilon, seed=0)
+                                   epsilon=self.epsilon, seed=0, codec_alpha=0.5)
         return self._ctl
 
     def handle(self, ftype, payload, info):
@@ -218,8 +220,13 @@ class PrefillWorker:
             xfer = max(st.total_s - dec_s, 1e-6)
             res.update(ok=True, attempts=st.attempts, transfer_ms=_ms(xfer), remote_decode_ms=ack["decode_ms"],
                        retry_errors=st.errors)
+            # bandwidth sample: the payload's arrival time at the receiver when the frame is
+            # big enough to span many chunks, else the sender's end-to-end transfer time
+            recv_s = ack.get("recv_ms", 0.0) / 1e3
+            sample_s = recv_s if len(blob) >= 256 << 10 and recv_s > 0 else xfer
+            res["bandwidth_sample_mbps"] = round(len(blob) * 8 / sample_s / 1e6, 3)
             with self.ctl_lock:
-                self.estimator.update(len(blob), xfer)
+                self.estimator.update(len(blob), sample_s)
                 if decision is not None:
                     self.controller().observe(decision, (t2 - t1) * 1e3 + xfer * 1e3 + ack["decode_ms"])
         except tp.TransportError as exc:
@@ -261,11 +268,12 @@ class DecodeWorker:
             if bmeta.get("rid") != meta.get("rid"):
                 raise KVServeError("KV bundle does not belong to the announced request")
             dt = time.monotonic() - t0
+            recv_s = info["channel"].last_recv_s
             with self.lock:
                 self.store[meta["rid"]] = (kv, bmeta["seq_len"], bmeta["first_token"])
                 while len(self.store) > self.capacity:
                     self.store.pop(next(iter(self.store)))
-            return T_KV, tp.pack_message({"decode_ms": _ms(dt)})
+            return T_KV, tp.pack_message({"decode_ms": _ms(dt), "recv_ms": _ms(recv_s)})
         if ftype == T_DECODE:
             meta, _ = tp.unpack_message(payload)
             return T_DECODE, tp.pack_message(self.generate(meta))
@@ -359,11 +367,11 @@ class PDCluster:
 
     def __init__(self, model: str = "smollm2", threads: int = 1, secret: bytes | None = None, host: str = "127.0.0.1",
                  retries: int = 2, epsilon: float = 0.0, min_quality: float = 97.0, library: str | None = None,
-                 start_timeout: float = 300.0):
+                 start_timeout: float = 300.0, request_timeout: float = 900.0):
         self.model_name, self.threads, self.host = model, threads, host
         self.secret = secret or tp.new_secret()
         self.opts = {"retries": retries, "epsilon": epsilon, "min_quality": min_quality, "library": library}
-        self.start_timeout = start_timeout
+        self.start_timeout, self.request_timeout = start_timeout, request_timeout
         self.procs: list = []
         self.prefill_addr = self.decode_addr = None
 
@@ -455,12 +463,14 @@ class PDCluster:
         req = {"rid": rid, "ids": list(map(int, ids)), "profile": mode, "link_mbps": link_mbps,
                "kv_addr": list(kv_addr or self.decode_addr)}
         try:
-            with tp.FrameClient(prefill_addr or self.prefill_addr, self.secret, retries=1) as c:
+            # no retry here: a resent PREFILL would redo the work; the decode side recomputes instead
+            with tp.FrameClient(prefill_addr or self.prefill_addr, self.secret, retries=0,
+                                timeout=self.request_timeout) as c:
                 pre, _ = c.call(T_PREFILL, req)
         except tp.TransportError as exc:  # prefill side unreachable: decode recomputes
             pre = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "profile": "none", "kv_bytes": 0,
                    "raw_bytes": 0, "attempts": 0}
-        with tp.FrameClient(self.decode_addr, self.secret, retries=2) as c:
+        with tp.FrameClient(self.decode_addr, self.secret, retries=2, timeout=self.request_timeout) as c:
             dec, _ = c.call(T_DECODE, {"rid": rid, "ids": req["ids"], "max_new": max_new})
         t_end = time.monotonic()
         bd = {k: pre.get(k) for k in ("prefill_ms", "encode_ms", "transfer_ms", "remote_decode_ms", "error",
