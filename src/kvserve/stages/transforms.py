@@ -69,6 +69,12 @@ def _signs(seed: int, layer: int, heads: int, d: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
+def _sign_stack(seed: int, layer_ids: tuple, heads: int, d: int) -> torch.Tensor:
+    """Signs for a stack of layers, shape ``(n, 1, H, 1, D)``."""
+    return torch.stack([_signs(seed, li, heads, d) for li in layer_ids])[:, None, :, None, :].contiguous()
+
+
+@functools.lru_cache(maxsize=64)
 def _rope_cos_sin(theta: float, t: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin`` of shape ``(t, d//2)`` for positions ``0..t-1`` (float64 angles)."""
     inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
@@ -76,18 +82,32 @@ def _rope_cos_sin(theta: float, t: int, d: int) -> tuple[torch.Tensor, torch.Ten
     return torch.cos(ang).to(torch.float32), torch.sin(ang).to(torch.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def _rope_stack(thetas: tuple, t: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` for a stack of layers, shape ``(n, 1, 1, t, d//2)``."""
+    cs = [_rope_cos_sin(float(th), t, d) for th in thetas]
+    c = torch.stack([a for a, _ in cs])[:, None, None]
+    s = torch.stack([b for _, b in cs])[:, None, None]
+    return c.contiguous(), s.contiguous()
+
+
 def _rotate(x: torch.Tensor, thetas: list[float], sign: float) -> torch.Tensor:
     """Rotate channel pairs ``(i, i + D/2)`` (the ``rotate_half`` RoPE layout) of each stacked
     layer by ``sign * position * theta**(-2i/D)``; ``sign=-1`` undoes RoPE."""
     n, b, h, t, d = x.shape
     half = d // 2
+    c, s = _rope_stack(tuple(float(th) for th in thetas), t, d)
+    x1, x2 = x[..., :half], x[..., half:]
     out = torch.empty_like(x)
-    for j, th in enumerate(thetas):
-        c, s = _rope_cos_sin(float(th), t, d)
-        s = s * sign
-        x1, x2 = x[j, ..., :half], x[j, ..., half:]
-        out[j, ..., :half] = x1 * c - x2 * s
-        out[j, ..., half:] = x2 * c + x1 * s
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, c, out=o1)
+    torch.mul(x2, c, out=o2)
+    if sign < 0:
+        o1.addcmul_(x2, s)
+        o2.addcmul_(x1, s, value=-1.0)
+    else:
+        o1.addcmul_(x2, s, value=-1.0)
+        o2.addcmul_(x1, s)
     return out
 
 
@@ -136,8 +156,7 @@ class Hadamard(Transform):
         return [th[int(li)] for li in layer_ids]
 
     def _sign_tensor(self, layer_ids, heads, d):
-        s = torch.stack([_signs(self.seed, int(li), heads, d) for li in layer_ids])  # (n, H, D)
-        return s[:, None, :, None, :]  # (n, 1, H, 1, D)
+        return _sign_stack(self.seed, tuple(int(li) for li in layer_ids), heads, d)
 
     def forward(self, x, layer_ids, which="k"):
         n, b, h, t, d = x.shape
