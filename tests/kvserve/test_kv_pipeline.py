@@ -16,6 +16,7 @@ from kvserve_test_common import make_kv
 
 DATA = pathlib.Path(__file__).with_name("data")
 NAMED = ["bf16", "kivi-2", "kivi-4", "cachegen", "kvserve"]
+GOLDEN = NAMED + ["kvserve-tiers"]
 
 
 def test_named_profiles_exist_and_validate():
@@ -191,7 +192,7 @@ def golden_kv():
     return make_kv(layers=3, heads=2, tokens=160, dim=32, seed=42)
 
 
-@pytest.mark.parametrize("name", NAMED)
+@pytest.mark.parametrize("name", GOLDEN)
 def test_golden_bundles_still_decode(name):
     path = DATA / f"golden-{name}.kvsv"
     expected = json.loads((DATA / "golden.json").read_text())[name]
