@@ -302,7 +302,8 @@ class Controller:
     ``slo_ms``: latency SLO per request; ``min_quality``: quality budget (library quality,
     e.g. relative perplexity x 100); ``epsilon``: exploration probability, exploring only
     among feasible candidates predicted within ``explore_margin`` of the best;
-    ``alpha``: EWMA weight of the residual; ``codec_alpha``: of the per-codec speed factor;
+    ``alpha``: EWMA weight of the residual (the first observation is taken whole); ``codec_alpha``: of the
+    per-codec speed factor;
     ``violations``/``cooldown``: after that many consecutive SLO violations a candidate is
     skipped for ``cooldown`` decisions; ``clip``: one observation moves a prediction by at
     most this fraction of it (up; half of it down); ``forget``: per-decision fade of the
@@ -310,7 +311,7 @@ class Controller:
     """
 
     def __init__(self, library: Library | str | None = None, slo_ms: float = math.inf, min_quality: float = 97.0,
-                 epsilon: float = 0.1, seed: int = 0, alpha: float = 0.3, codec_alpha: float = 0.2,
+                 epsilon: float = 0.1, seed: int = 0, alpha: float = 0.15, codec_alpha: float = 0.05,
                  explore_margin: float = 0.1, violations: int = 3, cooldown: int = 50,
                  clip: float = 1.0, forget: float = 0.99):
         if library is None or isinstance(library, str):

@@ -24,7 +24,8 @@ Bayesian engine (:func:`bayes_search`):
   hypervolume, Gauss-Hermite quadrature over quality), divided by the measured evaluation
   cost relative to the mean, plus a decaying exploration bonus ``w * sigma/sigma_max``;
   ``"paper"``: the reference's ``cr * P(q >= target) + w * sigma/sigma_max * mean(cr)``;
-* spread cold start: ``k`` keys evenly spaced over the keys sorted by ratio, aggressive first;
+* spread cold start: ``k`` (8, as in the reference's run) keys evenly spaced over the keys
+  sorted by ratio, aggressive first;
 * monotonicity within a family (same transform / quantizer kind / axes / mix structure):
   more levels never lower quality, so evaluated keys bound the unevaluated ones
   (posterior clipped to the bounds) and keys whose optimistic quality cannot add
@@ -206,8 +207,15 @@ def key_features(key: dict) -> list[float]:
 # ================================================================= Pareto and hypervolume
 
 
+QUALITY_CAP = 100.0
+
+
 def objectives(ratio, quality, codec_ms):
-    return np.stack([np.asarray(ratio, float), np.asarray(quality, float), np.asarray(codec_ms, float)], axis=-1)
+    """Objective rows ``(ratio, min(quality, 100), codec_ms)``: a compressed cache cannot truly
+    beat the uncompressed one, so relative perplexity above 100 is evaluation noise and must
+    not create Pareto points (or hypervolume) of its own."""
+    q = np.minimum(np.asarray(quality, float), QUALITY_CAP)
+    return np.stack([np.asarray(ratio, float), q, np.asarray(codec_ms, float)], axis=-1)
 
 
 def pareto_mask(pts: np.ndarray) -> np.ndarray:
@@ -489,11 +497,14 @@ _GH_W = _GH_W / _GH_W.sum()
 
 def bayes_search(records: list[Record], quality: Callable[[dict], float], budget: int | None = None,
                  floor: float = QUALITY_FLOOR, target: float = 97.0, acquisition: str = "ehvi",
-                 cold_start: int = 4, seed: int = 0, prune: bool = True, early_stop: bool = True,
+                 cold_start: int = 8, seed: int = 0, prune: bool = True, early_stop: bool = True,
                  patience: int = 3, stop_frac: float = 2e-3, mono_tol: float = 0.5,
-                 cost: Callable[[dict], float] | None = None, progress: bool = True) -> SearchResult:
+                 cost: Callable[[dict], float] | None = None, progress: bool = True,
+                 ard: bool = True, restarts: int = 1, explore: float = 1.0) -> SearchResult:
     """Bayesian search over quality keys; see the module docstring. ``budget`` defaults to
-    1/20 of the lossy keys. ``cost(key)`` (optional) estimates an evaluation's cost."""
+    1/20 of the lossy keys. ``cost(key)`` (optional) estimates an evaluation's cost (the
+    acquisition divides by it); ``ard``: one GP length scale per feature; ``restarts``: GP
+    optimiser restarts; ``explore``: weight of the exploration bonus."""
     import warnings
 
     from scipy.stats import norm
@@ -539,7 +550,8 @@ def bayes_search(records: list[Record], quality: Callable[[dict], float], budget
         for i in np.unique(np.linspace(0, len(order) - 1, min(cold_start, len(order), budget)).round().astype(int)):
             evaluate(order[i], "cold start")
     stopped, quiet = "budget", 0
-    kernel = ConstantKernel(1.0, (1e-2, 1e3)) * Matern(length_scale=np.ones(sp.X.shape[1]), length_scale_bounds=(5e-2, 2e1), nu=1.5) \
+    kernel = ConstantKernel(1.0, (1e-2, 1e3)) * Matern(length_scale=np.ones(sp.X.shape[1]) if ard else 1.0,
+                                                       length_scale_bounds=(5e-2, 2e1), nu=1.5) \
         + WhiteKernel(1e-2, (1e-5, 1.0))
     while len(evaluated) < budget:
         remaining = [j for j in lossy if sp.keys[j] not in known and not pruned[j]]
@@ -547,8 +559,10 @@ def bayes_search(records: list[Record], quality: Callable[[dict], float], budget
             stopped = "space exhausted (all keys evaluated or pruned)"
             break
         tr = [j for j in range(n) if sp.keys[j] in known and not sp.lossless[j]]
+        # the GP models quality clipped to [floor - 10, cap]: below that every key is equally
+        # useless, and a 0..100 range would let broken keys dominate the fit
         y = np.array([known[sp.keys[j]] for j in tr])
-        gp = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=1, random_state=seed)
+        gp = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=restarts, random_state=seed)
         # BLAS threads fight over tiny matrices (7x slower on a busy 2-core machine)
         with warnings.catch_warnings(), threadpool_limits(1):
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -558,7 +572,7 @@ def bayes_search(records: list[Record], quality: Callable[[dict], float], budget
         lo, hi = _bounds(sp, known, mono_tol) if prune else (np.full(n, -np.inf), np.full(n, np.inf))
         mu = np.clip(mu, lo[remaining], hi[remaining])
         frac = len(evaluated) / budget
-        w = max(0.1, 0.99 ** len(evaluated)) * (1.0 if frac < 0.2 else 0.5)
+        w = explore * max(0.1, 0.99 ** len(evaluated)) * (1.0 if frac < 0.2 else 0.5)
         front, hv0 = fr.pts, fr.hv
         rem = np.array(remaining)
         if acquisition == "paper":
@@ -573,12 +587,15 @@ def bayes_search(records: list[Record], quality: Callable[[dict], float], budget
                 acq[out] = -np.inf
         else:
             imp = np.zeros(len(rem))
+            skip = np.zeros(len(rem), bool)
             for t, j in enumerate(rem):
                 mem = sp.members[sp.keys[j]]
+                if prune and np.isfinite(hi[j]) and (hi[j] <= floor or _dominated(sp.key_points(sp.keys[j], hi[j]), front)):
+                    pruned[j] = True  # sound: monotonicity bounds its quality, it cannot add volume
+                    continue
                 q_opt = min(mu[t] + 3 * sd[t], hi[j])
-                opt = objectives(sp.ratio[mem], np.full(len(mem), q_opt), sp.ms[mem])
-                if prune and (q_opt <= floor or _dominated(opt, front)):
-                    pruned[j] = True
+                if q_opt <= floor or _dominated(sp.key_points(sp.keys[j], q_opt), front):
+                    skip[t] = True  # implausible under the GP now; may come back later
                     continue
                 qs = np.clip(mu[t] + sd[t] * _GH_Z, lo[j], hi[j])
                 vals = []
@@ -593,7 +610,7 @@ def bayes_search(records: list[Record], quality: Callable[[dict], float], budget
             score_imp = imp
             bonus = w * (sd / sd.max()) * (imp[imp > 0].mean() if (imp > 0).any() else 0.0)
             acq = imp / costs[rem] + bonus
-            acq[pruned[rem]] = -np.inf
+            acq[pruned[rem] | skip] = -np.inf
         if not np.isfinite(acq).any():
             stopped = "space exhausted (all remaining keys pruned)"
             break
@@ -641,7 +658,8 @@ def build_library(records: list[Record], meta: dict, floor: float = QUALITY_FLOO
     front = pareto_records(records, floor)
     if not front:
         raise KVServeError("no evaluated configuration meets the quality floor: empty library")
-    entries = [Entry(r.name, r.config, r.ratio, r.quality, r.encode_MBps, r.decode_MBps) for r in front]
+    entries = [Entry(r.name, r.config, r.ratio, min(r.quality, QUALITY_CAP), r.encode_MBps, r.decode_MBps,
+                     {"rel_ppl": r.quality}) for r in front]
     return Library(entries, {"quality_metric": "rel_ppl", "quality_floor": floor, **meta})
 
 

@@ -113,7 +113,7 @@ def test_bad_inputs(lib):
 # ----------------------------------------------------------------- learning
 
 def test_residual_learning_exact_first_observation(lib):
-    ctl = Controller(lib, min_quality=97.0, epsilon=0.0)
+    ctl = Controller(lib, min_quality=97.0, epsilon=0.0, alpha=0.3, codec_alpha=0.2)
     d = ctl.decide(MB, 100.0)
     assert d.profile == "A" and d.predicted_ms == pytest.approx(35.0)
     ctl.observe(d, 45.0)

@@ -47,6 +47,11 @@ def test_pareto_and_hypervolume_hand_computed():
     m = P.pareto_mask(more)
     assert m.tolist() == [True, True, False, True, True, True]
     assert P.pareto_mask(np.array([[2.0, 95.0, 5.0], [2.0, 95.0, 5.0]])).tolist() == [True, False]
+    # relative perplexity above 100 is noise: capped, so it neither dominates nor adds volume
+    capped = P.objectives([2.0, 2.0], [102.0, 100.0], [5.0, 5.0])
+    assert capped[:, 1].tolist() == [100.0, 100.0]
+    assert P.pareto_mask(capped).tolist() == [True, False]
+    assert P.hypervolume(P.objectives([3.0], [104.0], [10.0]), ref) == pytest.approx(2 * 10 * 10)
 
 
 def _synthetic(seed=0, subset=None):
