@@ -643,7 +643,7 @@ def _dominated(pts: np.ndarray, front: np.ndarray) -> bool:
 
 
 def pareto_records(records: list[Record], floor: float = QUALITY_FLOOR) -> list[Record]:
-    known = [r for r in records if r.quality is not None and r.quality >= floor and r.ratio > 1.0]
+    known = [r for r in records if r.quality is not None and r.quality >= floor and r.ratio >= 1.01]
     if not known:
         return []
     pts = objectives([r.ratio for r in known], [r.quality for r in known], [r.codec_ms_per_MB for r in known])
