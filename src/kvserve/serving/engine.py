@@ -26,6 +26,7 @@ shared by all processes on the machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -228,7 +229,10 @@ class PrefillWorker:
             with self.ctl_lock:
                 self.estimator.update(len(blob), sample_s)
                 if decision is not None:
-                    self.controller().observe(decision, (t2 - t1) * 1e3 + xfer * 1e3 + ack["decode_ms"])
+                    # judge the candidate at the bandwidth this transfer actually saw: a wrong
+                    # bandwidth estimate is the estimator's error, not the profile's residual
+                    seen = dataclasses.replace(decision, bandwidth_mbps=res["bandwidth_sample_mbps"])
+                    self.controller().observe(seen, (t2 - t1) * 1e3 + xfer * 1e3 + ack["decode_ms"])
         except tp.TransportError as exc:
             res.update(error=f"{type(exc).__name__}: {exc}", attempts=client.stats.attempts,
                        retry_errors=client.stats.errors)
