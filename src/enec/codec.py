@@ -40,24 +40,49 @@ def _torch():
 # ------------------------------------------------------------------------------ threads
 
 
+def _thread_count_fns():
+    """(get, set) of numba's per-thread count of kernel threads.
+
+    The public ``numba.get/set_num_threads`` take two locks on every call (about 10 us each,
+    more than decoding a small weight); once the thread pool is up, the functions they end in
+    do the same without them. Falls back to the public API if numba changes."""
+    numba.get_num_threads()  # starts the pool: after this the raw functions are valid
+    try:
+        from numba.np.ufunc import parallel as _p
+
+        get, put = _p._get_num_threads, _p._set_num_threads
+        if get() == numba.get_num_threads():
+            return get, put
+    except (ImportError, AttributeError):  # pragma: no cover - another numba layout
+        pass
+    return numba.get_num_threads, numba.set_num_threads  # pragma: no cover
+
+
+_THREAD_FNS: tuple | None = None
+
+
 @contextmanager
 def threads_set(threads: int | None):
     """Run numba kernels with ``threads`` threads (None: all cores), restoring the old count."""
+    global _THREAD_FNS
     if threads is None:
         yield
         return
     limit = numba.config.NUMBA_NUM_THREADS
     if not isinstance(threads, int) or not 1 <= threads <= limit:
         raise EnecError(f"threads must be an integer from 1 to {limit}, got {threads!r}")
-    old = numba.get_num_threads()
+    if _THREAD_FNS is None:
+        _THREAD_FNS = _thread_count_fns()
+    get, put = _THREAD_FNS
+    old = get()
     if old == threads:
         yield
         return
-    numba.set_num_threads(threads)
+    put(threads)
     try:
         yield
     finally:
-        numba.set_num_threads(old)
+        put(old)
 
 
 # ------------------------------------------------------------------------------ buffers
@@ -258,9 +283,11 @@ class Prepared:
         self.payload = _writable_alias(arr[info.payload_start:])
         self.offsets = info.offsets.astype(np.int64)
         if not self.nblocks:
+            self.payload64 = self.payload32 = None
             self.groups, self.bad_header = [], np.zeros(0, np.int64)
             return
         # blocks are decoded by kernels specialised for their level-1 width; raw blocks go along
+        self.payload64, self.payload32 = self.payload.view(np.uint64), self.payload.view(np.uint32)
         heads = self.payload[self.offsets[:-1]]
         widths = self.payload[self.offsets[:-1] + 1].astype(np.int64)
         coded = heads == 0
@@ -299,13 +326,13 @@ class Prepared:
                     blocks = blocks[lo:hi]
                     if not blocks.size:
                         continue
-                kernel(self.payload, self.payload.view(np.uint64), self.payload.view(np.uint32),
+                kernel(self.payload, self.payload64, self.payload32,
                        self.offsets, self.info.checksums, blocks, self.numel, self.info.block_log2,
                        base, verify, flat, flat.view(np.uint8), status)
-        bad = np.flatnonzero(status[first:stop])
-        if bad.size:
+        bad = np.flatnonzero(status[first:stop]) if status.any() else ()
+        if len(bad):
             b = int(bad[0]) + first
-            more = f" (and {bad.size - 1} more blocks)" if bad.size > 1 else ""
+            more = f" (and {len(bad) - 1} more blocks)" if len(bad) > 1 else ""
             raise EnecError(f"corrupted ENEC stream: block {b}: {cpu.STATUS_TEXT[int(status[b])]}{more}")
 
 
