@@ -115,9 +115,19 @@ def test_gemma3_resident_in_memory():
     ids = tok("The quick brown fox jumps over the lazy dog. " * 6, return_tensors="pt").input_ids
     with torch.no_grad():
         want = model(ids).logits
-        handle = make_resident(model)
+        # every weight decoded whole: bit-identical logits
+        handle = make_resident(model, chunk_bytes=0)
         try:
             assert torch.equal(model(ids).logits, want)
+        finally:
+            handle.restore()
+        # default: the 262k-row LM head computed in row chunks. On this machine's CPU the BLAS
+        # sums Gemma's chunked head in another order than the full product (differences of a
+        # few bf16 ulps, at most 0.375 seen), so the chunked logits are compared within 0.5.
+        handle = make_resident(model)
+        try:
+            got = model(ids).logits
+            torch.testing.assert_close(got, want, rtol=0, atol=0.5)
             st = handle.stats()
             assert st.resident_bytes < 0.75 * st.uncompressed_bytes
         finally:
