@@ -32,8 +32,7 @@ import copy
 from dataclasses import dataclass
 
 from .errors import EnecError
-
-DEFAULT_MIN_NUMEL = 1 << 16
+from .inference import DEFAULT_MIN_NUMEL, restore_weights
 
 
 def _torch():
@@ -252,15 +251,8 @@ class GpuResidentModel:
 
     def restore(self) -> None:
         """Decode every weight back into an ordinary parameter and remove the hooks."""
-        torch = _torch()
         self.close()
-        real = {}
-        for m in self.model.modules():
-            p = m._parameters.get("weight")
-            if p is not None and id(p) in self.weights:
-                if id(p) not in real:
-                    real[id(p)] = torch.nn.Parameter(self.weights[id(p)].decode(), requires_grad=False)
-                m._parameters["weight"] = real[id(p)]
+        restore_weights(self.model, self.weights, lambda w: w.decode())
         self.weights = {}
 
     def __enter__(self):

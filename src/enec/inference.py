@@ -471,15 +471,8 @@ class ResidentModel:
 
     def restore(self) -> None:
         """Decode every weight back into an ordinary parameter and remove the hooks."""
-        torch = _torch()
         self.close()
-        real = {}
-        for m in self.model.modules():
-            p = m._parameters.get("weight")
-            if p is not None and id(p) in self.weights:
-                if id(p) not in real:
-                    real[id(p)] = torch.nn.Parameter(self.weights[id(p)].decode(self.threads), requires_grad=False)
-                m._parameters["weight"] = real[id(p)]
+        restore_weights(self.model, self.weights, lambda w: w.decode(self.threads))
         self.weights = {}
 
     def __enter__(self):
@@ -487,6 +480,20 @@ class ResidentModel:
 
     def __exit__(self, *exc):
         self.restore()
+
+
+def restore_weights(model, weights: dict, decode) -> None:
+    """Put ordinary parameters back for the managed weights: ``weights`` maps ``id`` of each
+    placeholder parameter to its compressed form, ``decode(form)`` gives the tensor. A weight
+    shared by several modules (tied) is decoded once and shared again."""
+    torch = _torch()
+    real = {}
+    for m in model.modules():
+        p = m._parameters.get("weight")
+        if p is not None and id(p) in weights:
+            if id(p) not in real:
+                real[id(p)] = torch.nn.Parameter(decode(weights[id(p)]), requires_grad=False)
+            m._parameters["weight"] = real[id(p)]
 
 
 def _managed(model, min_numel: int):

@@ -19,22 +19,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
-VENV_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-SUBPROCESS_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-}
+_spec = importlib.util.spec_from_file_location("vllm_test_env", ROOT / "tests" / "vllm_env.py")
+vllm_env = sys.modules.get("vllm_test_env") or importlib.util.module_from_spec(_spec)
+if "vllm_test_env" not in sys.modules:
+    sys.modules["vllm_test_env"] = vllm_env
+    _spec.loader.exec_module(vllm_env)
 MODULE = "kvserve.serving.vllm_connector"
 TEXT = (
     "Mr. Speaker, Mr. Vice President, Members of Congress, my fellow Americans: tonight I "
@@ -49,13 +43,6 @@ PROMPTS = [
 ]
 MAX_TOKENS = 12
 BLOCK_SIZE = 32
-
-
-def vllm_python() -> str | None:
-    """An interpreter that can import vLLM: this one, else the .venv-vllm one, else None."""
-    if importlib.util.find_spec("vllm") is not None:
-        return sys.executable
-    return str(VENV_PYTHON) if VENV_PYTHON.is_file() else None
 
 
 # ------------------------------------------------------------------------- subprocess side
@@ -390,7 +377,7 @@ def _roles(store: str) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    os.environ.update({k: v for k, v in SUBPROCESS_ENV.items() if k not in os.environ})
+    vllm_env.apply_env()
     if argv[0] == "pd":
         _pd(*argv[1:4])
     elif argv[0] == "units":
@@ -408,21 +395,13 @@ if __name__ == "__main__":
 
 import pytest
 
-PYTHON = vllm_python()
+PYTHON = vllm_env.vllm_python()
 needs_vllm = pytest.mark.skipif(
     PYTHON is None, reason="vLLM is not importable here and .venv-vllm is absent (scripts/setup_vllm.sh)")
 
 
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **{k: v for k, v in SUBPROCESS_ENV.items() if k not in os.environ})
-    if PYTHON == str(VENV_PYTHON):
-        # the venv's older numba would keep recompiling against the main environment's cache
-        env.setdefault("NUMBA_CACHE_DIR", str(VENV_PYTHON.parents[1] / "numba-cache"))
-    proc = subprocess.run([PYTHON, __file__, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        pytest.fail(f"{args[0]} exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    return vllm_env.run_script(__file__, args, timeout)
 
 
 def test_import_serving_does_not_import_vllm():
