@@ -424,16 +424,11 @@ class RANS(_PairingCodec):
         if not 1 <= bits <= 8:
             raise KVServeError("rans: needs quantized symbols (bits <= 8)")
         paired = self.pair and 2 * bits <= 8
-        if paired:
-            sym = _pair_symbols(arr, bits)
-            alpha = 1 << (2 * bits)
-        else:
-            sym = np.ascontiguousarray(arr, dtype=np.uint8)
-            alpha = 1 << bits
-        counts = np.bincount(sym, minlength=alpha)
-        if counts.size != alpha:
+        alpha = 1 << (2 * bits if paired else bits)
+        sym, counts = rans.symbols_and_counts(arr, bits if paired else 0, alpha)
+        if counts[-1]:
             raise KVServeError("rans: symbol out of range")
-        freq = rans.quantize_freqs(counts)
+        freq = rans.quantize_freqs(counts[:-1])
         lens, stream = rans.encode(sym, freq)
         head = struct.pack("<BH", int(paired), alpha) + freq.astype(np.uint16).tobytes()
         return head + struct.pack("<I", lens.size) + lens.astype(np.uint32).tobytes() + stream.tobytes()
@@ -461,9 +456,7 @@ class RANS(_PairingCodec):
         stream = np.frombuffer(mv, dtype=np.uint8, offset=off + 4 + 4 * nch)
         if nsym == 0:
             return np.zeros(0, dtype=np.uint8)
-        sym = rans.decode(stream, lens, freq, nsym)
+        sym = rans.decode(stream, lens, freq, nsym, bits if paired else 0)
         if sym is None:
             raise KVServeError("rans: corrupt stream")
-        if paired:
-            return _unpair_symbols(sym, bits, count)
-        return sym
+        return sym[:count]

@@ -95,7 +95,7 @@ def _minmax(x: torch.Tensor, dims, levels, parts: list, prefix: str) -> torch.Te
     lv = levels - 1 if isinstance(levels, int) else (levels - 1).to(torch.float32)
     inv = lv / rg.clamp_min(1e-8)
     q = (x - mn).mul_(inv).round_().clamp_(min=0)
-    q = torch.minimum(q, torch.as_tensor(lv, dtype=q.dtype)) if not isinstance(lv, int) else q.clamp_(max=lv)
+    q = q.clamp_(max=lv)
     return q.to(torch.uint8)
 
 
@@ -135,7 +135,7 @@ def _minmax_compact(x: torch.Tensor, dims, levels, parts: list, prefix: str) -> 
     lv = levels - 1 if isinstance(levels, int) else (levels - 1).to(torch.float32)
     inv = lv / rg
     q = (x - mn).mul_(inv).round_().clamp_(min=0)
-    q = torch.minimum(q, torch.as_tensor(lv, dtype=q.dtype)) if not isinstance(lv, int) else q.clamp_(max=lv)
+    q = q.clamp_(max=lv)
     return q.to(torch.uint8)
 
 

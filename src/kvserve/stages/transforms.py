@@ -75,6 +75,16 @@ def _sign_stack(seed: int, layer_ids: tuple, heads: int, d: int) -> torch.Tensor
 
 
 @functools.lru_cache(maxsize=64)
+def _signed_hadamard(seed: int, layer_ids: tuple, heads: int, d: int, inverse: bool) -> torch.Tensor:
+    """``diag(s) @ H`` per (layer, head), or its inverse ``H^T @ diag(s)``, shape
+    ``(n, 1, H, D, D)``: the sign flip folded into the matrix (one pass over the KV)."""
+    s = _sign_stack(seed, layer_ids, heads, d)[..., 0, :]  # (n, 1, H, D)
+    h = _hadamard_matrix(d)
+    m = h.T[None, None, None] * s[..., None, :] if inverse else s[..., :, None] * h[None, None, None]
+    return m.contiguous()
+
+
+@functools.lru_cache(maxsize=64)
 def _rope_cos_sin(theta: float, t: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin`` of shape ``(t, d//2)`` for positions ``0..t-1`` (float64 angles)."""
     inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
@@ -163,10 +173,10 @@ class Hadamard(Transform):
         th = self._thetas(layer_ids, d) if which == "k" else None
         if th is not None:
             x = _rotate(x, th, -1.0)
-        return (x * self._sign_tensor(layer_ids, h, d)) @ _hadamard_matrix(d)
+        return x @ _signed_hadamard(self.seed, tuple(int(li) for li in layer_ids), h, d, False)
 
     def inverse(self, y, layer_ids, which="k"):
         n, b, h, t, d = y.shape
-        x = (y @ _hadamard_matrix(d).T) * self._sign_tensor(layer_ids, h, d)
+        x = y @ _signed_hadamard(self.seed, tuple(int(li) for li in layer_ids), h, d, True)
         th = self._thetas(layer_ids, d) if which == "k" else None
         return _rotate(x, th, 1.0) if th is not None else x
