@@ -174,7 +174,7 @@ class Evaluator:
         else:
             texts = sotu_texts(cfg.split)
         self.windows = token_windows(tok, texts, cfg.windows, cfg.ctx + cfg.cont, cfg.seed)
-        self.ref = [self._reference(w) for w in self.windows]
+        self.ref = [self._reference(w) for w in _bar(self.windows, "reference windows")]
         self.passkeys = self._passkey_prompts(texts)
         self.passkey_ref = [self._kv_of(ids) for ids, _ in self.passkeys]
 
@@ -222,7 +222,7 @@ class Evaluator:
         ntok = agree = 0
         kl = 0.0
         gen_scores = []
-        for r in self.ref:
+        for r in _bar(self.ref, name):
             kv2, size, te, td = self._roundtrip(pipe, r["kv"], r["n"])
             raw += _nbytes(r["kv"])
             comp += size
@@ -279,6 +279,15 @@ class Evaluator:
         d["passkey_trials"] = len(self.passkeys)
         d["torch"] = torch.__version__
         return d
+
+
+def _bar(items, desc: str):
+    """A progress bar on an interactive stderr; the plain iterable otherwise (logs, tests)."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="window", leave=False, disable=not sys.stderr.isatty())
 
 
 def _nll(logits: torch.Tensor, target: list[int]) -> float:
