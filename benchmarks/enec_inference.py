@@ -7,8 +7,10 @@ cache, about 0.4 s once per process, reported as ``enec_kernel_warmup_s``) happe
 clock starts, as in a server that starts before it fetches its model. The clock runs
 from the first byte read to a model whose weights are all in place: the checkpoint is read
 through a reader throttled to the given bandwidth on a background thread, tensors are
-handled as their bytes arrive (ENEC: decoded; safetensors: aliased, no copy), the model
-skeleton is built on the meta device meanwhile, then the weights are assigned and tied.
+handled as their bytes arrive (ENEC: decoded; safetensors: aliased, no copy). Reading
+starts first; the main thread builds the model skeleton on the meta device while the first
+bytes arrive (no second Python thread competing for the GIL), then takes the tensors as
+they come, assigns and ties them.
 Files come from the page cache, so "local" is memory speed, not a disk. Median of
 ``--repeats`` runs, safetensors and enec interleaved. Peak RSS is the process's maximum
 resident set (ru_maxrss), imports included.
@@ -22,7 +24,7 @@ mode runs in its own process; the resident mode loads with ``enec.from_pretraine
 resident=True)`` and its weight memory is the compressed streams plus uncompressed
 leftovers plus the peak bytes of the decode buffer pool.
 
-Usage: python benchmarks/enec_inference.py [--out benchmarks/results] [--repeats 3]
+Usage: python benchmarks/enec_inference.py [--out benchmarks/results] [--repeats 3] [--parts load,inference]
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -113,18 +114,11 @@ def child_load(folder: str, kind: str, bandwidth: float | None, model_class: str
 
     cls = concrete_class(getattr(transformers, model_class), config)  # imports the modeling module
     t0 = time.perf_counter()
-    box = {}
-
-    def skeleton():
-        with init_empty_weights(include_buffers=False):
-            box["model"] = cls._from_config(config, dtype=torch.bfloat16)
-
-    builder = threading.Thread(target=skeleton)
-    builder.start()
     opener = (lambda p: ThrottledReader(p, bandwidth)) if bandwidth else None
-    sd = dict(iter_streamed(shard_files(folder), opener=opener, threads=threads))
-    builder.join()
-    model = box["model"]
+    stream = iter_streamed(shard_files(folder), opener=opener, threads=threads)  # reading starts
+    with init_empty_weights(include_buffers=False):  # meanwhile: the model skeleton
+        model = cls._from_config(config, dtype=torch.bfloat16)
+    sd = dict(stream)
     model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
     seconds = time.perf_counter() - t0
@@ -208,6 +202,26 @@ def main() -> None:
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": ARGS.threads,
                            "python": platform.python_version()},
                "method": __doc__.split("Usage:")[0].strip(), "load": [], "inference": []}
+    parts = set(ARGS.parts.split(","))
+    if not parts or parts - {"load", "inference"}:
+        raise SystemExit(f"--parts: expected load and/or inference, got {ARGS.parts!r}")
+    previous = ARGS.out / "enec-inference.json"
+    if parts != {"load", "inference"} and previous.is_file():
+        old = json.loads(previous.read_text())
+        for part in {"load", "inference"} - parts:
+            results[part] = old.get(part, [])
+            results.setdefault("kept_from_previous_run", []).append(part)
+    if "load" in parts:
+        load_part(models, results)
+    if "inference" in parts:
+        inference_part(models, results)
+    ARGS.out.mkdir(parents=True, exist_ok=True)
+    (ARGS.out / "enec-inference.json").write_text(json.dumps(results, indent=1))
+    plot(results, ARGS.out / "enec-inference.png")
+    print(f"wrote {ARGS.out / 'enec-inference.json'} and .png")
+
+
+def load_part(models: dict, results: dict) -> None:
     # warm the numba cache (compiles on the very first use) and the page cache
     for name, (folder, cls) in models.items():
         run_child("load", str(folder), "enec", None, cls, ARGS.threads)
@@ -241,6 +255,8 @@ def main() -> None:
                               "st RSS MB", "enec RSS MB"])
     print(load_table)
 
+
+def inference_part(models: dict, results: dict) -> None:
     smol = str(models["smollm2-bf16"][0])
     rows = []
     modes = [("uncompressed", 0, False), ("resident", ARGS.threads, False)] + \
@@ -265,11 +281,6 @@ def main() -> None:
     inf_table = table(rows, ["SmolLM2-135M bf16", "prefill tok/s", "decode tok/s", "decode x",
                              "weight MB", "weight x", "peak RSS MB"])
     print(inf_table)
-
-    ARGS.out.mkdir(parents=True, exist_ok=True)
-    (ARGS.out / "enec-inference.json").write_text(json.dumps(results, indent=1))
-    plot(results, ARGS.out / "enec-inference.png")
-    print(f"wrote {ARGS.out / 'enec-inference.json'} and .png")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -311,5 +322,8 @@ if __name__ == "__main__":
     ap.add_argument("--work", type=Path, default=Path("/tmp/enec-inference-bench"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--parts", default="load,inference",
+                    help="comma-separated: load (cold start), inference (tokens/s); a part not run "
+                         "keeps its results from the existing JSON")
     ARGS = ap.parse_args()
     main()

@@ -18,6 +18,7 @@ import json
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from .checkpoint import PREFIX, ST_DTYPES, _decode_entry, parse_safetensors_head
 from .codec import threads_set
 from .errors import EnecError
 
-CHUNK = 4 << 20  # per read: fewer GIL hand-offs to the reader thread while Python code runs
+CHUNK = 1 << 20  # per read: data arrives in steps of this size, so the last tensors wait less
 
 
 class ThrottledReader(io.RawIOBase):
@@ -135,17 +136,38 @@ def _iter_enec(ra: _ReadAhead, i: int, threads, keep) -> Iterator[tuple[str, obj
     except (ValueError, KeyError, TypeError):
         pass  # read_checkpoint reports the damage
     ck = read_checkpoint(buf, ra.sizes[i], str(path))
-    for e, st in zip(ck.entries, ck.layout.entries):
+    dtypes = [getattr(torch, ST_DTYPES[st.dtype][2]) for st in ck.layout.entries]
+    kept = [keep is not None and e.codec == "enec" and keep(e.name, dt, st.shape)
+            for e, st, dt in zip(ck.entries, ck.layout.entries, dtypes)]
+    arena, offsets = _arena([st.end - st.start for st, k in zip(ck.layout.entries, kept) if not k])
+    slots = iter(offsets)
+    for e, st, dtype, k in zip(ck.entries, ck.layout.entries, dtypes, kept):
         ra.wait(i, e.offset + e.length)
-        dtype = getattr(torch, ST_DTYPES[st.dtype][2])
-        if keep is not None and e.codec == "enec" and keep(e.name, dtype, st.shape):
+        if k:
             yield e.name, buf[e.offset : e.offset + e.length]  # a view: the shard buffer stays alive
             continue
-        t = torch.empty(st.shape, dtype=dtype)
-        flat = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
-        with threads_set(threads):
-            _decode_entry(buf, e, st, flat, None)
-        yield e.name, t
+        off = next(slots)
+        flat = arena[off : off + st.end - st.start]
+        if flat.size:
+            with threads_set(threads):
+                _decode_entry(buf, e, st, flat, None)
+        yield e.name, torch.from_numpy(flat).view(dtype).reshape(st.shape)
+
+
+def _arena(sizes: list[int]) -> tuple[np.ndarray, list[int]]:
+    """One buffer for a shard's decoded tensors (64-byte aligned slices) and their offsets,
+    its pages touched now. One large NumPy allocation gets transparent huge pages (NumPy
+    advises them), so faulting it in costs a fraction of what first writes to many separate
+    tensors cost, and this happens while the first compressed bytes are still arriving."""
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += -(-n // 64) * 64
+    raw = np.empty(total + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    arena = raw[start : start + total]
+    arena[::4096] = 0
+    return arena, offsets
 
 
 def _iter_safetensors(ra: _ReadAhead, i: int) -> Iterator[tuple[str, object]]:
@@ -168,11 +190,13 @@ def iter_streamed(files, *, opener: Callable | None = None, threads: int | None 
                   keep: Callable | None = None, chunk: int = CHUNK) -> Iterator[tuple[str, object]]:
     """Yield ``(name, tensor)`` from ``.enec`` / ``.safetensors`` files while they are read.
 
-    Files are read in the given order by one background thread (``opener(path)`` returns a
-    binary file object; default :func:`open`); each tensor is yielded as soon as its bytes
-    are in. Safetensors tensors alias the read buffer (no copy). ``keep(name, dtype, shape)``
-    returns ENEC tensors as their raw stream instead, a uint8 array viewing the file's read
-    buffer (no copy; see :func:`enec.hf.iter_tensors`).
+    Reading starts at once, on one background thread, in the given order (``opener(path)``
+    returns a binary file object; default :func:`open`), so the caller can build its model
+    meanwhile and iterate later; each tensor is yielded as soon as its bytes are in.
+    Safetensors tensors alias the read buffer (no copy); the decoded tensors of an ENEC file
+    are slices of one buffer per file. ``keep(name, dtype, shape)`` returns ENEC tensors as
+    their raw stream instead, a uint8 array viewing the file's read buffer (no copy; see
+    :func:`enec.hf.iter_tensors`). Reading stops when the iterator is closed or dropped.
     """
     files = [Path(f) for f in files]
     for f in files:
@@ -181,14 +205,19 @@ def iter_streamed(files, *, opener: Callable | None = None, threads: int | None 
         if f.suffix not in (".enec", ".safetensors"):
             raise EnecError(f"cannot stream {f}: expected .enec or .safetensors")
     ra = _ReadAhead(files, opener or (lambda p: open(p, "rb", buffering=0)), chunk)
+    gen = _stream(ra, files, threads, keep)
+    weakref.finalize(gen, setattr, ra, "stop", True)  # never iterated: the reader still stops
+    return gen
+
+
+def _stream(ra: _ReadAhead, files: list[Path], threads, keep) -> Iterator[tuple[str, object]]:
     try:
         for i, f in enumerate(files):
             if f.suffix == ".enec":
                 yield from _iter_enec(ra, i, threads, keep)
+                ra.release(i)  # decoded tensors are copies; kept streams hold their own view
             else:
-                yield from _iter_safetensors(ra, i)
-            if f.suffix == ".enec":
-                ra.release(i)  # safetensors tensors alias their buffer; ENEC ones are copies
+                yield from _iter_safetensors(ra, i)  # tensors alias the read buffer
     finally:
         ra.close()
 

@@ -76,3 +76,59 @@ def test_stream_errors(minilm_enec, tmp_path):
 
     with pytest.raises(EnecError, match="ended after"):
         list(iter_streamed([minilm_enec], opener=Short))
+
+
+def _reader_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "enec-read-ahead"]
+
+
+def test_reading_starts_at_call_and_stops_when_dropped(minilm_enec):
+    import gc
+
+    size = minilm_enec.stat().st_size
+    reads = []
+
+    class Counting(ThrottledReader):
+        def readinto(self, b):
+            n = super().readinto(b)
+            reads.append(n)
+            return n
+
+    # the reader works before the first next(): the caller can build its model meanwhile
+    stream = iter_streamed([minilm_enec], opener=lambda p: Counting(p, None))
+    deadline = time.monotonic() + 30
+    while sum(reads) < size and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sum(reads) == size
+    assert len(dict(stream)) > 0
+    # never iterated and dropped: a slow reader notices and ends without reading the file
+    before = len(_reader_threads())
+    stream = iter_streamed([minilm_enec], opener=lambda p: ThrottledReader(p, 20e6), chunk=1 << 20)
+    assert len(_reader_threads()) == before + 1
+    del stream
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while len(_reader_threads()) > before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(_reader_threads()) == before
+
+
+def test_decoded_tensors_are_separate_slices_that_save(minilm_enec, minilm_tensors, tmp_path):
+    from safetensors.torch import load_file as st_load
+    from safetensors.torch import save_file
+
+    got = dict(iter_streamed([minilm_enec]))
+    ptrs = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in got.values() if t.numel())
+    assert all(a[1] <= b[0] for a, b in zip(ptrs, ptrs[1:]))  # disjoint
+    assert all(p % 64 == 0 for p, _ in ptrs)
+    # one tensor written to does not disturb its neighbours, and safetensors saves them
+    name = next(iter(got))
+    got[name].zero_()
+    for k, v in minilm_tensors.items():
+        if k != name:
+            assert torch.equal(got[k], v), k
+    save_file(got, tmp_path / "out.safetensors")
+    back = st_load(tmp_path / "out.safetensors")
+    assert all(torch.equal(back[k], got[k]) for k in got)
