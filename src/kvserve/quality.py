@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -283,8 +284,6 @@ class Evaluator:
 
 def _bar(items, desc: str):
     """A progress bar on an interactive stderr; the plain iterable otherwise (logs, tests)."""
-    import sys
-
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, unit="window", leave=False, disable=not sys.stderr.isatty())

@@ -165,9 +165,6 @@ class Hadamard(Transform):
             raise KVServeError(f"hadamard: key_rope_theta has {len(th)} layers, KV has more")
         return [th[int(li)] for li in layer_ids]
 
-    def _sign_tensor(self, layer_ids, heads, d):
-        return _sign_stack(self.seed, tuple(int(li) for li in layer_ids), heads, d)
-
     def forward(self, x, layer_ids, which="k"):
         n, b, h, t, d = x.shape
         th = self._thetas(layer_ids, d) if which == "k" else None
