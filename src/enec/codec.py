@@ -301,6 +301,18 @@ class Prepared:
             pick = (coded & (widths == w1)) | (~coded if g == 0 else False)
             self.groups.append((cpu.decode_kernel(self.fmt, w1), np.flatnonzero(pick)))
 
+    def check(self, threads: int | None = None) -> None:
+        """Verify every block's checksum without decoding (raises :class:`EnecError`).
+
+        Code that decodes the same in-memory stream many times can check it once here and
+        then decode with ``verify=False``."""
+        if not self.nblocks:
+            return
+        status = np.zeros(self.nblocks, np.uint8)
+        with threads_set(threads):
+            cpu.check_blocks(self.payload32, self.offsets, self.info.checksums, status)
+        _raise_status(status, 0, self.nblocks)
+
     def decode(self, flat: np.ndarray, first: int = 0, stop: int | None = None, *,
                threads: int | None = None, verify: bool = True) -> None:
         """Decode blocks ``first .. stop-1`` into ``flat`` (unsigned view; element
@@ -329,11 +341,16 @@ class Prepared:
                 kernel(self.payload, self.payload64, self.payload32,
                        self.offsets, self.info.checksums, blocks, self.numel, self.info.block_log2,
                        base, verify, flat, flat.view(np.uint8), status)
-        bad = np.flatnonzero(status[first:stop]) if status.any() else ()
-        if len(bad):
-            b = int(bad[0]) + first
-            more = f" (and {len(bad) - 1} more blocks)" if len(bad) > 1 else ""
-            raise EnecError(f"corrupted ENEC stream: block {b}: {cpu.STATUS_TEXT[int(status[b])]}{more}")
+        _raise_status(status, first, stop)
+
+
+def _raise_status(status: np.ndarray, first: int, stop: int) -> None:
+    """Raise :class:`EnecError` for the first block in ``first .. stop-1`` with a bad status."""
+    bad = np.flatnonzero(status[first:stop]) if status.any() else ()
+    if len(bad):
+        b = int(bad[0]) + first
+        more = f" (and {len(bad) - 1} more blocks)" if len(bad) > 1 else ""
+        raise EnecError(f"corrupted ENEC stream: block {b}: {cpu.STATUS_TEXT[int(status[b])]}{more}")
 
 
 def warmup(dtypes=("bfloat16", "float16", "float32"), widths=None) -> float:

@@ -65,12 +65,22 @@ def _torch():
 
 
 class CompressedWeight:
-    """One weight held as an ENEC stream (header parsed once), decodable by row ranges."""
+    """One weight held as an ENEC stream (header parsed once), decodable by row ranges.
 
-    def __init__(self, stream, name: str = ""):
+    The block checksums are verified once, here (``verified=True`` skips that for a stream
+    this process has just made); decodes then skip them, since the stream sits unchanged
+    in memory and is decoded on every forward pass.
+    """
+
+    def __init__(self, stream, name: str = "", *, verified: bool = False):
         torch = _torch()
         self.stream = stream
         self.prep = Prepared(stream)
+        if not verified:
+            try:
+                self.prep.check()
+            except EnecError as e:
+                raise EnecError(f"{name or 'weight'}: {e}") from None
         self.name = name
         self.shape = tuple(self.prep.shape)
         if not self.shape:
@@ -85,7 +95,7 @@ class CompressedWeight:
 
     @classmethod
     def from_tensor(cls, t, name: str = "", threads: int | None = None) -> "CompressedWeight":
-        return cls(compress(t.detach().cpu(), threads=threads), name)
+        return cls(compress(t.detach().cpu(), threads=threads), name, verified=True)
 
     def placeholder(self):
         """A zero-stride stand-in with this weight's shape and dtype (2 bytes of storage)."""
@@ -106,7 +116,7 @@ class CompressedWeight:
         flat = buf[: n * self.itemsize].view(self.dtype)
         int_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[self.itemsize]
         self.prep.decode(flat.view(int_dtype).numpy().view(self.prep.fmt.uint_dtype), first, stop,
-                         threads=threads)
+                         threads=threads, verify=False)
         off = r0 * self.cols - first * self.prep.block
         return flat[off : off + (r1 - r0) * self.cols].view((r1 - r0,) + self.shape[1:])
 
@@ -295,7 +305,7 @@ class ResidentModel:
                 int_dtype = {1: _torch().uint8, 2: _torch().int16, 4: _torch().int32}[w.itemsize]
                 views = (flat.view(w.shape), flat.view(int_dtype).numpy().view(w.prep.fmt.uint_dtype))
                 buf.__dict__["_enec_views"][id(w)] = views
-            w.prep.decode(views[1], threads=self.threads)
+            w.prep.decode(views[1], threads=self.threads, verify=False)  # checked once on load
             return views[0], buf
         except BaseException:
             self.pool.put(buf)

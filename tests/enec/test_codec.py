@@ -187,3 +187,47 @@ def test_stream_info():
     s = enec.stream_info(enec.compress(x))
     assert s.dtype == "bfloat16" and s.shape == (70_000,) and s.nblocks == 5 and s.raw_blocks == 0
     assert s.params is not None and 1 <= s.params[0] <= 8 and s.ratio > 1.2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])  # 8-bit exponents: level 3 pays off
+def test_mixed_level2_level3_escapes(dtype):
+    """Escapes that are a random mix of level-2 codes and raw level-3 bytes (as in SmolLM2's
+    embedding, where about 60% of escapes are level 3) decode in their own order."""
+    from enec.codec import Prepared
+
+    g = torch.Generator().manual_seed(3)
+    n = 70_000
+    x = torch.randn(n, generator=g).to(getattr(torch, dtype))
+    bits = bits_of(x).clone()
+    fmt_pos = 7 if dtype == "bfloat16" else 23
+    emask = 0xFF
+    # 3% of the values get exponents spread far from the bulk: a few one level-2 window
+    # cannot cover, so level-3 escapes land at random among the level-2 ones
+    pick = torch.randperm(n, generator=g)[: n * 3 // 100]
+    far = torch.randint(1, 64, (pick.numel(),), generator=g)
+    keep = bits[pick] & ~(emask << fmt_pos)
+    bits[pick] = (keep | (far << fmt_pos)).to(bits.dtype)
+    y = bits.view(x.dtype)
+    blob = assert_roundtrip(y)
+    p = Prepared(blob)
+    heads = [p.payload[o + 8 : o + 16].view(np.uint32) for o in p.offsets[:-1]]
+    n1, n2 = sum(int(h[0]) for h in heads), sum(int(h[1]) for h in heads)
+    assert n1 > 0.02 * n and 0.2 * n1 < n2 < 0.95 * n1
+
+
+def test_prepared_check_verifies_without_decoding():
+    from enec.codec import Prepared
+
+    x = torch.randn(70_000).to(torch.bfloat16)
+    blob = bytearray(enec.compress(x))
+    Prepared(bytes(blob)).check()
+    Prepared(bytes(blob)).check(threads=1)
+    blob[-100] ^= 0x04  # inside the last block's payload
+    bad = Prepared(bytes(blob))
+    with pytest.raises(enec.EnecError, match="block 4: block checksum mismatch"):
+        bad.check()
+    # decoding without verification does not notice; that is what check() is for
+    out = np.empty(70_000, np.uint16)
+    bad.decode(out, verify=False)
+    with pytest.raises(enec.EnecError, match="checksum"):
+        bad.decode(out)

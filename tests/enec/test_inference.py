@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import enec
 from enec import EnecError
 from enec.inference import CompressedWeight, make_resident
 
@@ -73,6 +74,17 @@ def test_compressed_weight_rows_match_slices(minilm_tensors):
     buf = torch.empty(cw.original_bytes, dtype=torch.uint8)
     for r0, r1 in [(0, 1), (27, 29), (1000, 1003), (w.shape[0] - 2, w.shape[0]), (0, w.shape[0])]:
         assert torch.equal(cw.decode_rows(r0, r1, buf), w[r0:r1])
+
+
+def test_compressed_weight_verifies_once_on_load(minilm_tensors):
+    """A stream loaded for residency is checked when it arrives (decodes then skip the
+    checksums), so a corrupted one fails at load, naming the weight."""
+    w = minilm_tensors["embeddings.word_embeddings.weight"].to(torch.bfloat16)
+    blob = bytearray(enec.compress(w))
+    assert torch.equal(CompressedWeight(bytes(blob), "emb").decode(), w)
+    blob[len(blob) // 2] ^= 0x20
+    with pytest.raises(EnecError, match="emb: corrupted ENEC stream: block .*checksum"):
+        CompressedWeight(bytes(blob), "emb")
 
 
 @pytest.mark.slow
