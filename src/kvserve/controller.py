@@ -350,6 +350,26 @@ class Controller:
         return [BF16_ENTRY] + [e for e in self.library.entries
                                if e.quality >= self.min_quality and self.stats[e.name].cool_until <= self.step]
 
+    def replan(self, current: Decision, kv_bytes: float, bytes_sent: int, bytes_total: int, seconds: float,
+               *, min_bytes: int = 64 << 10, min_seconds: float = 0.05, gain: float = 0.7) -> str | None:
+        """Mid-transfer check for the bundle ``current`` chose: ``bytes_sent`` of its
+        ``bytes_total`` bytes went in ``seconds``. When the link runs at under half the
+        bandwidth the decision assumed, and another candidate started over now (encoded
+        again, sent whole at the observed rate) is predicted to finish in under ``gain``
+        times what the current transfer still needs, returns that candidate's name (the
+        caller abandons the transfer and decides again); otherwise None. No side effects."""
+        if bytes_sent < min_bytes or seconds < min_seconds or bytes_sent >= bytes_total:
+            return None
+        mbps = bytes_sent * 8 / seconds / 1e6
+        if mbps >= current.bandwidth_mbps / 2:
+            return None
+        remaining_ms = (bytes_total - bytes_sent) * 8 / mbps / 1e3
+        preds = {e.name: self.predict(e, kv_bytes, mbps) for e in self.candidates()}
+        best = min(preds, key=preds.get)
+        if best != current.profile and preds[best] < gain * remaining_ms:
+            return best
+        return None
+
     # --- decision
     def decide(self, kv_bytes: float, bandwidth_mbps: float, t_model_ms: float = 0.0) -> Decision:
         if not (kv_bytes > 0 and math.isfinite(kv_bytes)):

@@ -713,10 +713,56 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--records", default=None, help="also write every measured configuration here (JSON)")
+    p.add_argument("--refresh-speeds", default=None, metavar="LIBRARY",
+                   help="no search: re-time the encode/decode speeds of LIBRARY's entries (best of --repeats; "
+                        "ratios re-measured, qualities kept) and write the library to --out")
+    p.add_argument("--repeats", type=int, default=5, help="timings per entry with --refresh-speeds")
     p.set_defaults(fn=cli_profile)
 
 
+def refresh_speeds(lib, cheap: Callable[[dict], tuple[float, float, float]], repeats: int = 5, log=None):
+    """A copy of ``lib`` whose entries' codec speeds are measured again with ``cheap``
+    (best of ``repeats``), e.g. after a codec got faster. Ratios are measured again too:
+    they may move by float rounding (e.g. a transform computed in another order), but a
+    change of more than 1% means the encoding itself changed, and that needs a new profile.
+    Qualities are kept."""
+    import dataclasses
+
+    from .controller import Library
+
+    if repeats < 1:
+        raise KVServeError("repeats must be at least 1")
+    entries, changes = [], []
+    for e in lib.entries:
+        runs = [cheap(e.config) for _ in range(repeats)]
+        ratio = runs[0][0]
+        if not math.isclose(ratio, e.ratio, rel_tol=0.01):
+            raise KVServeError(f"{e.name}: ratio {ratio:.4f} now, {e.ratio:.4f} in the library; the encoding "
+                               "changed, so profile again instead of refreshing speeds")
+        enc, dec = max(r[1] for r in runs), max(r[2] for r in runs)
+        entries.append(dataclasses.replace(e, ratio=ratio, encode_MBps=enc, decode_MBps=dec))
+        changes.append({"name": e.name, "ratio": [e.ratio, ratio], "encode_MBps": [round(e.encode_MBps, 1), round(enc, 1)],
+                        "decode_MBps": [round(e.decode_MBps, 1), round(dec, 1)]})
+        if log:
+            log(f"  {e.name:34s} enc {e.encode_MBps:6.0f} -> {enc:6.0f}  dec {e.decode_MBps:6.0f} -> {dec:6.0f} MB/s")
+    meta = {**lib.meta, "speeds_refreshed": {"date": time.strftime("%Y-%m-%d"), "repeats": repeats,
+                                             "statistic": "best of repeats", "changes": changes}}
+    return Library(entries, meta)
+
+
 def cli_profile(args) -> int:
+    if args.refresh_speeds:
+        from .controller import load_library
+
+        lib = load_library(args.refresh_speeds)
+        m = lib.meta.get("method", {})
+        bench = RealBench(lib.meta.get("model", args.model), m.get("windows", args.windows), m.get("ctx", args.ctx),
+                          m.get("cont", args.cont),
+                          seed=m.get("seed", 1), threads=m.get("threads", args.threads))
+        new = refresh_speeds(lib, bench.cheap, args.repeats, log=print)
+        new.save(args.out)
+        print(f"library with refreshed speeds -> {args.out}")
+        return 0
     configs = search_space(args.space)
     bench = RealBench(args.model, args.windows, args.ctx, args.cont, seed=1, threads=args.threads)
     t0 = time.perf_counter()

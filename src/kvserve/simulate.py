@@ -18,6 +18,7 @@ profiled; at the bandwidth where staying on it would hurt most),
 from __future__ import annotations
 
 import json
+import dataclasses
 import math
 import os
 import sys
@@ -115,8 +116,11 @@ def run_trace(lib: Library, trace: Trace, min_quality: float = 97.0, epsilon: fl
         j = next(k for k, e in enumerate(cands) if e.name == d.profile)
         ctl_ms[i] = truth[i, j]
         chosen.append(d.profile)
-        ctl.observe(d, ctl_ms[i])
-        est = bw  # the serving layer measures this transfer's bandwidth for the next request
+        # as the serving layer does: judge the choice at the bandwidth the transfer saw (a wrong
+        # estimate is the estimator's error, not the profile's residual), then use that
+        # measurement as the estimate for the next request
+        ctl.observe(dataclasses.replace(d, bandwidth_mbps=bw), ctl_ms[i])
+        est = bw
     oracle = truth.min(axis=1)
     w = slice(WARMUP, n)
     fixed = {e.name: float(truth[w, k].mean()) for k, e in enumerate(cands)}

@@ -83,6 +83,16 @@ class RemoteError(TransportError):
     """The peer answered with an error frame."""
 
 
+class TransferAbandoned(TransportError):
+    """The sender gave up on a frame part-way: its ``progress`` callback raised this
+    (e.g. the link is far slower than planned and another encoding would finish sooner).
+    The connection is closed, so the receiver sees a truncated frame and drops it."""
+
+    def __init__(self, message: str, sent: int = 0, seconds: float = 0.0):
+        super().__init__(message)
+        self.sent, self.seconds = sent, seconds
+
+
 def _secret(secret: bytes | str | None) -> bytes:
     if secret is None:
         secret = os.environ.get("KVSERVE_SECRET", "")
@@ -235,8 +245,13 @@ class Channel:
     def _mac(self, direction: bytes):
         return hmac.new(self.secret, self.nonce + direction, hashlib.sha256)
 
-    def send(self, ftype: int, parts, pacer: TokenBucket | None = None) -> int:
-        """Send one frame made of ``parts`` (bytes-likes); returns the bytes on the wire."""
+    def send(self, ftype: int, parts, pacer: TokenBucket | None = None,
+             progress: Callable[[int, float], None] | None = None) -> int:
+        """Send one frame made of ``parts`` (bytes-likes); returns the bytes on the wire.
+
+        ``progress(bytes_sent, seconds)`` is called after every chunk; raising
+        :class:`TransferAbandoned` from it stops the send (the frame is then unusable: close
+        the channel)."""
         if isinstance(parts, (bytes, bytearray, memoryview)):
             parts = [parts]
         views = [memoryview(p).cast("B") for p in parts]
@@ -245,6 +260,10 @@ class Channel:
         mac = self._mac(self.out_dir)
         mac.update(header)
         step = pacer.chunk_size() if pacer else 1 << 20
+        if progress is not None:
+            step = min(step, CHUNK)  # report often enough to act on
+        t0 = time.perf_counter()
+        sent = 0
         try:
             self._write(header, pacer)
             for v in views:
@@ -252,6 +271,9 @@ class Channel:
                     piece = v[off:off + step]
                     mac.update(piece)
                     self._write(piece, pacer)
+                    sent += len(piece)
+                    if progress is not None:
+                        progress(sent, time.perf_counter() - t0)
             self._write(mac.digest(), pacer)
         except OSError as exc:
             raise ConnectionLost(f"connection error while sending: {exc}") from exc
@@ -458,7 +480,10 @@ class FrameClient:
     def __exit__(self, *exc):
         self.close()
 
-    def request(self, ftype: int, parts, pacer: TokenBucket | None = None) -> tuple[int, bytes]:
+    def request(self, ftype: int, parts, pacer: TokenBucket | None = None,
+                progress: Callable[[int, float], None] | None = None) -> tuple[int, bytes]:
+        """Send a frame, retrying on connection errors, and return the reply frame.
+        ``progress``: see :meth:`Channel.send`; :class:`TransferAbandoned` is not retried."""
         st = self.stats = TransferStats()
         for attempt in range(self.retries + 1):
             st.attempts = attempt + 1
@@ -467,7 +492,7 @@ class FrameClient:
                     self.ch = connect(self.address, self.secret, self.timeout, self.max_frame)
                 t0 = time.perf_counter()
                 try:
-                    st.bytes_sent = self.ch.send(ftype, parts, pacer)
+                    st.bytes_sent = self.ch.send(ftype, parts, pacer, progress)
                 except ConnectionLost:
                     self._raise_pending_error()
                     raise
@@ -475,7 +500,7 @@ class FrameClient:
                 reply = self.ch.recv()
                 st.send_s, st.total_s = t1 - t0, time.perf_counter() - t0
                 return reply
-            except (RemoteError, AuthError):
+            except (RemoteError, AuthError, TransferAbandoned):
                 self.close()
                 raise
             except (TransportError, OSError) as exc:
@@ -499,9 +524,10 @@ class FrameClient:
         except (TransportError, OSError):
             pass
 
-    def call(self, ftype: int, meta: dict, blob=b"", pacer: TokenBucket | None = None) -> tuple[dict, memoryview]:
+    def call(self, ftype: int, meta: dict, blob=b"", pacer: TokenBucket | None = None,
+             progress: Callable[[int, float], None] | None = None) -> tuple[dict, memoryview]:
         """``request`` with a JSON+blob message each way (see :func:`pack_message`)."""
-        _, payload = self.request(ftype, pack_message(meta, blob), pacer)
+        _, payload = self.request(ftype, pack_message(meta, blob), pacer, progress)
         return unpack_message(payload)
 
 

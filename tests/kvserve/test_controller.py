@@ -86,6 +86,28 @@ def test_decide_hand_computed(lib):
     assert d.predicted_ms == pytest.approx(45.0) and d.uncompressed_ms == pytest.approx(90.0)
 
 
+def test_replan_hand_computed(lib):
+    """Mid-transfer: a bf16 bundle (1 MB) planned for 5000 Mbps meets a 16 Mbps link."""
+    ctl = Controller(lib, min_quality=0.0, epsilon=0.0)
+    d = ctl.decide(MB, 5000.0)
+    assert d.profile == "bf16"
+    step = ctl.step
+    # 100 kB in 50 ms = 16 Mbps: 900 kB left = 450 ms; B at 16 Mbps = 40 + 62.5 ms < 0.7 * 450
+    assert ctl.replan(d, MB, 100_000, 1_000_000, 0.05) == "B"
+    assert ctl.step == step  # no side effects
+    assert ctl.replan(d, MB, 500_000, 1_000_000, 0.001) is None        # 4000 Mbps: as planned
+    assert ctl.replan(d, MB, 10_000, 1_000_000, 0.05) is None          # too few bytes to judge
+    assert ctl.replan(d, MB, 100_000, 1_000_000, 0.01) is None         # too early to judge
+    assert ctl.replan(d, MB, 990_000, 1_000_000, 0.495) is None        # 5 ms left: finish it
+    assert ctl.replan(d, MB, 1_000_000, 1_000_000, 0.5) is None
+    # already the best choice at the rate seen: B planned at 20 Mbps, link at 2 Mbps
+    d = ctl.decide(MB, 20.0)
+    assert d.profile == "B" and ctl.replan(d, MB, 100_000, 125_000, 0.4) is None
+    # the quality budget still applies: at 97, B is not a candidate, A is
+    d = Controller(lib, min_quality=97.0, epsilon=0.0).decide(MB, 5000.0)
+    assert Controller(lib, min_quality=97.0, epsilon=0.0).replan(d, MB, 100_000, 1_000_000, 0.05) == "A"
+
+
 def test_quality_budget_and_slo(lib):
     assert Controller(lib, min_quality=97.0, epsilon=0).decide(MB, 20.0).profile == "A"   # B excluded
     d = Controller(lib, min_quality=101.0, epsilon=0).decide(MB, 20.0)

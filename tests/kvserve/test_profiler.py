@@ -164,3 +164,48 @@ def test_library_from_search(tmp_path):
     assert png.stat().st_size > 1000
     with pytest.raises(kvserve.KVServeError, match="empty library"):
         P.build_library([P.Record("x", cfgs[0], P.quality_key(cfgs[0]), 2.0, 1.0, 1.0, 50.0)], {})
+
+
+def test_refresh_speeds_with_real_codecs(tmp_path):
+    """Re-timing a library's entries with the real pipelines: ratios re-measured (equal to
+    the first measurement), speeds replaced, qualities kept; a changed encoding is refused."""
+    import dataclasses
+
+    from kvserve.pipeline import Pipeline, decode
+
+    from kvserve_test_common import make_kv
+
+    kv = make_kv(layers=4, heads=3, tokens=64, dim=64, seed=2)
+    raw = sum(k.numel() * 2 + v.numel() * 2 for k, v in kv)
+
+    def cheap(config):
+        import time
+
+        pipe = Pipeline.from_config(config)
+        t0 = time.perf_counter()
+        blob = pipe.encode(kv, meta={"seq_len": 64})
+        t1 = time.perf_counter()
+        decode(blob)
+        t2 = time.perf_counter()
+        return raw / len(blob), raw / (t1 - t0) / 1e6, raw / (t2 - t1) / 1e6
+
+    lib = load_library()
+    picked = [e for e in lib.entries if e.config["quantizer"]["id"] == "kvserve"
+              and e.config["quantizer"].get("scores") is None][:3]
+    assert len(picked) == 3
+    entries = [dataclasses.replace(e, ratio=cheap(e.config)[0], encode_MBps=1.0, decode_MBps=2.0) for e in picked]
+    small = type(lib)(entries, {"model": "synthetic-kv"})
+    new = P.refresh_speeds(small, cheap, repeats=2)
+    for old, e in zip(entries, new.entries):
+        assert e.name == old.name and e.quality == old.quality and e.ratio == pytest.approx(old.ratio, rel=1e-9)
+        assert e.encode_MBps > 1.0 and e.decode_MBps > 2.0
+    ch = new.meta["speeds_refreshed"]
+    assert ch["repeats"] == 2 and [c["name"] for c in ch["changes"]] == [e.name for e in entries]
+    path = tmp_path / "lib.json"
+    new.save(str(path))
+    assert load_library(str(path)).entries[0].encode_MBps == new.entries[0].encode_MBps
+    bad = type(lib)([dataclasses.replace(entries[0], ratio=entries[0].ratio * 1.2)], {})
+    with pytest.raises(kvserve.KVServeError, match="encoding changed"):
+        P.refresh_speeds(bad, cheap, repeats=1)
+    with pytest.raises(kvserve.KVServeError, match="repeats"):
+        P.refresh_speeds(small, cheap, repeats=0)

@@ -14,7 +14,11 @@ Every hop is a :mod:`kvserve.transport` channel (loopback, HMAC-SHA256 per frame
 secret). The prefill worker paces the KV frame with a token bucket at the request's
 ``link_mbps`` (the emulated P->D link), estimates the link's bandwidth online from its
 transfers (EWMA) and, in ``adaptive`` mode, asks :class:`kvserve.controller.Controller` for
-the profile, then feeds the observed codec+transfer latency back. If the KV push fails after
+the profile, then feeds the observed codec+transfer latency back. While an adaptive bundle is
+on the wire the worker watches its progress: if the link turns out far slower than assumed
+and another profile, started over, would finish sooner (:meth:`Controller.replan`), it drops
+the transfer (the decode worker discards the truncated frame), decides again at the rate it
+saw and sends the new bundle. If the KV push fails after
 its retries, or the prefill worker is unreachable, the decode worker recomputes the prefill
 itself (``fallback``), so no request is lost or answered wrongly.
 
@@ -183,6 +187,26 @@ class PrefillWorker:
         meta, _ = tp.unpack_message(payload)
         return T_PREFILL, tp.pack_message(self.prefill(meta))
 
+    def _watch(self, decision, raw: int, total: int):
+        """A send-progress callback that abandons the transfer when the controller would
+        rather start over with another profile (see :meth:`Controller.replan`); checked
+        every 50 ms."""
+        ctl = self.controller()
+        due = [0.0]
+
+        def watch(sent: int, seconds: float) -> None:
+            if seconds < due[0]:
+                return
+            due[0] = seconds + 0.05
+            with self.ctl_lock:
+                alt = ctl.replan(decision, raw, sent, total, seconds)
+            if alt is not None:
+                raise tp.TransferAbandoned(f"link at {sent * 8 / seconds / 1e6:.2f} Mbps, far below the "
+                                           f"{decision.bandwidth_mbps:.1f} Mbps assumed; switching to {alt}",
+                                           sent, seconds)
+
+        return watch
+
     def prefill(self, req: dict) -> dict:
         from ..pipeline import encode
 
@@ -213,31 +237,53 @@ class PrefillWorker:
             raise KVServeError("prefill worker: no decode worker address (start with --decode or send kv_addr)")
         link = req.get("link_mbps")
         pacer = tp.TokenBucket(link * 1e6 / 8) if link else None
-        client = tp.FrameClient(addr, self.secret, retries=self.retries, timeout=self.push_timeout)
-        try:
-            ack, _ = client.call(T_KV, {"rid": rid}, blob, pacer)
-            st = client.stats
-            dec_s = ack["decode_ms"] / 1e3
-            xfer = max(st.total_s - dec_s, 1e-6)
-            res.update(ok=True, attempts=st.attempts, transfer_ms=_ms(xfer), remote_decode_ms=ack["decode_ms"],
-                       retry_errors=st.errors)
-            # bandwidth sample: the payload's arrival time at the receiver when the frame is
-            # big enough to span many chunks, else the sender's end-to-end transfer time
-            recv_s = ack.get("recv_ms", 0.0) / 1e3
-            sample_s = recv_s if len(blob) >= 256 << 10 and recv_s > 0 else xfer
-            res["bandwidth_sample_mbps"] = round(len(blob) * 8 / sample_s / 1e6, 3)
-            with self.ctl_lock:
-                self.estimator.update(len(blob), sample_s)
-                if decision is not None:
-                    # judge the candidate at the bandwidth this transfer actually saw: a wrong
-                    # bandwidth estimate is the estimator's error, not the profile's residual
-                    seen = dataclasses.replace(decision, bandwidth_mbps=res["bandwidth_sample_mbps"])
-                    self.controller().observe(seen, (t2 - t1) * 1e3 + xfer * 1e3 + ack["decode_ms"])
-        except tp.TransportError as exc:
-            res.update(error=f"{type(exc).__name__}: {exc}", attempts=client.stats.attempts,
-                       retry_errors=client.stats.errors)
-        finally:
-            client.close()
+        watch = self._watch(decision, raw, len(blob)) if decision is not None else None
+        while True:
+            client = tp.FrameClient(addr, self.secret, retries=self.retries, timeout=self.push_timeout)
+            try:
+                ack, _ = client.call(T_KV, {"rid": rid}, blob, pacer, progress=watch)
+                st = client.stats
+                dec_s = ack["decode_ms"] / 1e3
+                xfer = max(st.total_s - dec_s, 1e-6)
+                res.update(ok=True, attempts=st.attempts, transfer_ms=_ms(xfer), remote_decode_ms=ack["decode_ms"],
+                           retry_errors=st.errors)
+                # bandwidth sample: the payload's arrival time at the receiver when the frame is
+                # big enough to span many chunks, else the sender's end-to-end transfer time
+                recv_s = ack.get("recv_ms", 0.0) / 1e3
+                sample_s = recv_s if len(blob) >= 256 << 10 and recv_s > 0 else xfer
+                res["bandwidth_sample_mbps"] = round(len(blob) * 8 / sample_s / 1e6, 3)
+                with self.ctl_lock:
+                    self.estimator.update(len(blob), sample_s)
+                    if decision is not None:
+                        # judge the candidate at the bandwidth this transfer actually saw: a wrong
+                        # bandwidth estimate is the estimator's error, not the profile's residual
+                        seen = dataclasses.replace(decision, bandwidth_mbps=res["bandwidth_sample_mbps"])
+                        self.controller().observe(seen, (t2 - t1) * 1e3 + xfer * 1e3 + ack["decode_ms"])
+            except tp.TransferAbandoned as ab:
+                # the link is far slower than the decision assumed: decide again at the rate
+                # just seen, encode again and send the new bundle (once; no second watch)
+                with self.ctl_lock:
+                    self.estimator.update(ab.sent, ab.seconds)
+                    decision = self.controller().decide(raw, self.estimator.mbps)
+                res["replanned"] = {"from": profile, "to": decision.profile, "after_ms": _ms(ab.seconds),
+                                    "sent_bytes": ab.sent, "abandoned_bytes": len(blob),
+                                    "observed_mbps": round(ab.sent * 8 / ab.seconds / 1e6, 3)}
+                config, profile = decision.config, decision.profile
+                t1 = time.monotonic()
+                blob = encode(kv, config, meta={"rid": rid, "seq_len": len(ids), "first_token": first})
+                t2 = time.monotonic()
+                res.update(profile=profile, kv_bytes=len(blob), encode_ms=res["encode_ms"] + _ms(t2 - t1))
+                res["decision"] = {"profile": decision.profile, "reason": "replanned: " + decision.reason,
+                                   "predicted_ms": decision.predicted_ms,
+                                   "bandwidth_est_mbps": decision.bandwidth_mbps, "explored": decision.explored}
+                watch = None
+                continue
+            except tp.TransportError as exc:
+                res.update(error=f"{type(exc).__name__}: {exc}", attempts=client.stats.attempts,
+                           retry_errors=client.stats.errors)
+            finally:
+                client.close()
+            break
         res["t_done"] = time.monotonic()
         self.decisions.append({k: res.get(k) for k in ("rid", "profile", "kv_bytes", "transfer_ms", "ok")})
         del self.decisions[:-200]
@@ -478,7 +524,7 @@ class PDCluster:
             dec, _ = c.call(T_DECODE, {"rid": rid, "ids": req["ids"], "max_new": max_new})
         t_end = time.monotonic()
         bd = {k: pre.get(k) for k in ("prefill_ms", "encode_ms", "transfer_ms", "remote_decode_ms", "error",
-                                      "decision", "retry_errors")
+                                      "decision", "retry_errors", "replanned")
               if pre.get(k) is not None}
         bd.update(recompute_ms=dec["recompute_ms"], gen_ms=dec["gen_ms"])
         return RequestResult(rid, mode, pre.get("profile", "none"), len(ids), dec["tokens"],

@@ -201,3 +201,26 @@ def test_retry_after_dropped_connection():
             relay.drops = 10
             with pytest.raises(tp.ConnectionLost, match="gave up after 2"):
                 c.request(1, b"y" * 100_000)
+
+
+def test_abandoned_send_is_not_retried_and_server_survives(server):
+    """A progress callback that gives up mid-frame stops the send at once (no retry: the
+    caller wants to send something else); the server drops the truncated frame."""
+    calls = []
+
+    def progress(sent, seconds):
+        calls.append((sent, seconds))
+        if sent >= 128 << 10:
+            raise tp.TransferAbandoned("enough", sent, seconds)
+
+    blob = b"\x07" * (600 << 10)
+    with tp.FrameClient(server.address, SECRET, retries=3) as c:
+        with pytest.raises(tp.TransferAbandoned) as ei:
+            c.request(3, blob, progress=progress)
+        assert c.stats.attempts == 1 and c.ch is None  # closed, not retried
+        assert ei.value.sent == 128 << 10 and ei.value.seconds >= 0
+        assert [s for s, _ in calls] == [64 << 10, 128 << 10]  # reported per 64 KiB chunk
+        assert c.request(3, b"after") == (3, b"after")  # a fresh connection works
+    with tp.FrameClient(server.address, SECRET) as c:  # and the server still serves others
+        meta, got = c.call(4, {"n": 1}, blob, progress=lambda s, t: None)
+        assert meta == {"n": 1} and bytes(got) == blob
