@@ -287,6 +287,10 @@ class Decision:
         return d
 
 
+# payloads below this teach the codec speed factor nothing: fixed per-request costs dominate
+LEARN_CODEC_BYTES = 1_000_000
+
+
 @dataclass
 class _Stats:
     residual: float = 0.0     # EWMA of observed - predicted, ms per MB of KV
@@ -407,24 +411,46 @@ class Controller:
                         reason, explored, float(kv_bytes), float(bandwidth_mbps), float(t_model_ms), model_only, self.step)
 
     # --- learning
-    def observe(self, decision: Decision, observed_ms: float) -> None:
-        """Feed back the measured end-to-end latency of a request sent as ``decision``."""
+    def observe(self, decision: Decision, observed_ms: float, *, sent_bytes: float | None = None,
+                codec_ms: float | None = None) -> None:
+        """Feed back the measured end-to-end latency of a request sent as ``decision``.
+
+        A serving layer that knows more says so: ``sent_bytes``, the bundle's real size
+        (short prompts compress worse than the library's ratio; the transfer part of the
+        prediction then uses the real size, so that difference is not learnt as a codec
+        residual); ``codec_ms``, the measured encode + decode time, from which the codec's
+        speed factor is learnt directly (only for payloads of at least ``LEARN_CODEC_BYTES``,
+        where per-request fixed costs do not dominate) instead of being inferred from the
+        end-to-end time.
+        """
         if not (observed_ms >= 0 and math.isfinite(observed_ms)):
             raise KVServeError("observed_ms must be a finite number >= 0")
+        for name, v in (("sent_bytes", sent_bytes), ("codec_ms", codec_ms)):
+            if v is not None and not (v >= 0 and math.isfinite(v)):
+                raise KVServeError(f"{name} must be a finite number >= 0")
         e = self.library.by_name(decision.profile)
         st = self.stats[e.name]
         mb = decision.kv_bytes / 1e6
         base, cod = self._parts(e, decision.kv_bytes, decision.bandwidth_mbps, decision.t_model_ms)
+        if sent_bytes is not None and sent_bytes > 0 and e is not BF16_ENTRY:
+            base = decision.t_model_ms + transfer_ms(sent_bytes, decision.bandwidth_mbps)
         r_old = self._residual(e.name)
         # one observation moves the model by at most ``clip`` x its prediction: a single
         # outlier (a stale bandwidth estimate at a step change) cannot poison a candidate
         pred = base + cod + r_old * mb
         obs = min(max(observed_ms, pred - self.clip * 0.5 * pred), pred + self.clip * pred)
-        if e is not BF16_ENTRY and cod > 0.1 * (base + cod):
+        if e is not BF16_ENTRY and cod > 0:
             f = self.codec_factor.get(e.codec_id, 1.0)
-            implied = min(max((obs - base - r_old * mb) / (cod / f), 0.25), 16.0)
-            self.codec_factor[e.codec_id] = (1 - self.codec_alpha) * f + self.codec_alpha * implied
-            base, cod = self._parts(e, decision.kv_bytes, decision.bandwidth_mbps, decision.t_model_ms)
+            implied = None
+            if codec_ms is not None:
+                if decision.kv_bytes >= LEARN_CODEC_BYTES:
+                    implied = codec_ms / (cod / f)
+            elif cod > 0.1 * (base + cod):
+                implied = (obs - base - r_old * mb) / (cod / f)
+            if implied is not None:
+                implied = min(max(implied, 0.25), 16.0)
+                self.codec_factor[e.codec_id] = (1 - self.codec_alpha) * f + self.codec_alpha * implied
+                cod = cod / f * self.codec_factor[e.codec_id]
         err = (obs - base - cod) / mb
         st.residual = err if st.n == 0 and self.alpha > 0 else (1 - self.alpha) * r_old + self.alpha * err
         st.n += 1

@@ -146,6 +146,29 @@ def test_residual_learning_exact_first_observation(lib):
     assert ctl.predict(lib.by_name("A"), 2 * MB, 100.0) == pytest.approx(90.0)
 
 
+def test_observe_with_measured_size_and_codec_time(lib):
+    """What the serving layer measures: the real bundle size (the transfer part uses it, so a
+    worse ratio is not learnt as a residual) and the codec time (the factor is learnt from it
+    directly, for payloads of at least LEARN_CODEC_BYTES)."""
+    ctl = Controller(lib, min_quality=97.0, epsilon=0.0, alpha=0.3, codec_alpha=0.2)
+    d = ctl.decide(MB, 100.0)  # A: 15 ms codec + 20 ms transfer (250 kB at 100 Mbps)
+    # the bundle really was 300 kB (24 ms on the wire) and the codec took 30 ms: 54 ms in all
+    ctl.observe(d, 54.0, sent_bytes=300_000, codec_ms=30.0)
+    assert ctl.codec_factor["rans"] == pytest.approx(0.8 + 0.2 * 2.0)     # implied 30 / 15
+    # residual = 54 - 24 - 15 * 1.2 = 12 ms for 1 MB (the extra 4 ms of transfer is not in it)
+    assert ctl.predict(lib.by_name("A"), MB, 100.0) == pytest.approx(20 + 18 + 12)
+    # a small payload teaches the factor nothing (fixed costs would dominate), only the residual
+    d = ctl.decide(0.5 * MB, 100.0)
+    before = ctl.codec_factor["rans"]
+    assert 0.5 * MB < C.LEARN_CODEC_BYTES
+    ctl.observe(d, 100.0, sent_bytes=125_000, codec_ms=90.0)
+    assert ctl.codec_factor["rans"] == before
+    with pytest.raises(kvserve.KVServeError, match="sent_bytes"):
+        ctl.observe(d, 10.0, sent_bytes=-1)
+    with pytest.raises(kvserve.KVServeError, match="codec_ms"):
+        ctl.observe(d, 10.0, codec_ms=float("nan"))
+
+
 def test_learns_a_slow_codec_and_switches(lib):
     """A's codec really runs 4x slower: the controller must move to C within a few requests."""
     ctl = Controller(lib, min_quality=97.0, epsilon=0.0)

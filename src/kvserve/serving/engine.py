@@ -167,8 +167,8 @@ class PrefillWorker:
         if self._ctl is None:
             from ..controller import Controller, load_library
 
-            # codec_alpha 0.5: learn this machine's codec speed (workers run 1 thread; the
-            # library was profiled with more) within a few requests
+            # codec_alpha 0.5: the codec time is measured directly (encode here, decode reported
+            # by the decode worker), so the speed factor can follow this machine's load quickly
             self._ctl = Controller(load_library(self.library), slo_ms=float("inf"), min_quality=self.min_quality,
                                    epsilon=self.epsilon, seed=0, codec_alpha=0.5)
         return self._ctl
@@ -177,8 +177,13 @@ class PrefillWorker:
         if ftype == T_PING:
             return T_PING, tp.pack_message({"role": "prefill", "pid": os.getpid()})
         if ftype == T_STATS:
+            with self.ctl_lock:
+                ctl = self._ctl
+                learnt = None if ctl is None else {
+                    "codec_factor": dict(ctl.codec_factor),
+                    "residual_ms_per_MB": {n: round(ctl._residual(n), 3) for n, st in ctl.stats.items() if st.n}}
             return T_STATS, tp.pack_message({"bandwidth_mbps": self.estimator.mbps, "samples": self.estimator.samples,
-                                             "decisions": self.decisions[-50:]})
+                                             "decisions": self.decisions[-50:], "controller": learnt})
         if ftype == T_SHUTDOWN:
             threading.Timer(0.05, os._exit, args=(0,)).start()
             return T_SHUTDOWN, tp.pack_message({})
@@ -257,8 +262,11 @@ class PrefillWorker:
                     if decision is not None:
                         # judge the candidate at the bandwidth this transfer actually saw: a wrong
                         # bandwidth estimate is the estimator's error, not the profile's residual
+                        # (with the bundle's real size and the measured codec time, so neither a
+                        # short prompt's lower ratio nor a slow link is learnt as codec speed)
                         seen = dataclasses.replace(decision, bandwidth_mbps=res["bandwidth_sample_mbps"])
-                        self.controller().observe(seen, (t2 - t1) * 1e3 + xfer * 1e3 + ack["decode_ms"])
+                        codec = (t2 - t1) * 1e3 + ack["decode_ms"]
+                        self.controller().observe(seen, codec + xfer * 1e3, sent_bytes=len(blob), codec_ms=codec)
             except tp.TransferAbandoned as ab:
                 # the link is far slower than the decision assumed: decide again at the rate
                 # just seen, encode again and send the new bundle (once; no second watch)
