@@ -108,6 +108,10 @@ def test_bench_tiers_rotate_every_mode_and_repeat_rounds(cluster, prompts):
     s = bench.summarize(rows)
     assert len(s) == 1 and set(s[0]["modes"]) == set(bench.MODES) and s[0]["adaptive_vs_best_fixed"] > 0
     assert bench.targets(s)["top_tier_mbps"] == 10_000
+    jct = {(r["mode"], r["round"], r["request"]): r["jct_ms"] for r in rows}
+    pairs = sorted(jct[("adaptive", k, i)] / jct[("bf16", k, i)] for k in (0, 1) for i in range(len(ids)))
+    assert s[0]["adaptive_vs_bf16_paired_median"] == pytest.approx((pairs[1] + pairs[2]) / 2)
+    assert "paired median" in bench.format_table(s)
     # a time budget already spent stops after the first round
     rows = bench.run_tiers(cluster, ids[:1], [10_000], 1, bench.MODES, ids[0][:32], quiet, tier_seconds=1e-3)
     assert len(rows) == len(bench.MODES)
