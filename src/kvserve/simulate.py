@@ -17,8 +17,8 @@ profiled; at the bandwidth where staying on it would hurt most),
 """
 from __future__ import annotations
 
-import json
 import dataclasses
+import json
 import math
 import os
 import sys
