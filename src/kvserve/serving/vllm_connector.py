@@ -286,9 +286,9 @@ class _Chooser:
             cfg = load_profile("bf16")
         return self.pipeline(cfg), d
 
-    def observe(self, decision, ms: float) -> None:
+    def observe(self, decision, ms: float, sent_bytes: int | None = None) -> None:
         if self.controller is not None and decision is not None:
-            self.controller.observe(decision, ms)
+            self.controller.observe(decision, ms, sent_bytes=sent_bytes)
 
 
 # --------------------------------------------------------------------- paged layout
@@ -639,7 +639,7 @@ class KVServeConnector(KVConnectorBase_V1):
         if decision is not None:
             # the store is not the link: add the modelled transfer at the decision's bandwidth
             ms += len(blob) * 8 / (float(decision.bandwidth_mbps or self._chooser.setting["bandwidth_mbps"]) * 1e3)
-            self._chooser.observe(decision, ms)
+            self._chooser.observe(decision, ms, sent_bytes=len(blob))
         _count(saves=1, saved_tokens=tr.end, saved_bytes=len(blob), raw_bytes=raw)
         logger.info("kvserve: saved %d tokens of request %s with profile %r: %d -> %d bytes (%.2fx)",
                     tr.end, tr.req_id, pipe.name, raw, len(blob), raw / max(1, len(blob)))
