@@ -327,7 +327,8 @@ class Prepared:
         if first == stop:
             return
         status = np.zeros(self.nblocks, np.uint8)
-        status[self.bad_header] = cpu.ST_BLOCK_HEADER
+        if self.bad_header.size:
+            status[self.bad_header] = cpu.ST_BLOCK_HEADER
         whole = first == 0 and stop == self.nblocks
         if stop - first == 1:  # one block is one task: skip the thread pool's wake-up and barrier
             threads = 1

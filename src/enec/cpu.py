@@ -74,6 +74,19 @@ def _ctpop64(typingctx, x):
     return sig, codegen
 
 
+@intrinsic
+def _consume(typingctx, x):
+    """Keep ``x`` (a uint64) alive: an empty inline-asm use, so LLVM keeps the loop that made it."""
+    sig = types.void(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(64)])
+        builder.asm(fnty, "", "r", [args[0]], side_effect=True)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(cache=True, inline="always")
 def _bit_index(word, t, wi):
     """Element of the lowest set bit of an escape-mask word (lane order); word must be nonzero."""
@@ -463,6 +476,16 @@ def decode_kernel(fmt: FloatFormat, w1: int):
                 if size != ((need + 7) & ~7):
                     status[b] = ST_BLOCK_SIZE
                     continue
+                if not verify:
+                    # read the whole block once, in order, before decoding it: a streaming pass
+                    # (about 20 GB/s) brings it into cache much faster than the decode's own
+                    # scattered first touches (0.36 vs 0.41 ns per bf16 value, blocks not in
+                    # cache; the checksum pass does this when verifying)
+                    acc = np.uint64(0)
+                    whole = buf64[o // 8 : (o + size) // 8]
+                    for q in range(whole.size):
+                        acc += whole[q]
+                    _consume(acc)
                 ro = o + 16
                 po = ro + RB * pn
                 co = po + RP * t

@@ -179,6 +179,7 @@ class ResidentStats:
     decodes: int
     prefetch_hits: int
     wait_seconds: float  # time the forward pass waited for the background decoder
+    kept_decoded: int = 0  # weights a memory_budget let stay decoded (counted in other_bytes)
 
     @property
     def resident_bytes(self) -> int:
@@ -198,7 +199,7 @@ class ResidentModel:
 
     def __init__(self, model, weights: dict, *, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, prefetch: bool | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, memory_budget: int | None = None):
         torch = _torch()
         if prefetch is None:
             prefetch = auto_prefetch()
@@ -226,6 +227,11 @@ class ResidentModel:
         need = max((2 * (w.original_bytes if self._whole(m, w) else self._chunk_span_bytes(w))
                     for m, w, _ in mods), default=0)
         self.pool = _Pool(max(int(buffer_bytes), need))
+        self.kept = 0
+        if memory_budget is not None:
+            keep = self._within_budget(mods, memory_budget)
+            mods = [(m, w, p) for m, w, p in mods if id(w) not in keep]
+            self.kept = len(keep)
         for m, w, p in mods:
             self._attach(m, w, p)
 
@@ -261,6 +267,45 @@ class ResidentModel:
         else:
             self.handles.append(m.register_forward_pre_hook(self._full_pre(w)))
             self.handles.append(m.register_forward_hook(self._restore_hook(w, placeholder), always_call=True))
+
+    def _within_budget(self, mods, budget) -> set:
+        """Decode for good the weights that a ``memory_budget`` leaves room for; returns their ids.
+
+        The budget covers the streams, the parameters left uncompressed and the whole decode
+        buffer budget. What is left over goes to the weights that compress least first:
+        each of them saves the most decode work per extra byte held (greedy; a weight that
+        does not fit is skipped for smaller ones).
+        """
+        _check_budget(budget)
+        uniq = {id(w): w for _, w, _ in mods}
+        need = sum(w.nbytes for w in uniq.values()) + self._other_bytes() + self.pool.budget
+        if budget < need:
+            raise EnecError(f"memory_budget {budget} bytes is below what the compressed weights need: {need} "
+                            f"(streams, uncompressed parameters and the {self.pool.budget}-byte decode buffer)")
+        spare = budget - need
+        keep = set()
+        for w in sorted(uniq.values(), key=lambda w: w.nbytes / w.original_bytes, reverse=True):
+            extra = w.original_bytes - w.nbytes
+            if extra <= spare:
+                keep.add(id(w))
+                spare -= extra
+        if keep:
+            restore_weights(self.model, {k: w for k, w in self.weights.items() if id(w) in keep},
+                            lambda w: w.decode(self.threads))
+            self.weights = {k: w for k, w in self.weights.items() if id(w) not in keep}
+        return keep
+
+    def _other_bytes(self) -> int:
+        """Bytes of the model's parameters and buffers that are not managed weights."""
+        managed = set(self.weights)
+        other = 0
+        seen = set()
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if id(t) in managed or id(t) in seen:
+                continue
+            seen.add(id(t))
+            other += t.numel() * t.element_size()
+        return other
 
     # -- scheduling
 
@@ -450,16 +495,9 @@ class ResidentModel:
 
     def stats(self) -> ResidentStats:
         uniq = {id(w): w for w in self.weights.values()}.values()
-        managed = set(self.weights)
-        other = 0
-        seen = set()
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            if id(t) in managed or id(t) in seen:
-                continue
-            seen.add(id(t))
-            other += t.numel() * t.element_size()
         return ResidentStats(len(uniq), sum(w.nbytes for w in uniq), sum(w.original_bytes for w in uniq),
-                             other, self.pool.budget, self.pool.peak, self.decodes, self.hits, self.wait)
+                             self._other_bytes(), self.pool.budget, self.pool.peak, self.decodes, self.hits,
+                             self.wait, self.kept)
 
     def close(self) -> None:
         """Remove the hooks and stop the prefetcher (weights stay placeholders)."""
@@ -506,6 +544,11 @@ def restore_weights(model, weights: dict, decode) -> None:
             m._parameters["weight"] = real[id(p)]
 
 
+def _check_budget(budget) -> None:
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+        raise EnecError(f"memory_budget must be a positive number of bytes, got {budget!r}")
+
+
 def _managed(model, min_numel: int):
     """(module, parameter) pairs make_resident compresses: float Linear/Embedding weights."""
     torch = _torch()
@@ -531,7 +574,8 @@ def auto_prefetch() -> bool:
 
 def make_resident(model, *, min_numel: int = DEFAULT_MIN_NUMEL, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, prefetch: bool | None = None,
-                  threads: int | None = None, progress: bool = False) -> ResidentModel:
+                  threads: int | None = None, memory_budget: int | None = None,
+                  progress: bool = False) -> ResidentModel:
     """Compress a model's large Linear/Embedding weights in place and decode them just in time.
 
     ``buffer_bytes`` bounds the decoded weights held at once (raised to two of the largest
@@ -539,7 +583,11 @@ def make_resident(model, *, min_numel: int = DEFAULT_MIN_NUMEL, buffer_bytes: in
     decodes whole (bigger ones are computed in row chunks of this size); ``threads`` is the
     decoder's thread count; ``prefetch`` runs the decoder ahead in a background thread
     (default: only if the machine has more cores than torch uses, see :func:`auto_prefetch`).
-    Returns the :class:`ResidentModel` (use ``.stats()``, ``.restore()``, or ``with``).
+    ``memory_budget`` (bytes) trades memory for speed: it bounds the managed weights' memory
+    (streams, uncompressed parameters, decode buffer budget), and where it leaves room, the
+    weights that compress least stay decoded, so fewer are decoded per forward pass
+    (default: every weight stays compressed). Returns the :class:`ResidentModel` (use
+    ``.stats()``, ``.restore()``, or ``with``).
 
     A model on a CUDA device is handed to :func:`enec.gpu_resident.make_resident_gpu`
     (streams kept on the GPU, decoded by the Triton kernels; ``buffer_bytes``,
@@ -550,7 +598,10 @@ def make_resident(model, *, min_numel: int = DEFAULT_MIN_NUMEL, buffer_bytes: in
     if any(p.device.type == "cuda" for p in model.parameters()):
         from .gpu_resident import make_resident_gpu
 
+        if memory_budget is not None:
+            raise EnecError("memory_budget applies to CPU models only (a CUDA model keeps every stream on the GPU)")
         return make_resident_gpu(model, min_numel=min_numel, prefetch=prefetch is not False, progress=progress)
+    _check_budget(memory_budget)
     pairs = list(_managed(model, min_numel))
     if not pairs:
         raise EnecError(f"no float Linear/Embedding weight with at least {min_numel} elements on the CPU")
@@ -564,8 +615,13 @@ def make_resident(model, *, min_numel: int = DEFAULT_MIN_NUMEL, buffer_bytes: in
             placeholders[id(p)] = ph
             weights[id(ph)] = w
         m._parameters["weight"] = placeholders[id(p)]
-    return ResidentModel(model, weights, buffer_bytes=buffer_bytes, chunk_bytes=chunk_bytes,
-                         prefetch=prefetch, threads=threads)
+    try:
+        return ResidentModel(model, weights, buffer_bytes=buffer_bytes, chunk_bytes=chunk_bytes,
+                             prefetch=prefetch, threads=threads, memory_budget=memory_budget)
+    except BaseException:
+        for m, p in pairs:  # a refused setup leaves the model as it was
+            m._parameters["weight"] = p
+        raise
 
 
 # ------------------------------------------------------------------------------ from a folder
@@ -581,10 +637,10 @@ def load_resident(path, *, model_class, dtype=None, threads=None, options: dict,
     from .hf import _attach_generation_config, concrete_class, iter_tensors
 
     options = dict(options)
-    unknown = set(options) - {"min_numel", "buffer_bytes", "chunk_bytes", "prefetch"}
+    unknown = set(options) - {"min_numel", "buffer_bytes", "chunk_bytes", "prefetch", "memory_budget"}
     if unknown:
         raise EnecError(f"unknown resident_options {sorted(unknown)}; known: buffer_bytes, chunk_bytes, "
-                        "min_numel, prefetch")
+                        "memory_budget, min_numel, prefetch")
     min_numel = options.pop("min_numel", DEFAULT_MIN_NUMEL)
     config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(str(path))
     cls = concrete_class(model_class, config)

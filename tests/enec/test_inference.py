@@ -50,6 +50,42 @@ def test_encoder_outputs_identical_and_restore(minilm_folder, minilm_model, pref
         assert torch.equal(v, ref[k]), k
 
 
+def test_memory_budget_keeps_least_compressible_weights_decoded(minilm_folder, minilm_model):
+    """A memory budget between the all-compressed footprint and the original size: the
+    weights that compress least stay decoded, the rest stay streams, outputs are unchanged
+    and the footprint stays within the budget."""
+    ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 1997, 1996, 3793, 102]])
+    with torch.no_grad():
+        want = minilm_model(ids).last_hidden_state
+    model = transformers.AutoModel.from_pretrained(str(minilm_folder)).eval()
+    full = make_resident(model, prefetch=False, buffer_bytes=1 << 20, chunk_bytes=1 << 20)
+    base = full.stats()
+    need = base.compressed_bytes + base.other_bytes + base.buffer_budget
+    ratios = sorted({id(w): w.nbytes / w.original_bytes for w in full.weights.values()}.values())
+    full.restore()
+    budget = need + (base.original_bytes - base.compressed_bytes) // 4
+    with torch.no_grad():
+        handle = make_resident(model, prefetch=False, buffer_bytes=1 << 20, chunk_bytes=1 << 20,
+                               memory_budget=budget)
+        assert torch.equal(model(ids).last_hidden_state, want)
+    st = handle.stats()
+    assert 0 < st.kept_decoded < base.weights and st.weights == base.weights - st.kept_decoded
+    assert st.compressed_bytes + st.other_bytes + st.buffer_budget <= budget
+    assert st.other_bytes > base.other_bytes  # the kept weights are ordinary parameters now
+    managed = [w.nbytes / w.original_bytes for w in {id(w): w for w in handle.weights.values()}.values()]
+    assert max(managed) <= ratios[-st.kept_decoded]  # the least compressible went first
+    kept = [n for n, p in model.named_parameters() if id(p) not in handle.weights and p.dim() == 2]
+    assert kept and all(model.get_parameter(n).stride() != (0, 0) for n in kept)
+    handle.restore()
+    with pytest.raises(EnecError, match="below what the compressed weights need"):
+        make_resident(model, memory_budget=need - 1, buffer_bytes=1 << 20, chunk_bytes=1 << 20)
+    for n, p in model.named_parameters():  # a refused budget changed nothing
+        assert p.stride() != (0, 0) or p.numel() == 1, n
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(EnecError, match="memory_budget must be"):
+            make_resident(model, memory_budget=bad)
+
+
 def test_embedding_gather_and_errors(minilm_folder):
     model = transformers.AutoModel.from_pretrained(str(minilm_folder)).eval()
     emb = model.embeddings.word_embeddings
@@ -107,6 +143,13 @@ def test_causal_lm_resident_matches(smollm2_enec, smollm2_folder):
     assert st.weights == n_linear  # every Linear, and the tied embedding stored once with the head
     assert st.resident_bytes < 0.75 * st.uncompressed_bytes
     assert st.prefetch_hits > 0
+    # a memory budget of 0.75x the original: some weights stay decoded, logits unchanged
+    budget = int(0.75 * st.uncompressed_bytes)
+    fast = enec.from_pretrained(smollm2_enec, resident=True, resident_options={"memory_budget": budget})
+    fst = fast.enec_resident.stats()
+    assert fst.kept_decoded > 0 and fst.compressed_bytes + fst.other_bytes + fst.buffer_budget <= budget
+    with torch.no_grad():
+        assert torch.equal(fast(ids).logits, ref(ids).logits)
     with pytest.raises(EnecError, match="stored dtype"):
         enec.from_pretrained(smollm2_enec, resident=True, dtype=torch.float32)
     with pytest.raises(EnecError, match="unknown resident_options"):
