@@ -11,8 +11,9 @@ on this shared machine vary by +-20% at the fast tiers, where 5% is the target. 
 asks the controller (epsilon 0: no exploration) with the bandwidth the prefill worker
 *estimates* from its transfers (it is never told the tier); one short warm-up request per
 tier lets it measure the link. The mid-stream run changes the bandwidth during a request
-sequence without any warm-up (adaptive first at each step, so it meets each change first). The prefix-cache run measures TTFT of a long shared prefix fetched from
-a Redis server behind a paced relay, against recomputing it.
+sequence without any warm-up (adaptive first at each step, so it meets each change first).
+The prefix-cache run measures TTFT of a long shared prefix fetched from a Redis server
+behind a paced relay, against recomputing it.
 """
 from __future__ import annotations
 
