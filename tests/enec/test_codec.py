@@ -231,3 +231,20 @@ def test_prepared_check_verifies_without_decoding():
     bad.decode(out, verify=False)
     with pytest.raises(enec.EnecError, match="checksum"):
         bad.decode(out)
+
+
+@pytest.mark.parametrize("user", [None, "tbb omp workqueue"])
+def test_openmp_threading_layer_ranked_first_unless_user_chose(user):
+    """numba takes TBB by default when it is installed (much slower beside torch's threads);
+    enec ranks OpenMP first, but a user's own choice stays."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_THREADING_LAYER")}
+    if user:
+        env["NUMBA_THREADING_LAYER_PRIORITY"] = user
+    out = subprocess.run([sys.executable, "-c", "import numba, enec.codec; "
+                          "print(' '.join(numba.config.THREADING_LAYER_PRIORITY))"],
+                         env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == (user.split() if user else ["omp", "tbb", "workqueue"])
