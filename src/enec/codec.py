@@ -12,26 +12,6 @@ import numpy as np
 
 from . import cpu
 from .errors import EnecError
-
-
-def _prefer_openmp() -> None:
-    """Rank numba's OpenMP threading layer first, unless the user chose a layer or an order.
-
-    numba's own default takes TBB whenever the ``tbb`` package is installed. Beside torch's
-    matmul threads that made the compressed-resident decode about 1.5x slower than OpenMP on
-    the 2-core development VM (SmolLM2 at 0.35x the uncompressed decode speed against 0.53x,
-    runs minutes apart).
-    Setting the config value directly is what numba's config module allows; it is read at the
-    first parallel kernel launch."""
-    import os
-
-    if "NUMBA_THREADING_LAYER" in os.environ or "NUMBA_THREADING_LAYER_PRIORITY" in os.environ:
-        return
-    if str(numba.config.THREADING_LAYER).lower() == "default":
-        numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
-
-
-_prefer_openmp()
 from .format import (
     DEFAULT_BLOCK_LOG2,
     FLAG_NUMPY,
@@ -58,6 +38,25 @@ def _torch():
 
 
 # ------------------------------------------------------------------------------ threads
+
+
+def _prefer_openmp() -> None:
+    """Rank numba's OpenMP threading layer first, unless the user chose a layer or an order.
+
+    numba's own default takes TBB whenever the ``tbb`` package is installed. Beside torch's
+    matmul threads that made the compressed-resident decode about 1.5x slower than OpenMP on
+    the 2-core development VM (SmolLM2 at 0.35x the uncompressed decode speed against 0.53x,
+    runs minutes apart). Setting the config value directly is what numba's config module
+    allows; it is read at the first parallel kernel launch."""
+    import os
+
+    if "NUMBA_THREADING_LAYER" in os.environ or "NUMBA_THREADING_LAYER_PRIORITY" in os.environ:
+        return
+    if str(numba.config.THREADING_LAYER).lower() == "default":
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+
+
+_prefer_openmp()
 
 
 def _thread_count_fns():
