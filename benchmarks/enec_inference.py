@@ -7,10 +7,10 @@ cache, about 0.4 s once per process, reported as ``enec_kernel_warmup_s``) happe
 clock starts, as in a server that starts before it fetches its model. The clock runs
 from the first byte read to a model whose weights are all in place: the checkpoint is read
 through a reader throttled to the given bandwidth on a background thread, tensors are
-handled as their bytes arrive (ENEC: decoded; safetensors: aliased, no copy). Reading
-starts first; the main thread builds the model skeleton on the meta device while the first
-bytes arrive (no second Python thread competing for the GIL), then takes the tensors as
-they come, assigns and ties them.
+handled as their bytes arrive (ENEC: decoded; safetensors: aliased, no copy). Both use the
+shipped ``enec.load_streamed``: reading starts first; the main thread builds the model
+skeleton on the meta device (no weight initialised) while the first bytes arrive, then takes
+the tensors as they come, assigns and ties them.
 Files come from the page cache, so "local" is memory speed, not a disk. Median of
 ``--repeats`` runs, safetensors and enec interleaved. Peak RSS is the process's maximum
 resident set (ru_maxrss), imports included.
@@ -101,33 +101,26 @@ def folder_bytes(folder: Path, suffix: str) -> int:
 def child_load(folder: str, kind: str, bandwidth: float | None, model_class: str, threads: int) -> dict:
     import torch
     import transformers
-    from accelerate import init_empty_weights
 
+    import enec
     from enec.codec import warmup
-    from enec.streaming import ThrottledReader, iter_streamed, shard_files
+    from enec.hf import concrete_class
+    from enec.streaming import ThrottledReader
 
     # a server imports and warms its libraries at start-up, before the model fetch: numba's
     # kernels load from the disk cache (reported separately; both paths import torch first)
+    # and the model's modeling module is imported
     warm = warmup(("bfloat16",)) if kind == "enec" else 0.0
 
     torch.set_num_threads(threads)
     folder = Path(folder) if kind == "safetensors" else Path(folder + "-enec")
-    config = transformers.AutoConfig.from_pretrained(str(folder))
-    from enec.hf import concrete_class
-
-    cls = concrete_class(getattr(transformers, model_class), config)  # imports the modeling module
+    auto = getattr(transformers, model_class)
+    concrete_class(auto, transformers.AutoConfig.from_pretrained(str(folder)))
     t0 = time.perf_counter()
     opener = (lambda p: ThrottledReader(p, bandwidth)) if bandwidth else None
-    stream = iter_streamed(shard_files(folder), opener=opener, threads=threads)  # reading starts
-    with init_empty_weights(include_buffers=False):  # meanwhile: the model skeleton
-        model = cls._from_config(config, dtype=torch.bfloat16)
-    sd = dict(stream)
-    model.load_state_dict(sd, strict=False, assign=True)
-    model.tie_weights()
+    model = enec.load_streamed(folder, model_class=auto, opener=opener, threads=threads)
     seconds = time.perf_counter() - t0
-    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if left:  # (unexpected keys are legacy buffers such as BERT's position_ids)
-        raise SystemExit(f"incomplete load: {left[:3]}")
+    sd = model.state_dict()
     crc = 0
     for k in sorted(sd):
         crc = zlib.crc32(sd[k].contiguous().view(-1).view(torch.uint8).numpy(), crc)

@@ -11,7 +11,7 @@ True
 from .errors import EnecError
 
 __all__ = ["compress", "decompress", "stream_info", "EnecError", "save_file", "load_file", "from_pretrained",
-           "make_resident"]
+           "load_streamed", "make_resident"]
 __version__ = "0.1.0"
 
 
@@ -24,10 +24,10 @@ def __getattr__(name):  # lazily: `import enec` alone loads neither numba nor to
         from . import checkpoint
 
         return getattr(checkpoint, name)
-    if name == "from_pretrained":
-        from .hf import from_pretrained
+    if name in ("from_pretrained", "load_streamed"):
+        from . import hf
 
-        return from_pretrained
+        return getattr(hf, name)
     if name == "make_resident":
         from .inference import make_resident
 

@@ -4,7 +4,8 @@
 ``.enec`` container and every other file (config, tokenizer, shard index) is copied. This module
 loads such a folder back into a ``transformers`` model whose weights are bit-identical to the
 original (:func:`from_pretrained`), or into a compressed-resident one (``resident=True``, see
-:mod:`enec.inference`).
+:mod:`enec.inference`). :func:`load_streamed` is the cold-start path: the model is built while
+its checkpoint is still being read, and tensors are decoded as their bytes arrive.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import EnecError
-from .streaming import iter_streamed
+from .streaming import iter_streamed, shard_files
 
 
 def checkpoint_files(folder) -> list[Path]:
@@ -86,6 +87,100 @@ def from_pretrained(path, *, model_class=None, dtype=None, resident: bool = Fals
     model.eval()
     model.enec_source = [str(f) for f in files]
     return model
+
+
+def load_streamed(path, *, model_class=None, dtype=None, threads: int | None = None, opener=None, **kwargs):
+    """Cold start: a ``transformers`` model that is ready as soon as its checkpoint is in.
+
+    Reading starts first, on a background thread, shard after shard (``opener(path)`` replaces
+    :func:`open`, e.g. a network or :class:`~enec.streaming.ThrottledReader`). Meanwhile the
+    model skeleton is built on the meta device without initialising any weight; then each
+    tensor is assigned as it arrives (``.enec`` shards are decoded on arrival; plain
+    ``.safetensors`` tensors alias the read buffer). ``path`` is a folder of ``.enec`` shards
+    (made by ``enec compress``) or, as a baseline, of ``.safetensors`` shards.
+
+    ``model_class`` defaults to ``AutoModelForCausalLM``. ``dtype=None`` keeps the stored
+    dtypes; a dtype casts the floating tensors. Other keyword arguments (``config``,
+    ``attn_implementation``, ...) go to the model's ``_from_config``. CPU only; tied weights
+    are tied after loading. Checkpoint names may carry or lack the model's
+    ``base_model_prefix``. A parameter the checkpoint does not fill raises :class:`EnecError`;
+    checkpoint tensors the model has no place for are skipped with a warning.
+    """
+    _quiet_transformers()
+    import torch
+    import transformers
+
+    path = Path(path)
+    files = shard_files(path)
+    if dtype == "auto":
+        dtype = None
+    given = dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise EnecError(f"dtype must be a floating torch dtype, its name or 'auto', got {given!r}")
+    stream = iter_streamed(files, opener=opener, threads=threads)  # reading starts now
+    try:
+        config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(str(path))
+        cls = concrete_class(model_class or transformers.AutoModelForCausalLM, config)
+        model = _skeleton(cls, config, dtype or _config_dtype(config), **kwargs)
+        keys = set(model.state_dict())
+        prefix = (getattr(model, "base_model_prefix", "") or "") + "."
+        state, unexpected = {}, []
+        for name, tensor in stream:
+            key = name if name in keys else (prefix + name if prefix + name in keys else
+                                              name.removeprefix(prefix))
+            if key not in keys:
+                unexpected.append(name)
+                continue
+            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+            state[key] = tensor
+    finally:
+        stream.close()
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # shapes that do not fit
+        raise EnecError(f"the checkpoint in {path} does not fit {cls.__name__}: {exc}") from None
+    del state
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
+    if missing:
+        raise EnecError(f"the checkpoint in {path} does not fill {cls.__name__}: {len(missing)} parameters "
+                        f"missing, e.g. {missing[:5]}")
+    buffers = {n.rpartition(".")[2] for n, _ in model.named_buffers()}
+    skipped = [n for n in unexpected if n.rpartition(".")[2] not in buffers]  # (legacy buffers)
+    if skipped:
+        import warnings
+
+        warnings.warn(f"{len(skipped)} checkpoint tensors have no place in {cls.__name__} and were skipped, "
+                      f"e.g. {skipped[:5]}", stacklevel=2)
+    model.eval()
+    _attach_generation_config(model, path)
+    model.enec_source = [str(f) for f in files]
+    return model
+
+
+def _config_dtype(config):
+    import torch
+
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _skeleton(cls, config, dtype, **kwargs):
+    """``cls`` built from ``config`` on the meta device with no weight initialised (all of
+    them are assigned afterwards; initialising meta tensors still runs torch's reference
+    kernels, two thirds of the build time of a small model). Buffers are real: models compute
+    some of them (position ids, rotary frequencies) in their constructors."""
+    from accelerate import init_empty_weights
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+    with init_empty_weights(include_buffers=False), no_init_weights():
+        return cls._from_config(config, dtype=dtype, **kwargs)
 
 
 def concrete_class(model_class, config):

@@ -632,9 +632,8 @@ def load_resident(path, *, model_class, dtype=None, threads=None, options: dict,
     (``enec.from_pretrained(path, resident=True)``); the full model is never decoded."""
     import torch
     import transformers
-    from accelerate import init_empty_weights
 
-    from .hf import _attach_generation_config, concrete_class, iter_tensors
+    from .hf import _attach_generation_config, _config_dtype, _skeleton, concrete_class, iter_tensors
 
     options = dict(options)
     unknown = set(options) - {"min_numel", "buffer_bytes", "chunk_bytes", "prefetch", "memory_budget"}
@@ -645,11 +644,8 @@ def load_resident(path, *, model_class, dtype=None, threads=None, options: dict,
     config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(str(path))
     cls = concrete_class(model_class, config)
     if dtype is None:
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-    with init_empty_weights(include_buffers=False):
-        model = cls._from_config(config, dtype=dtype, **kwargs)
+        dtype = _config_dtype(config)
+    model = _skeleton(cls, config, dtype, **kwargs)
     model.eval()
     slots = dict(model.named_parameters(remove_duplicate=False))
     floats = (torch.bfloat16, torch.float16, torch.float32)

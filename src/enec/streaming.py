@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import struct
 import threading
 import time
@@ -22,13 +23,15 @@ import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numba
 import numpy as np
 
-from .checkpoint import PREFIX, ST_DTYPES, _decode_entry, parse_safetensors_header, read_checkpoint
+from .checkpoint import ALIGN, PREFIX, ST_DTYPES, _decode_entry, parse_safetensors_header, read_checkpoint
 from .codec import threads_set
 from .errors import EnecError
 
 CHUNK = 4 << 20  # per read: fewer GIL hand-offs to the reader thread while Python code runs
+PARALLEL_BYTES = 4 << 20  # decoded tensors smaller than this decode on one thread
 
 
 class ThrottledReader(io.RawIOBase):
@@ -65,14 +68,20 @@ class ThrottledReader(io.RawIOBase):
 
 
 class _ReadAhead:
-    """Reads files one after another into memory on a thread; readers wait for byte counts."""
+    """Reads files one after another into memory on a thread; readers wait for byte counts.
 
-    def __init__(self, files: list[Path], opener: Callable, chunk: int):
+    With ``inplace``, an ``.enec`` file goes to the tail of one buffer whose head receives its
+    decoded tensors (see :func:`_inplace_plan`); ``plans[i]`` then holds that arena."""
+
+    def __init__(self, files: list[Path], opener: Callable, chunk: int, inplace: bool = False):
         self.files = files
         self.sizes = [f.stat().st_size for f in files]
         self.bufs: list[np.ndarray | None] = [None] * len(files)
+        self.plans: list[_Plan | None] = [None] * len(files)
         self.got = [0] * len(files)
         self.error: BaseException | None = None
+        self.finished = False  # every file read (or the reader failed)
+        self.inplace = inplace
         self.cond = threading.Condition()
         self.stop = False
         self.thread = threading.Thread(target=self._run, args=(opener, chunk), daemon=True,
@@ -82,18 +91,27 @@ class _ReadAhead:
     def _run(self, opener, chunk) -> None:
         try:
             for i, path in enumerate(self.files):
-                buf = np.empty(self.sizes[i], np.uint8)
-                with self.cond:
-                    self.bufs[i] = buf
-                mv = memoryview(buf)
-                got = 0
+                size = self.sizes[i]
                 with opener(path) as fh:
-                    while got < self.sizes[i]:
+                    head = b""
+                    if self.inplace and path.suffix == ".enec":
+                        head = self._read_head(fh, path, size, chunk)
+                        if head is None:
+                            return
+                    plan = _inplace_plan(head, size) if head else None
+                    buf = plan.file if plan is not None else _anon(size)[1]
+                    buf[: len(head)] = np.frombuffer(head, np.uint8)
+                    got = len(head)
+                    with self.cond:
+                        self.bufs[i], self.plans[i], self.got[i] = buf, plan, got
+                        self.cond.notify_all()
+                    mv = memoryview(buf)
+                    while got < size:
                         if self.stop:
                             return
                         n = fh.readinto(mv[got : got + chunk])
                         if not n:
-                            raise EnecError(f"{path} ended after {got} of {self.sizes[i]} bytes")
+                            raise EnecError(f"{path} ended after {got} of {size} bytes")
                         got += n
                         with self.cond:
                             self.got[i] = got
@@ -102,11 +120,32 @@ class _ReadAhead:
             with self.cond:
                 self.error = exc
                 self.cond.notify_all()
+        finally:
+            self.finished = True
 
-    def wait(self, i: int, upto: int) -> np.ndarray:
-        """File ``i``'s buffer once its first ``upto`` bytes have arrived."""
+    def _read_head(self, fh, path, size: int, chunk: int) -> bytes | None:
+        """An ``.enec`` file's first bytes, up to the end of its table and safetensors header
+        (or as far as they could be told apart: the consumer reports a damaged file)."""
+        head = bytearray()
+        while (need := _head_end(head)) is not None and len(head) < min(need, size, MAX_HEAD):
+            if self.stop:
+                return None
+            # small reads: the table and header are small, and these copies hold the GIL
+            part = bytearray(min(max(need - len(head), 64 << 10), chunk, size - len(head)))
+            n = fh.readinto(part)
+            if not n:
+                raise EnecError(f"{path} ended after {len(head)} of {size} bytes")
+            head += part[:n]
+        return bytes(head)
+
+    def wait(self, i: int, upto: int, idle: Callable[[], bool] | None = None) -> np.ndarray:
+        """File ``i``'s buffer once its first ``upto`` bytes have arrived; until then
+        ``idle()`` is called (one short piece of work each, False when none is left)."""
         if upto > self.sizes[i]:
             raise EnecError(f"truncated or corrupted file {self.files[i]}: needs {upto} bytes, has {self.sizes[i]}")
+        if idle is not None:
+            while self.got[i] < upto and self.error is None and not self.stop and idle():
+                pass
         with self.cond:
             while self.got[i] < upto and self.error is None:
                 self.cond.wait()
@@ -116,42 +155,202 @@ class _ReadAhead:
 
     def release(self, i: int) -> None:
         with self.cond:
-            self.bufs[i] = None
+            self.bufs[i] = self.plans[i] = None
 
     def close(self) -> None:
         self.stop = True
         self.thread.join()
 
 
+MAX_HEAD = 64 << 20  # an .enec table and header are far smaller; a bigger claim is damage
+
+
+def _head_end(head) -> int | None:
+    """How many bytes of an ``.enec`` file hold its table and safetensors header, judged from
+    the ``head`` that has arrived; None once they are in or when the table cannot be read."""
+    if len(head) < PREFIX.size:
+        return PREFIX.size
+    end = PREFIX.size + struct.unpack_from("<Q", head, PREFIX.size - 8)[0]
+    if len(head) < end:
+        return end
+    try:
+        hoff, hlen = json.loads(bytes(head[PREFIX.size : end]))["source"]["safetensors_header"]
+        end = int(hoff) + int(hlen)
+    except (ValueError, KeyError, TypeError):
+        return None  # read_checkpoint reports the damage
+    return end if len(head) < end else None
+
+
+def _anon(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
+    """A private anonymous mapping of ``nbytes`` and a uint8 array over it (the array keeps
+    the mapping alive). Huge pages are advised, as NumPy does for its large buffers: they
+    fault in several times faster."""
+    mm = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):
+        pass
+    return mm, np.frombuffer(mm, np.uint8)[:nbytes]
+
+
+class _Faulter:
+    """Page faults for the consumer's idle moments, one 2 MiB step per call.
+
+    Fresh pages cost more than the copy into them, so while the consumer waits for bytes it
+    faults in the buffer the reader fills (from ``start`` on): from the buffer's end back
+    towards the reader, which, meeting it halfway, then mostly writes into pages that are
+    already there. Then the pages of ``buf[ahead_from:ahead_to]`` (decode outputs not yet
+    written) from the front; ``ahead_from`` is raised as outputs are written. The reader's
+    part uses MADV_POPULATE_WRITE, which keeps whatever the pages hold, so racing the reader is
+    harmless; where the kernel lacks it (Linux before 5.14) that part is skipped.
+    """
+
+    STEP = 2 << 20
+
+    def __init__(self, buf: np.ndarray, start: int, reached: Callable[[], int], ahead_to: int = 0):
+        self.buf, self.start, self.reached = buf, start, reached
+        self.end = buf.size
+        self.ahead_from, self.ahead_to = 0, ahead_to
+
+    def step(self) -> bool:
+        s = self.STEP
+        if self.end - s > self.start + self.reached() + s:
+            if _populate(self.buf[self.end - s : self.end]):
+                self.end -= s
+                return True
+            self.end = 0  # not supported here
+        if self.ahead_from < self.ahead_to:
+            seg = self.buf[self.ahead_from : min(self.ahead_from + s, self.ahead_to)]
+            if not _populate(seg):
+                seg[::4096] = 0  # nothing is there yet: the decode writes outputs in order
+            self.ahead_from += seg.size
+            return True
+        return False
+
+
+class _Plan:
+    """One anonymous mapping for a shard: decoded tensors at its start, the file at its tail."""
+
+    def __init__(self, offsets: list[int], total: int, base: int, size: int):
+        self.offsets, self.total = offsets, total
+        self.nbytes = max(base + size, total)
+        self.mm, whole = _anon(self.nbytes)
+        self.arena = whole[:total]
+        self.file = whole[base : base + size]
+        self.whole = whole[: base + size]  # up to the file's end
+        self.base = base
+
+    def trim(self) -> None:
+        """Give back the pages past the decoded tensors once the shard is done."""
+        start = -(-self.total // mmap.PAGESIZE) * mmap.PAGESIZE
+        if start < self.nbytes:
+            try:
+                self.mm.madvise(mmap.MADV_DONTNEED, start, self.nbytes - start)
+            except (AttributeError, OSError):
+                pass
+
+
+_MADV_POPULATE_WRITE = 23
+_LIBC = None
+
+
+def _populate(view: np.ndarray) -> bool:
+    """madvise(MADV_POPULATE_WRITE) over ``view``'s whole pages, outside the GIL (ctypes
+    releases it); False where the kernel or platform cannot."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _LIBC = libc
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return False
+    page = mmap.PAGESIZE
+    start = view.ctypes.data // page * page
+    end = -(-(view.ctypes.data + view.size) // page) * page
+    if end <= start:
+        return True
+    if _LIBC.madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
+        _LIBC = False  # not supported here: stop trying
+        return False
+    return True
+
+
+def _inplace_plan(head: bytes, size: int) -> _Plan | None:
+    """Where an ``.enec`` file goes so that its tensors decode into the same buffer.
+
+    Tensor ``i`` decodes to ``offsets[i]`` (the order of the file) from its stream at
+    ``base + e.offset``. ``base`` is the least (64-aligned) with ``offsets[i] + raw_i <= base +
+    e.offset`` for every tensor, so an output never reaches a stream that is still to be
+    decoded or still arriving; the mapping then needs about ``size`` plus the largest
+    tensor's compressed size beyond the decoded bytes, instead of ``size`` more, and the file
+    shares pages with the output. None when the table is unreadable (the consumer reports it)."""
+    try:
+        ck = read_checkpoint(head, size)
+    except EnecError:
+        return None
+    raws = [st.end - st.start for st in ck.layout.entries]
+    offsets, total = _offsets(raws)
+    base = max([0] + [o + n - e.offset for o, n, e in zip(offsets, raws, ck.entries)])
+    return _Plan(offsets, total, base + -base % ALIGN, size)
+
+
 def _iter_enec(ra: _ReadAhead, i: int, threads, keep) -> Iterator[tuple[str, object]]:
     import torch
 
     path = ra.files[i]
-    buf = ra.wait(i, PREFIX.size)
-    jlen = struct.unpack_from("<Q", buf, PREFIX.size - 8)[0]
-    buf = ra.wait(i, min(PREFIX.size + jlen, ra.sizes[i]))
-    try:  # the table says where the embedded safetensors header lies; read_checkpoint validates
-        hoff, hlen = json.loads(bytes(buf[PREFIX.size : PREFIX.size + jlen]))["source"]["safetensors_header"]
-        ra.wait(i, int(hoff) + int(hlen))
-    except (ValueError, KeyError, TypeError):
-        pass  # read_checkpoint reports the damage
+    head = ra.wait(i, PREFIX.size)
+    while (need := _head_end(head[: ra.got[i]])) is not None:
+        head = ra.wait(i, need)
+    buf = head
     ck = read_checkpoint(buf, ra.sizes[i], str(path))
     dtypes = [getattr(torch, ST_DTYPES[st.dtype][2]) for st in ck.layout.entries]
     kept = [keep is not None and e.codec == "enec" and keep(e.name, dt, st.shape)
             for e, st, dt in zip(ck.entries, ck.layout.entries, dtypes)]
-    arena, offsets = _arena([st.end - st.start for st, k in zip(ck.layout.entries, kept) if not k])
+    plan = ra.plans[i]
+    reached = lambda: ra.got[i]  # noqa: E731
+    if plan is not None and not any(kept):
+        arena, offsets = plan.arena, plan.offsets
+        faulter = _Faulter(plan.whole, plan.base, reached, ahead_to=plan.base)
+    else:
+        plan = None
+        arena, offsets = _arena([st.end - st.start for st, k in zip(ck.layout.entries, kept) if not k])
+        faulter = _Faulter(buf, 0, reached)
     slots = iter(offsets)
+    every = threads if threads is not None else numba.get_num_threads()
     for e, st, dtype, k in zip(ck.entries, ck.layout.entries, dtypes, kept):
-        ra.wait(i, e.offset + e.length)
+        ra.wait(i, e.offset + e.length, faulter.step)
         if k:
             yield e.name, buf[e.offset : e.offset + e.length]  # a view: the shard buffer stays alive
             continue
         off = next(slots)
         flat = arena[off : off + st.end - st.start]
+        faulter.ahead_from = max(faulter.ahead_from, off + flat.size)  # the decode faults these
         if flat.size:
-            with threads_set(threads):
+            # Small tensors decode on one thread: waking an OpenMP team costs more than they
+            # do, and on a busy machine a woken worker can be late by milliseconds. While the
+            # reader still copies bytes in, it keeps a core: one decoder thread fewer (the
+            # decode outpaces any link it waits on, and an idle team's spinning workers would
+            # slow the reader).
+            n = 1 if flat.size < PARALLEL_BYTES else every if ra.finished else max(1, every - 1)
+            with threads_set(n):
                 _decode_entry(buf, e, st, flat, None)
         yield e.name, torch.from_numpy(flat).view(dtype).reshape(st.shape)
+    if plan is not None:
+        plan.trim()
+
+
+def _offsets(sizes: list[int]) -> tuple[list[int], int]:
+    """64-byte-aligned offsets for tensors of ``sizes`` bytes laid out in order, and the total."""
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += -(-n // 64) * 64
+    return offsets, total
 
 
 def _arena(sizes: list[int]) -> tuple[np.ndarray, list[int]]:
@@ -159,10 +358,7 @@ def _arena(sizes: list[int]) -> tuple[np.ndarray, list[int]]:
     its pages touched now. One large NumPy allocation gets transparent huge pages (NumPy
     advises them), so faulting it in costs a fraction of what first writes to many separate
     tensors cost, and this happens while the first compressed bytes are still arriving."""
-    offsets, total = [], 0
-    for n in sizes:
-        offsets.append(total)
-        total += -(-n // 64) * 64
+    offsets, total = _offsets(sizes)
     raw = np.empty(total + 64, np.uint8)
     start = -raw.ctypes.data % 64
     arena = raw[start : start + total]
@@ -177,8 +373,9 @@ def _iter_safetensors(ra: _ReadAhead, i: int) -> Iterator[tuple[str, object]]:
     n = int(np.frombuffer(buf[:8].tobytes(), "<u8")[0])
     buf = ra.wait(i, min(8 + n, ra.sizes[i]))
     layout = parse_safetensors_header(buf, ra.sizes[i], str(ra.files[i]))
+    faulter = _Faulter(buf, 0, lambda: ra.got[i])
     for e in layout.entries:
-        buf = ra.wait(i, e.end)
+        buf = ra.wait(i, e.end, faulter.step)
         dtype = getattr(torch, ST_DTYPES[e.dtype][2])
         if e.end == e.start:
             yield e.name, torch.empty(e.shape, dtype=dtype)
@@ -204,7 +401,7 @@ def iter_streamed(files, *, opener: Callable | None = None, threads: int | None 
             raise EnecError(f"no such file: {f}")
         if f.suffix not in (".enec", ".safetensors"):
             raise EnecError(f"cannot stream {f}: expected .enec or .safetensors")
-    ra = _ReadAhead(files, opener or (lambda p: open(p, "rb", buffering=0)), chunk)
+    ra = _ReadAhead(files, opener or (lambda p: open(p, "rb", buffering=0)), chunk, inplace=keep is None)
     gen = _stream(ra, files, threads, keep)
     weakref.finalize(gen, setattr, ra, "stop", True)  # never iterated: the reader still stops
     return gen

@@ -49,13 +49,11 @@ def test_from_pretrained_is_bit_identical(smollm2_enec, smollm2_ref):
     assert model.generation_config.eos_token_id == smollm2_ref.generation_config.eos_token_id
 
 
-def test_from_pretrained_encoder_model(minilm_folder, tmp_path):
+def test_from_pretrained_encoder_model(minilm_folder, minilm_enec_folder):
     """Any Auto class works: the fp32 MiniLM encoder through AutoModel."""
     import enec
 
-    dst = tmp_path / "minilm-enec"
-    compress_folder(minilm_folder, dst)
-    model = enec.from_pretrained(dst, model_class=transformers.AutoModel).eval()
+    model = enec.from_pretrained(minilm_enec_folder, model_class=transformers.AutoModel).eval()
     ref = transformers.AutoModel.from_pretrained(str(minilm_folder)).eval()
     ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]])
     with torch.no_grad():
@@ -77,3 +75,90 @@ def test_from_pretrained_errors(tmp_path, smollm2_folder):
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(EnecError):
         enec.from_pretrained(bad)
+
+
+# ------------------------------------------------------------------------------ load_streamed
+
+
+@pytest.fixture(scope="module")
+def minilm_enec_folder(minilm_folder, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("minilm") / "minilm-enec"
+    compress_folder(minilm_folder, dst)
+    return dst
+
+
+def _reader_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "enec-read-ahead" and t.is_alive()]
+
+
+def _no_reader_left(before):
+    import time
+
+    deadline = time.monotonic() + 10
+    while len(_reader_threads()) > before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return len(_reader_threads()) == before
+
+
+@pytest.mark.parametrize("which", ["enec", "safetensors"])
+def test_load_streamed_sharded_tied(which, smollm2_folder, smollm2_enec, smollm2_ref):
+    """The cold-start path on the three-shard SmolLM2 folder, compressed or plain, through a
+    throttled reader: every weight bit-identical, the tie kept, logits equal."""
+    import enec
+    from enec.streaming import ThrottledReader
+
+    folder = smollm2_enec if which == "enec" else smollm2_folder
+    model = enec.load_streamed(folder, opener=lambda p: ThrottledReader(p, 2e9))
+    ref = smollm2_ref.state_dict()
+    got = model.state_dict()
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not model.training
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, smollm2_ref(ids).logits)
+    assert model.generation_config.eos_token_id == smollm2_ref.generation_config.eos_token_id
+    assert [p.rsplit("/", 1)[1] for p in model.enec_source] == sorted(p.name for p in folder.glob(f"*.{which}"))
+
+
+def test_load_streamed_encoder_dtype_and_prefix(minilm_folder, minilm_enec_folder):
+    import enec
+
+    ref = transformers.AutoModel.from_pretrained(str(minilm_folder)).eval()
+    ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]])
+    model = enec.load_streamed(minilm_enec_folder, model_class=transformers.AutoModel)
+    assert model.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(model(ids).last_hidden_state, ref(ids).last_hidden_state)
+    # a dtype casts every floating tensor, as transformers' loader would
+    half = enec.load_streamed(minilm_enec_folder, model_class=transformers.AutoModel, dtype="bfloat16")
+    want = ref.to(torch.bfloat16).state_dict()
+    got = half.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # checkpoint names without the base model prefix still find their parameters ("bert." is
+    # added); the MLM head the checkpoint lacks is refused, not left on the meta device
+    with pytest.raises(EnecError, match=r"does not fill BertForMaskedLM.*cls\.predictions"):
+        enec.load_streamed(minilm_enec_folder, model_class=transformers.BertForMaskedLM)
+
+
+def test_load_streamed_errors(tmp_path, minilm_enec_folder):
+    import enec
+
+    before = len(_reader_threads())
+    with pytest.raises(EnecError, match="no such folder"):
+        enec.load_streamed(tmp_path / "missing")
+    with pytest.raises(EnecError, match="dtype must be"):
+        enec.load_streamed(minilm_enec_folder, dtype="int8")
+    with pytest.raises(EnecError, match="no model for"):  # BERT has no seq2seq class
+        enec.load_streamed(minilm_enec_folder, model_class=transformers.AutoModelForSeq2SeqLM)
+    bad = tmp_path / "bad"
+    shutil.copytree(minilm_enec_folder, bad)
+    shard = next(bad.glob("*.enec"))
+    shard.write_bytes(shard.read_bytes()[:10_000_000])
+    with pytest.raises(EnecError):
+        enec.load_streamed(bad, model_class=transformers.AutoModel)
+    assert _no_reader_left(before)  # every failed load stopped its reader thread

@@ -132,3 +132,85 @@ def test_decoded_tensors_are_separate_slices_that_save(minilm_enec, minilm_tenso
     save_file(got, tmp_path / "out.safetensors")
     back = st_load(tmp_path / "out.safetensors")
     assert all(torch.equal(back[k], got[k]) for k in got)
+
+
+def test_decoder_threads(minilm_enec, minilm_tensors, monkeypatch):
+    """While the file is still being read, tensors decode with one thread fewer than asked
+    (the reader keeps a core); once it is all in, with every thread asked for; tensors below
+    PARALLEL_BYTES always on one thread."""
+    import contextlib
+
+    import numba
+
+    import enec.streaming as es
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two numba threads")
+    used = []
+    real = es.threads_set
+
+    @contextlib.contextmanager
+    def recording(n):
+        used.append(n)
+        with real(n):
+            yield
+
+    def fully_read():
+        deadline = time.monotonic() + 30
+        while len(_reader_threads()) > before and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(es, "threads_set", recording)
+    before = len(_reader_threads())
+    monkeypatch.setattr(es, "PARALLEL_BYTES", 0)
+    stream = iter_streamed([minilm_enec], opener=lambda p: ThrottledReader(p, 100e6), threads=2, chunk=1 << 20)
+    got = dict([next(stream)])  # arrives in the first megabyte, seconds before the file is in
+    fully_read()
+    got.update(stream)
+    assert used[0] == 1 and set(used[1:]) == {2}, used
+    assert all(torch.equal(got[k], v) for k, v in minilm_tensors.items())
+
+    monkeypatch.setattr(es, "PARALLEL_BYTES", 4 << 20)
+    used.clear()
+    stream = iter_streamed([minilm_enec], threads=2)
+    fully_read()
+    got = dict(stream)
+    big = sum(t.numel() * t.element_size() >= 4 << 20 for t in minilm_tensors.values())
+    assert big >= 1 and used.count(2) == big and used.count(1) == len(used) - big, used
+    assert all(torch.equal(got[k], v) for k, v in minilm_tensors.items())
+
+
+def test_inplace_plan_never_overwrites_a_pending_stream(minilm_enec):
+    """Decoded tensors go to the front of the buffer that holds the file at its tail: no
+    tensor's output reaches its own stream or a later one, and the buffer is smaller than
+    the file plus a separate output buffer."""
+    from enec.checkpoint import read_checkpoint
+    from enec.streaming import _inplace_plan
+
+    size = minilm_enec.stat().st_size
+    head = minilm_enec.read_bytes()[: 1 << 20]
+    plan = _inplace_plan(head, size)
+    ck = read_checkpoint(head, size)
+    raws = [st.end - st.start for st in ck.layout.entries]
+    assert plan.base % 64 == 0 and all(o % 64 == 0 for o in plan.offsets)
+    for o, n, e in zip(plan.offsets, raws, ck.entries):
+        assert o + n <= plan.base + e.offset, e.name
+    assert plan.nbytes < plan.total + size
+    assert plan.total >= sum(raws)
+    assert _inplace_plan(b"not an enec file" * 8, size) is None  # the consumer reports it
+
+
+def test_slow_link_small_reads_exact(minilm_enec, minilm_tensors):
+    """Many small reads through a slow link: the consumer faults pages in while it waits and
+    decodes into the buffer the file is still arriving in; every tensor stays exact."""
+    got = dict(iter_streamed([minilm_enec], opener=lambda p: ThrottledReader(p, 300e6), chunk=256 << 10))
+    assert all(torch.equal(got[k], v) for k, v in minilm_tensors.items())
+
+
+def test_damaged_table_is_reported(minilm_enec, tmp_path):
+    data = bytearray(minilm_enec.read_bytes())
+    data[40] ^= 0xFF  # inside the JSON table: its checksum no longer matches
+    bad = tmp_path / "table.enec"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(EnecError, match="checksum"):
+        list(iter_streamed([bad]))
