@@ -329,14 +329,17 @@ def _iter_enec(ra: _ReadAhead, i: int, threads, keep) -> Iterator[tuple[str, obj
             continue
         off = next(slots)
         flat = arena[off : off + st.end - st.start]
+        cold = faulter.ahead_from < min(off + flat.size, faulter.ahead_to)  # pages not faulted in yet
         faulter.ahead_from = max(faulter.ahead_from, off + flat.size)  # the decode faults these
         if flat.size:
             # Small tensors decode on one thread: waking an OpenMP team costs more than they
             # do, and on a busy machine a woken worker can be late by milliseconds. While the
             # reader still copies bytes in, it keeps a core: one decoder thread fewer (the
             # decode outpaces any link it waits on, and an idle team's spinning workers would
-            # slow the reader).
-            n = 1 if flat.size < PARALLEL_BYTES else every if ra.finished else max(1, every - 1)
+            # slow the reader), unless the output's pages are not faulted in yet: first
+            # writes to fresh pages can cost more than the decode, and they go faster spread
+            # over every core.
+            n = 1 if flat.size < PARALLEL_BYTES else every if ra.finished or cold else max(1, every - 1)
             with threads_set(n):
                 _decode_entry(buf, e, st, flat, None)
         yield e.name, torch.from_numpy(flat).view(dtype).reshape(st.shape)
