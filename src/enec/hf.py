@@ -144,7 +144,7 @@ def load_streamed(path, *, model_class=None, dtype=None, threads: int | None = N
         raise EnecError(f"the checkpoint in {path} does not fit {cls.__name__}: {exc}") from None
     del state
     model.tie_weights()
-    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
+    missing = unfilled(model)
     if missing:
         raise EnecError(f"the checkpoint in {path} does not fill {cls.__name__}: {len(missing)} parameters "
                         f"missing, e.g. {missing[:5]}")
@@ -159,6 +159,11 @@ def load_streamed(path, *, model_class=None, dtype=None, threads: int | None = N
     _attach_generation_config(model, path)
     model.enec_source = [str(f) for f in files]
     return model
+
+
+def unfilled(model) -> list[str]:
+    """Names of the parameters still on the meta device (no checkpoint tensor reached them)."""
+    return [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
 
 
 def _config_dtype(config):

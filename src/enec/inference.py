@@ -633,7 +633,7 @@ def load_resident(path, *, model_class, dtype=None, threads=None, options: dict,
     import torch
     import transformers
 
-    from .hf import _attach_generation_config, _config_dtype, _skeleton, concrete_class, iter_tensors
+    from .hf import _attach_generation_config, _config_dtype, _skeleton, concrete_class, iter_tensors, unfilled
 
     options = dict(options)
     unknown = set(options) - {"min_numel", "buffer_bytes", "chunk_bytes", "prefetch", "memory_budget"}
@@ -687,7 +687,7 @@ def load_resident(path, *, model_class, dtype=None, threads=None, options: dict,
         weights[id(ph)] = w
         m._parameters[attr] = ph
     model.tie_weights()
-    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
+    missing = unfilled(model)
     if missing or unexpected:
         raise EnecError(f"the checkpoint does not fit {cls.__name__}: missing {missing[:5]}, "
                         f"unexpected {unexpected[:5]} (resident loading needs checkpoint names equal to "

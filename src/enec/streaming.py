@@ -231,7 +231,8 @@ class _Faulter:
 class _Plan:
     """One anonymous mapping for a shard: decoded tensors at its start, the file at its tail."""
 
-    def __init__(self, offsets: list[int], total: int, base: int, size: int):
+    def __init__(self, ck, offsets: list[int], total: int, base: int, size: int):
+        self.ck = ck  # parsed and validated once, by the reader
         self.offsets, self.total = offsets, total
         self.nbytes = max(base + size, total)
         self.mm, whole = _anon(self.nbytes)
@@ -296,22 +297,24 @@ def _inplace_plan(head: bytes, size: int) -> _Plan | None:
     raws = [st.end - st.start for st in ck.layout.entries]
     offsets, total = _offsets(raws)
     base = max([0] + [o + n - e.offset for o, n, e in zip(offsets, raws, ck.entries)])
-    return _Plan(offsets, total, base + -base % ALIGN, size)
+    return _Plan(ck, offsets, total, base + -base % ALIGN, size)
 
 
 def _iter_enec(ra: _ReadAhead, i: int, threads, keep) -> Iterator[tuple[str, object]]:
     import torch
 
     path = ra.files[i]
-    head = ra.wait(i, PREFIX.size)
-    while (need := _head_end(head[: ra.got[i]])) is not None:
-        head = ra.wait(i, need)
-    buf = head
-    ck = read_checkpoint(buf, ra.sizes[i], str(path))
+    buf = ra.wait(i, PREFIX.size)
+    plan = ra.plans[i]  # set with the buffer: the reader has parsed the table already
+    if plan is not None:
+        ck = plan.ck
+    else:
+        while (need := _head_end(buf[: ra.got[i]])) is not None:
+            buf = ra.wait(i, need)
+        ck = read_checkpoint(buf, ra.sizes[i], str(path))
     dtypes = [getattr(torch, ST_DTYPES[st.dtype][2]) for st in ck.layout.entries]
     kept = [keep is not None and e.codec == "enec" and keep(e.name, dt, st.shape)
             for e, st, dt in zip(ck.entries, ck.layout.entries, dtypes)]
-    plan = ra.plans[i]
     reached = lambda: ra.got[i]  # noqa: E731
     if plan is not None and not any(kept):
         arena, offsets = plan.arena, plan.offsets
@@ -358,13 +361,11 @@ def _offsets(sizes: list[int]) -> tuple[list[int], int]:
 
 def _arena(sizes: list[int]) -> tuple[np.ndarray, list[int]]:
     """One buffer for a shard's decoded tensors (64-byte aligned slices) and their offsets,
-    its pages touched now. One large NumPy allocation gets transparent huge pages (NumPy
-    advises them), so faulting it in costs a fraction of what first writes to many separate
-    tensors cost, and this happens while the first compressed bytes are still arriving."""
+    its pages touched now (huge pages advised, see :func:`_anon`, so faulting it in costs a
+    fraction of what first writes to many separate tensors cost), while the first compressed
+    bytes are still arriving."""
     offsets, total = _offsets(sizes)
-    raw = np.empty(total + 64, np.uint8)
-    start = -raw.ctypes.data % 64
-    arena = raw[start : start + total]
+    arena = _anon(total)[1]  # page-aligned
     arena[::4096] = 0
     return arena, offsets
 
