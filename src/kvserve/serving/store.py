@@ -1,30 +1,153 @@
-"""KV-disaggregated serving: compressed KV of shared prefixes in an external store.
+"""Stores for kvserve bundles, and the prefix cache built on them.
 
-A request whose prompt starts with a stored prefix fetches the prefix's bundle, decodes it,
-rebuilds the cache and only prefills its own suffix. Stores: :class:`FileStore` (the
-embedded default, a directory) and :class:`RedisStore` (a real Redis server; the Debian
-``redis-server`` package, started on a loopback port by :class:`RedisServer` in tests and
-benchmarks). A :class:`kvserve.transport.PacedRelay` in front of Redis emulates a remote
-store at a given bandwidth.
+One store abstraction serves both users: the vLLM connector (one bundle per request and
+rank) and :class:`PrefixCache` (the compressed KV of long shared prefixes).
 
-Keys are ``sha256(model, prefix token ids, profile config)``: a different profile or prefix
-never aliases. Values are kvserve bundles (self-describing, CRC-checked), so a corrupted or
-foreign value raises :class:`kvserve.KVServeError` and the request recomputes instead.
+* :class:`FileStore` - a directory, one file ``<key>.kvsv`` per bundle, written atomically
+  (a temporary name, then a rename);
+* :class:`RedisStore` - a Redis server, values under ``<namespace>:<key>`` (redis-py);
+* :func:`open_store` - either, from a directory path or a ``redis://`` / ``rediss://`` URL.
+
+Keys are 1-200 characters of letters, digits, ``-``, ``_`` and ``.``, not starting with a dot
+(so they can never name a path outside the store or a temporary file). Values are kvserve
+bundles, self-describing and CRC-checked: a corrupted or foreign value raises
+:class:`kvserve.KVServeError` when decoded and the reader recomputes instead.
+
+Prefix cache (KV-disaggregated serving): a request whose prompt starts with a stored prefix
+fetches the prefix's bundle, decodes it, rebuilds the cache and prefills only its own suffix.
+Prefix keys are ``sha256(model, profile config, prefix token ids)``: a different profile or
+prefix never aliases.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..errors import KVServeError
+from ..models import cache_from_kv, prefill
+from ..pipeline import decode, profile_from_config
+
+SUFFIX = ".kvsv"
+_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def check_key(key: str) -> str:
+    """``key`` if it is a valid store key, else :class:`KVServeError`."""
+    if not isinstance(key, str) or not 0 < len(key) <= 200 or key[0] == "." or not set(key) <= _KEY_CHARS:
+        raise KVServeError(f"bad store key {key!r} (1-200 letters, digits, '-', '_', '.'; not starting with '.')")
+    return key
+
+
+class Store:
+    """What every store offers: bytes under string keys (see :func:`check_key`)."""
+
+    def get(self, key: str) -> bytes | None:
+        raise NotImplementedError
+
+    def put(self, key: str, value: bytes) -> None:
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class FileStore(Store):
+    """One file ``<root>/<key>.kvsv`` per value, written atomically; files are created 0600."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{check_key(key)}{SUFFIX}"
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def put(self, key: str, value: bytes) -> None:
+        dst = self.path(key)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(value)
+            os.replace(tmp, dst)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+
+class RedisStore(Store):
+    """Values in Redis under ``<namespace>:<key>``: ``RedisStore("redis://[:password@]host:port[/db]")``
+    (``rediss://`` for TLS, ``unix://`` for a socket); needs the ``redis`` package."""
+
+    def __init__(self, url: str, namespace: str = "kvserve", timeout: float = 60.0):
+        try:
+            import redis
+        except ImportError as exc:
+            raise KVServeError(f"store {url!r} needs the redis package (pip install redis)") from exc
+        self.url, self.ns = url, namespace
+        self.r = redis.Redis.from_url(url, socket_timeout=timeout)
+
+    def _name(self, key: str) -> str:
+        return f"{self.ns}:{check_key(key)}"
+
+    def exists(self, key: str) -> bool:
+        return bool(self.r.exists(self._name(key)))
+
+    def get(self, key: str) -> bytes | None:
+        return self.r.get(self._name(key))
+
+    def put(self, key: str, value: bytes) -> None:
+        self.r.set(self._name(key), value)
+
+    def delete(self, key: str) -> None:
+        self.r.delete(self._name(key))
+
+    def close(self) -> None:
+        self.r.close()
+
+
+def open_store(spec, default_dir: str | None = None) -> Store:
+    """A :class:`FileStore` for a directory path, a :class:`RedisStore` for a ``redis://``,
+    ``rediss://`` or ``unix://`` URL; ``None`` means ``default_dir``
+    (default ``$TMPDIR/kvserve-kv``)."""
+    if spec is None:
+        spec = default_dir or os.path.join(tempfile.gettempdir(), "kvserve-kv")
+    if not isinstance(spec, (str, os.PathLike)):
+        raise KVServeError(f"a store is a directory or a redis:// URL, got {spec!r}")
+    if isinstance(spec, str) and "://" in spec:
+        if spec.startswith(("redis://", "rediss://", "unix://")):
+            return RedisStore(spec)
+        raise KVServeError(f"store {spec!r}: only a directory or a redis:// URL is supported")
+    return FileStore(spec)
+
+
+# ------------------------------------------------------------------ prefix cache
 
 
 def prefix_key(model: str, ids: list[int], profile) -> str:
@@ -33,121 +156,6 @@ def prefix_key(model: str, ids: list[int], profile) -> str:
     h.update(json.dumps(profile, sort_keys=True).encode() + b"\0")
     h.update(b",".join(str(int(i)).encode() for i in ids))
     return h.hexdigest()
-
-
-class FileStore:
-    """One file per key under ``root`` (atomic writes)."""
-
-    def __init__(self, root):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, key: str) -> Path:
-        if not all(c in "0123456789abcdef" for c in key) or len(key) != 64:
-            raise KVServeError("store key must be a sha256 hex digest")
-        return self.root / f"{key}.kvsv"
-
-    def put(self, key: str, value: bytes) -> None:
-        p = self._path(key)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(value)
-        os.replace(tmp, p)
-
-    def get(self, key: str) -> bytes | None:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
-
-
-class RedisStore:
-    """Values in Redis under ``namespace:key`` (redis-py client)."""
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 6379, namespace: str = "kvserve", password: str | None = None,
-                 timeout: float = 60.0):
-        import redis
-
-        self.ns = namespace
-        self.r = redis.Redis(host=host, port=port, password=password, socket_timeout=timeout)
-
-    def put(self, key: str, value: bytes) -> None:
-        self.r.set(f"{self.ns}:{key}", value)
-
-    def get(self, key: str) -> bytes | None:
-        return self.r.get(f"{self.ns}:{key}")
-
-    def delete(self, key: str) -> None:
-        self.r.delete(f"{self.ns}:{key}")
-
-    def close(self):
-        self.r.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A throwaway ``redis-server`` on a free loopback port (no persistence, own temp dir)."""
-
-    def __init__(self, binary: str | None = None):
-        self.binary = binary or shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.proc = None
-        self.port = None
-        self.dir = None
-
-    def start(self, timeout: float = 10.0) -> "RedisServer":
-        if not os.path.exists(self.binary):
-            raise KVServeError("redis-server is not installed (apt-get install redis-server; see scripts/setup.sh)")
-        self.dir = tempfile.mkdtemp(prefix="kvserve-redis-")
-        self.port = _free_port()
-        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", self.dir, "--protected-mode", "yes",
-                                      "--proto-max-bulk-len", "1gb"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise KVServeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-        if self.dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
-
-    @property
-    def address(self):
-        return ("127.0.0.1", self.port)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 @dataclass
@@ -164,10 +172,9 @@ class PrefixResult:
 class PrefixCache:
     """Store and reuse the compressed KV of long shared prefixes for one model."""
 
-    def __init__(self, model, store, profile="kvserve", model_name: str = "smollm2"):
-        from ..pipeline import profile_from_config
-
-        self.model, self.store, self.model_name = model, store, model_name
+    def __init__(self, model, store: Store, profile="kvserve", model_name: str = "smollm2",
+                 threads: int | None = None):
+        self.model, self.store, self.model_name, self.threads = model, store, model_name, threads
         self.pipe = profile_from_config(profile)
         self.config = self.pipe.get_config()
 
@@ -176,27 +183,20 @@ class PrefixCache:
 
     def put_prefix(self, prefix_ids: list[int]) -> int:
         """Prefill the prefix, compress its KV, store it; returns the bundle size."""
-        from ..quality import prefill
-
         kv = prefill(self.model, list(prefix_ids))
-        blob = self.pipe.encode(kv, meta={"seq_len": len(prefix_ids)})
+        blob = self.pipe.encode(kv, meta={"seq_len": len(prefix_ids)}, threads=self.threads)
         self.store.put(self.key(prefix_ids), blob)
         return len(blob)
 
     def first_token(self, prefix_ids: list[int], suffix_ids: list[int]) -> PrefixResult:
         """TTFT of ``prefix + suffix`` reusing the stored prefix (recompute if it is missing
         or does not decode)."""
-        import torch
-
-        from ..pipeline import decode
-        from ..quality import cache_from_kv
-
         t0 = time.monotonic()
         blob = self.store.get(self.key(prefix_ids))
         t1 = time.monotonic()
         if blob is not None:
             try:
-                kv, meta = decode(blob)
+                kv, meta = decode(blob, threads=self.threads)
                 if meta.get("seq_len") != len(prefix_ids):
                     raise KVServeError("stored prefix has the wrong length")
             except KVServeError:
@@ -212,8 +212,6 @@ class PrefixCache:
         return PrefixResult("store", tok, (t3 - t0) * 1e3, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, len(blob))
 
     def recompute(self, ids: list[int]) -> PrefixResult:
-        import torch
-
         t0 = time.monotonic()
         with torch.no_grad():
             logits = self.model(torch.tensor([list(ids)]), use_cache=True).logits

