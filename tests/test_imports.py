@@ -123,10 +123,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-@pytest.mark.parametrize("package", [
-    "enec",
-    pytest.param("kvserve", marks=pytest.mark.xfail(strict=False, reason="kvserve's cycles are being removed (issue 15)")),
-])
+@pytest.mark.parametrize("package", ["enec", "kvserve"])
 def test_no_import_cycles(package):
     graph = import_graph(package)
     assert len(graph) > 5
