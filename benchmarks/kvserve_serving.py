@@ -178,7 +178,8 @@ def run_prefix(model, tok, prefix_len, suffix_len, bandwidths, repeats, log, pro
     prefix, suffix = sotu_prompts(tok, [prefix_len, suffix_len], seed=11)
     rows = []
     with RedisServer() as srv:
-        direct = RedisStore(srv.url)
+        secret = os.urandom(16).hex()
+        direct = RedisStore(srv.url, secret)
         caches = {p: PrefixCache(model, direct, p) for p in profiles}
         sizes = {p: c.put_prefix(prefix) for p, c in caches.items()}
         # warm (numba / allocator)
@@ -188,7 +189,7 @@ def run_prefix(model, tok, prefix_len, suffix_len, bandwidths, repeats, log, pro
         t_rec = statistics.mean(r.ttft_ms for r in rec)
         for bw in bandwidths:
             with Relay(srv.address, rate_bps=bw * 1e6 / 8) as relay:
-                st = RedisStore("redis://%s:%d" % relay.address)
+                st = RedisStore(srv.url_at(relay.address), secret)
                 for p in profiles:
                     pc = PrefixCache(model, st, p)
                     rs = [pc.first_token(prefix, suffix) for _ in range(repeats)]

@@ -4,7 +4,8 @@
   direction with the KV channel's token bucket (a remote store or link at a given
   bandwidth), and/or resets the next ``drops`` connections after ``drop_after``
   client->server bytes (a link dying mid-transfer).
-* :class:`RedisServer` - a throwaway ``redis-server`` on a free loopback port.
+* :class:`RedisServer` - a throwaway ``redis-server`` on a free loopback port, with a random
+  password (``url`` carries it: ``redis://:<password>@127.0.0.1:<port>``).
 
 Tests get this module as ``kvserve_servers`` (tests/kvserve/conftest.py puts this folder on
 ``sys.path``); benchmarks insert the folder themselves.
@@ -122,10 +123,12 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A throwaway ``redis-server`` on a free loopback port (no persistence, own temp dir)."""
+    """A throwaway ``redis-server`` on a free loopback port (no persistence, own temp dir,
+    a random password)."""
 
     def __init__(self, binary: str | None = None):
         self.binary = binary or shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.password = os.urandom(16).hex()
         self.proc = None
         self.port = None
         self.dir = None
@@ -137,14 +140,20 @@ class RedisServer:
         self.port = free_port()
         self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no", "--dir", self.dir, "--protected-mode", "yes",
-                                      "--proto-max-bulk-len", "1gb"],
+                                      "--proto-max-bulk-len", "1gb", "--requirepass", self.password],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    s.sendall(b"AUTH " + self.password.encode() + b"\r\nPING\r\n")
+                    reply = b""
+                    while b"PONG" not in reply and len(reply) < 64:
+                        chunk = s.recv(64)
+                        if not chunk:
+                            break
+                        reply += chunk
+                    if b"+OK" in reply and b"+PONG" in reply:
                         return self
             except OSError:
                 pass
@@ -173,7 +182,11 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        return self.url_at(self.address)
+
+    def url_at(self, address) -> str:
+        """The URL (with the password) of this server reached at ``address`` (e.g. a relay)."""
+        return f"redis://:{self.password}@{address[0]}:{address[1]}"
 
     def __enter__(self):
         return self.start()

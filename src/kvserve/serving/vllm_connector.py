@@ -24,8 +24,20 @@ Load it with::
 * Requests are keyed by a hash of their prompt tokens (and ``namespace``), or by
   ``kv_transfer_params["kvserve_key"]`` (letters and digits): the producer's outputs carry
   the key they were stored under in ``kv_transfer_params``, for a router to pass on.
+  Client-chosen keys live in their own namespace (store key ``u<key>``, prompt hashes
+  ``p<hash>``), so a request cannot name or overwrite another prompt's entry.
 * ``namespace``: mixed into the store key (e.g. a model id), default ``""``.
 * ``overwrite``: the producer rewrites bundles that already exist (default ``False``).
+* ``secret``: the deployment's shared secret (default ``KVSERVE_SECRET``; at least 16 bytes,
+  required): every stored bundle is sealed with it (:mod:`kvserve.serving.store`).
+* ``accept_profiles`` (consumer): the profiles a loaded bundle may carry: a list of profile
+  names or config dicts, or ``"any"``; default: the packaged profiles and the entries of
+  the packaged profile library.
+
+Every bundle is bound to the model (``model_config.model``) and to the sha256 of the token
+ids it encodes; the consumer checks that binding against its own request's tokens (and the
+seal, and the profile) before it reports a hit, and again before it writes any block: KV
+computed for other tokens, another model or by a party without the secret is a miss.
 
 Hook order (vLLM >= 0.32 ``KVConnectorBase_V1``; scheduler and worker may be different
 processes, only :class:`KVServeConnectorMetadata` crosses between them):
@@ -57,6 +69,7 @@ each holds that rank's layers and heads, with the layer names in its ``meta``.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -73,10 +86,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from ..errors import KVServeConnectorError, KVServeError
-from ..pipeline import decode, parse_header
+from ..library import load_library
+from ..pipeline import Pipeline, decode, load_profile, parse_header, profile_names
 from .paged import CPU_BACKENDS, gather_tokens, probe_cpu_tile_layout, scatter_tokens, split_kv, token_slots
 from .push import Pusher, Sent, controller_from_settings, resolve_compression
-from .store import open_store
+from .store import open_store, token_digest
 
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.config import VllmConfig
@@ -146,6 +160,7 @@ class _Transfer:
     is_store: bool
     compression: Any = None  # per-request override (saves)
     bandwidth_mbps: float | None = None  # per-request bandwidth estimate (saves, controller)
+    tokens: str = ""  # sha256 of the token ids the bundle holds / must hold (store.token_digest)
 
 
 @dataclass
@@ -162,6 +177,26 @@ class _Tracked:
     block_ids: list[list[int]]
     compression: Any = None
     bandwidth_mbps: float | None = None
+    tokens: str = ""
+    public_key: str = ""
+
+
+def canonical_profile(config: dict) -> str:
+    """A profile config as the bundle stores it (every stage parameter filled in), as JSON."""
+    return json.dumps(Pipeline.from_config(config).get_config(), sort_keys=True)
+
+
+def accepted_profiles(spec: Any) -> set[str] | None:
+    """:func:`canonical_profile` of every profile a consumer accepts (None: any)."""
+    if spec == "any":
+        return None
+    if spec is None:
+        configs = [load_profile(n) for n in profile_names()] + [e.config for e in load_library().entries]
+    elif isinstance(spec, list):
+        configs = [load_profile(x) if isinstance(x, str) else resolve_compression(x)[1] for x in spec]
+    else:
+        raise KVServeConnectorError("accept_profiles must be a list of profile names/configs or 'any'")
+    return {canonical_profile(c) for c in configs}
 
 
 # --------------------------------------------------------------------- the connector
@@ -174,11 +209,14 @@ class KVServeConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         cfg = self._kv_transfer_config
         extra = dict(cfg.kv_connector_extra_config or {})
-        known = {"store", "compression", "namespace", "overwrite"}
+        known = {"store", "compression", "namespace", "overwrite", "secret", "accept_profiles"}
         unknown = set(extra) - known
         if unknown:
             raise KVServeConnectorError(f"kv_connector_extra_config: unknown key(s) {sorted(unknown)}; known {sorted(known)}")
-        self._store = open_store(extra.get("store"))
+        self._store = open_store(extra.get("store"), extra.get("secret"))
+        model_config = vllm_config.model_config
+        self._model_id = str(getattr(model_config, "model", "") or "") if model_config is not None else ""
+        self._accept = accepted_profiles(extra.get("accept_profiles")) if cfg.is_kv_consumer else None
         self._namespace = str(extra.get("namespace", ""))
         self._overwrite = bool(extra.get("overwrite", False))
         self._producer = bool(cfg.is_kv_producer)
@@ -210,7 +248,7 @@ class KVServeConnector(KVConnectorBase_V1):
                 if mode == "controller":
                     self._pusher.controller  # build it now: a bad library fails at start-up
         # scheduler state
-        self._verdicts: dict[str, tuple[str, int]] = {}  # req_id -> (key, tokens available)
+        self._verdicts: dict[str, tuple[str, int, str]] = {}  # req_id -> (key, tokens available, digest)
         self._pending_loads: dict[str, _Transfer] = {}
         self._tracked: dict[str, _Tracked] = {}
         self._saved_keys: dict[str, str] = {}
@@ -295,9 +333,10 @@ class KVServeConnector(KVConnectorBase_V1):
 
     def _load(self, tr: _Transfer, forward_context) -> str:
         """Fetch, decode and scatter one request's KV; returns the bundle's profile name."""
-        data = self._store.get(bundle_key(tr.key, self._tag()))
+        data = self._store.get(bundle_key(tr.key, self._tag()))  # KVServeError unless the seal verifies
         if data is None:
             raise KVServeConnectorError(f"bundle {tr.key}.{self._tag()} is missing from the store")
+        self._check_header(parse_header(data)[0], tr.tokens)
         kv, meta = decode(data)
         names = meta.get("layers")
         if not isinstance(names, list) or len(names) != len(kv):
@@ -328,6 +367,15 @@ class KVServeConnector(KVConnectorBase_V1):
                 scatter_tokens(k_cache, blk, off, k[:, :, tr.start:tr.end], pk)
                 scatter_tokens(v_cache, blk, off, v[:, :, tr.start:tr.end], pv)
         return parse_header(data)[0]["profile"].get("name", "")
+
+    def _check_header(self, header: dict, tokens: str) -> None:
+        """A bundle may be used only for the tokens (digest) it is bound to, on this model,
+        with a profile this consumer accepts."""
+        bound = (header.get("meta") or {}).get("bind") if isinstance(header.get("meta"), dict) else None
+        if bound != {"model": self._model_id, "tokens": tokens}:
+            raise KVServeConnectorError("bundle is bound to another model or other tokens than this request's")
+        if self._accept is not None and canonical_profile(header.get("profile")) not in self._accept:
+            raise KVServeConnectorError(f"bundle profile {header.get('profile', {}).get('name')!r} is not accepted here")
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous (start_load_kv finishes before the forward)
@@ -390,8 +438,9 @@ class KVServeConnector(KVConnectorBase_V1):
                 ms += len(blob) * 8 / (bandwidth * 1e3)
             return Sent(transfer_ms=ms)
 
-        res = self._pusher.push(kv, profile, {"seq_len": tr.end, "layers": names, "key": tr.key,
-                                              "block_size": self._block_size}, put,
+        meta = {"seq_len": tr.end, "layers": names, "key": tr.key, "block_size": self._block_size,
+                "bind": {"model": self._model_id, "tokens": tr.tokens}}
+        res = self._pusher.push(kv, profile, meta, put,
                                 bandwidth_mbps=bandwidth, replan=False)
         raw, size = res["raw_bytes"], res["kv_bytes"]
         _count(saves=1, saved_tokens=tr.end, saved_bytes=size, raw_bytes=raw)
@@ -404,33 +453,45 @@ class KVServeConnector(KVConnectorBase_V1):
 
     # ---------------------------------------------------------------- scheduler side
 
-    def _key(self, request: "Request") -> str:
-        """``kv_transfer_params["kvserve_key"]`` (what the producer's output returns, for a
-        router to pass on) when given and well-formed, else the prompt's hash."""
+    def _key(self, request: "Request") -> tuple[str, str]:
+        """(store key, the key a router passes on). The public key is
+        ``kv_transfer_params["kvserve_key"]`` when given and well-formed (store key
+        ``u<key>``), else the prompt's hash (store key ``p<hash>``); a given key equal to this
+        prompt's own hash is that hash (the producer returned it)."""
+        own = prompt_key(request.prompt_token_ids or [], self._namespace)
         given = (request.kv_transfer_params or {}).get("kvserve_key")
         if given is not None:
-            if isinstance(given, str) and 0 < len(given) <= 128 and given.isalnum():
-                return given
+            if isinstance(given, str) and 0 < len(given) <= 128 and given.isascii() and given.isalnum():
+                return ("p" + own, own) if given == own else ("u" + given, given)
             logger.warning("kvserve: ignoring malformed kvserve_key %r of request %s", given, request.request_id)
-        return prompt_key(request.prompt_token_ids or [], self._namespace)
+        return "p" + own, own
 
-    def _available(self, key: str) -> int:
-        """Tokens every rank's bundle in the store holds (0 if any is missing or corrupt)."""
-        tokens = None
+    def _available(self, key: str, prompt: list[int]) -> tuple[int, str]:
+        """(tokens every rank's bundle in the store holds, the digest of those prompt tokens);
+        0 if any is missing, does not verify, is bound to other tokens or another model, or
+        carries a profile this consumer does not accept."""
+        tokens, digest = None, ""
         for tag in self._tags:
-            data = self._store.get(bundle_key(key, tag))
-            if data is None:
-                _count(misses=1)
-                return 0
             try:
+                data = self._store.get(bundle_key(key, tag))  # seal
+                if data is None:
+                    _count(misses=1)
+                    return 0, ""
                 header, _ = parse_header(data)  # framing and CRC
                 n = int(header["meta"]["seq_len"])
+                if not 0 < n <= len(prompt):
+                    raise KVServeConnectorError(f"bundle holds {n} tokens, the prompt has {len(prompt)}")
+                d = token_digest(prompt[:n])
+                self._check_header(header, d)
             except (KVServeError, KeyError, TypeError, ValueError) as exc:
                 _count(corrupt=1)
                 logger.warning("kvserve: bundle %s.%s is unusable (%s); the prefill is computed instead", key, tag, exc)
-                return 0
-            tokens = n if tokens is None else min(tokens, n)
-        return tokens or 0
+                return 0, ""
+            if tokens is not None and n != tokens:
+                logger.warning("kvserve: the ranks' bundles of %s hold different token counts", key)
+                return 0, ""
+            tokens, digest = n, d
+        return tokens or 0, digest
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         if not self._consumer:
@@ -440,13 +501,13 @@ class KVServeConnector(KVConnectorBase_V1):
         if want <= num_computed_tokens:
             return 0, False
         if request.request_id not in self._verdicts:
-            key = self._key(request)
+            key = self._key(request)[0]
             _count(lookups=1)
-            avail = self._available(key)
+            avail, digest = self._available(key, prompt)
             if avail >= want:
                 _count(hits=1)
-            self._verdicts[request.request_id] = (key, avail)
-        key, avail = self._verdicts[request.request_id]
+            self._verdicts[request.request_id] = (key, avail, digest)
+        key, avail, _ = self._verdicts[request.request_id]
         if avail < want:
             return 0, False
         return want - num_computed_tokens, False
@@ -454,11 +515,11 @@ class KVServeConnector(KVConnectorBase_V1):
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         if num_external_tokens <= 0:
             return
-        key, _ = self._verdicts[request.request_id]
+        key, _, digest = self._verdicts[request.request_id]
         end = len(request.prompt_token_ids or []) - 1
         self._pending_loads[request.request_id] = _Transfer(
             request.request_id, key, tuple(list(b) for b in blocks.get_block_ids()),
-            end - num_external_tokens, end, is_store=False)
+            end - num_external_tokens, end, is_store=False, tokens=digest)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = KVServeConnectorMetadata()
@@ -505,8 +566,8 @@ class KVServeConnector(KVConnectorBase_V1):
             return
         meta.transfers.append(_Transfer(rid, tracked.key, tuple(tracked.block_ids), 0, tracked.prompt_len,
                                         is_store=True, compression=tracked.compression,
-                                        bandwidth_mbps=tracked.bandwidth_mbps))
-        self._saved_keys[rid] = tracked.key
+                                        bandwidth_mbps=tracked.bandwidth_mbps, tokens=tracked.tokens))
+        self._saved_keys[rid] = tracked.public_key
         del self._tracked[rid]
 
     def on_new_request(self, request: "Request") -> None:
@@ -515,7 +576,7 @@ class KVServeConnector(KVConnectorBase_V1):
         prompt = request.prompt_token_ids or []
         if len(prompt) < 2:
             return
-        key = self._key(request)
+        key, public = self._key(request)
         if not self._overwrite and all(self._store.exists(bundle_key(key, t)) for t in self._tags):
             return  # already in the store
         params = request.kv_transfer_params or {}
@@ -523,7 +584,8 @@ class KVServeConnector(KVConnectorBase_V1):
         if bw is not None and not (isinstance(bw, (int, float)) and bw > 0):
             logger.warning("kvserve: ignoring kvserve_bandwidth_mbps %r of request %s", bw, request.request_id)
             bw = None
-        self._tracked[request.request_id] = _Tracked(key, len(prompt), [], params.get("kvserve_compression"), bw)
+        self._tracked[request.request_id] = _Tracked(key, len(prompt), [], params.get("kvserve_compression"), bw,
+                                                     token_digest(prompt), public)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
