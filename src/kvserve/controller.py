@@ -217,8 +217,8 @@ def load_library(path: str | None = None) -> Library:
         source = path
     try:
         obj = json.loads(text)
-    except ValueError as exc:
-        raise KVServeError(f"{source}: not valid JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise KVServeError(f"{source}: not valid JSON ({type(exc).__name__}: {exc})") from None
     return library_from_json(obj, source)
 
 

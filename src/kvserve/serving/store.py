@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -35,8 +36,24 @@ def prefix_key(model: str, ids: list[int], profile) -> str:
     return h.hexdigest()
 
 
+def read_regular(path) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file, else None: missing, or a FIFO, device,
+    socket or directory planted in a store directory, which is skipped without being read
+    (a FIFO would block the reader forever, a device could stream without end)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # swapped after the stat
+            return None
+        return f.read()
+
+
 class FileStore:
-    """One file per key under ``root`` (atomic writes)."""
+    """One file per key under ``root`` (atomic writes; only regular files are read)."""
 
     def __init__(self, root):
         self.root = Path(root)
@@ -55,10 +72,7 @@ class FileStore:
         os.replace(tmp, p)
 
     def get(self, key: str) -> bytes | None:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            return None
+        return read_regular(self._path(key))
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -188,17 +202,21 @@ class PrefixCache:
         or does not decode)."""
         import torch
 
-        from ..pipeline import decode
+        from ..models import check_kv_fits, kv_shapes
+        from ..pipeline import decode, kv_nbytes
         from ..quality import cache_from_kv
+
+        def expect(shapes, meta):  # this prefix's KV for this model, checked before decoding
+            if meta.get("seq_len") != len(prefix_ids):
+                raise KVServeError("stored prefix has the wrong length")
+            check_kv_fits(self.model, shapes, len(prefix_ids))
 
         t0 = time.monotonic()
         blob = self.store.get(self.key(prefix_ids))
         t1 = time.monotonic()
         if blob is not None:
             try:
-                kv, meta = decode(blob)
-                if meta.get("seq_len") != len(prefix_ids):
-                    raise KVServeError("stored prefix has the wrong length")
+                kv, meta = decode(blob, max_bytes=kv_nbytes(kv_shapes(self.model, len(prefix_ids))), expect=expect)
             except KVServeError:
                 blob = None
         if blob is None:

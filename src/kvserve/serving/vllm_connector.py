@@ -153,10 +153,9 @@ class FileStore:
         return self.path(key, tag).is_file()
 
     def get(self, key: str, tag: str) -> bytes | None:
-        try:
-            return self.path(key, tag).read_bytes()
-        except FileNotFoundError:
-            return None
+        from kvserve.serving.store import read_regular
+
+        return read_regular(self.path(key, tag))  # a FIFO or device planted here is skipped
 
     def put(self, key: str, tag: str, data: bytes) -> None:
         dst = self.path(key, tag)
@@ -552,16 +551,19 @@ class KVServeConnector(KVConnectorBase_V1):
         data = self._store.get(tr.key, self._tag())
         if data is None:
             raise KVServeConnectorError(f"bundle {tr.key}.{self._tag()} is missing from the store")
-        kv, meta = decode(data)
-        names = meta.get("layers")
-        if not isinstance(names, list) or len(names) != len(kv):
-            raise KVServeConnectorError("bundle meta has no layer names")
-        by_name = dict(zip(names, kv))
         if not self._kv_caches and forward_context is not None:
             for name, layer in forward_context.no_compile_layers.items():
                 cache = getattr(layer, "kv_cache", None)
                 if isinstance(cache, torch.Tensor):
                     self._kv_caches[name] = cache
+        # the prompt's KV for these caches (len(prompt) = tr.end + 1 tokens) bounds the decode
+        views = [self._layer(name)[:2] for name in self._kv_caches]
+        limit = 2 * (tr.end + 1) * sum(k.shape[1] * k.shape[3] + v.shape[1] * v.shape[3] for k, v in views)
+        kv, meta = decode(data, max_bytes=limit)
+        names = meta.get("layers")
+        if not isinstance(names, list) or len(names) != len(kv):
+            raise KVServeConnectorError("bundle meta has no layer names")
+        by_name = dict(zip(names, kv))
         missing = [n for n in self._kv_caches if n not in by_name]
         if missing:
             raise KVServeConnectorError(f"bundle lacks layer(s) {missing[:3]}")
@@ -674,7 +676,7 @@ class KVServeConnector(KVConnectorBase_V1):
             try:
                 header, _ = parse_header(data)  # framing and CRC
                 n = int(header["meta"]["seq_len"])
-            except (KVServeError, KeyError, TypeError, ValueError) as exc:
+            except (KVServeError, KeyError, TypeError, ValueError, OverflowError) as exc:
                 _count(corrupt=1)
                 logger.warning("kvserve: bundle %s.%s is unusable (%s); the prefill is computed instead", key, tag, exc)
                 return 0
