@@ -350,6 +350,13 @@ def test_deeply_nested_json_raises_the_package_error(tmp_path):
         load_library(str(ADV / "nested-library.json"))
     with pytest.raises(KVServeError, match="nested too deeply"):
         kvserve.load_profile(str(ADV / "nested-profile.json"))
+    # found by the fuzzer: a profile or library file that is not UTF-8 raised UnicodeDecodeError
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'{"name": "\xff"}')
+    with pytest.raises(KVServeError, match="not valid JSON"):
+        kvserve.load_profile(str(bad))
+    with pytest.raises(KVServeError, match="not valid JSON"):
+        load_library(str(bad))
     deep = b"[" * 100_000
     with pytest.raises(tp.MalformedFrame, match="nested too deeply"):
         tp.unpack_message(struct.pack("<I", len(deep)) + deep)
