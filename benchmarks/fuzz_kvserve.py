@@ -489,9 +489,12 @@ def healthy(srv) -> bool:
 # ------------------------------------------------------------------ workers
 
 
-def worker(wid: int, target: str, seed: int, start: int, end: int, counts, progress, out_dir: str, max_bytes: int):
+def worker(wid: int, target: str, seed: int, start: int, end: int, counts, progress, out_dir: str, max_bytes: int,
+           selftest: bool = False):
     """Runs inputs ``start..end-1`` of ``target``; counts go to the shared array ``counts``,
-    the current index and its start time to ``progress`` (the parent's watchdog)."""
+    the current index and its start time to ``progress`` (the parent's watchdog). With
+    ``selftest``, input 3 kills the process (SIGABRT) and input 7 sleeps: the watchdog
+    must count one crash and one hang."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
@@ -510,6 +513,10 @@ def worker(wid: int, target: str, seed: int, start: int, end: int, counts, progr
     for i in range(start, end):
         progress[0], progress[1] = i, time.time()
         rng = random.Random(f"{seed}-{target}-{i}")
+        if selftest and i == 3:
+            os.abort()
+        if selftest and i == 7:
+            time.sleep(3600)
         try:
             if target == "bundle":
                 kind, blob, s, refitted = mutate_bundle(seeds, rng)
@@ -571,9 +578,9 @@ def run_target(target: str, n: int, args, out_dir: str) -> dict:
     t0 = time.time()
 
     def launch(s):
-        s["progress"][0], s["progress"][1] = s["next"], time.time()
+        s["progress"][0], s["progress"][1] = s["next"], 0.0  # 0: starting up (imports, seeds), not timed
         p = ctx.Process(target=worker, args=(s["wid"], target, args.seed, s["next"], s["end"], s["counts"],
-                                             s["progress"], out_dir, args.max_bytes), daemon=True)
+                                             s["progress"], out_dir, args.max_bytes, args.selftest), daemon=True)
         p.start()
         s["proc"] = p
 
@@ -593,24 +600,21 @@ def run_target(target: str, n: int, args, out_dir: str) -> dict:
                 if p.exitcode == 0 and i >= s["end"]:
                     s["proc"] = None
                     continue
-                # died on input i: a crash; go on after it
-                s["counts"][CATS.index("tried")] += 1
-                s["counts"][CATS.index("crash")] += 1
-                _note(out_dir, target, i, "crash", f"worker exit code {p.exitcode}")
-                s["next"], s["restarts"] = i + 1, s["restarts"] + 1
-                s["proc"] = None
-                if s["next"] < s["end"]:
-                    launch(s)
+                outcome, why = "crash", f"worker exit code {p.exitcode}"
             elif i < s["end"] and since and time.time() - since > args.hang_s and i >= s["next"]:
                 p.kill()
                 p.join()
-                s["counts"][CATS.index("tried")] += 1
-                s["counts"][CATS.index("hang")] += 1
-                _note(out_dir, target, i, "hang", f"input still running after {args.hang_s} s")
-                s["next"], s["restarts"] = i + 1, s["restarts"] + 1
-                s["proc"] = None
-                if s["next"] < s["end"]:
-                    launch(s)
+                outcome, why = "hang", f"input still running after {args.hang_s} s"
+            else:
+                continue
+            # input i ended its worker: count it and go on after it in a fresh one
+            s["counts"][CATS.index("tried")] += 1
+            s["counts"][CATS.index(outcome)] += 1
+            _note(out_dir, target, i, outcome, why)
+            s["next"], s["restarts"] = i + 1, s["restarts"] + 1
+            s["proc"] = None
+            if s["next"] < s["end"]:
+                launch(s)
         if time.time() - last_print > 30:
             last_print = time.time()
             done = sum(s["counts"][0] for s in slots)
@@ -642,6 +646,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-bytes", type=int, default=64 << 20, help="decode's max_bytes for bundles (default 64 MiB)")
     ap.add_argument("--hang-s", type=float, default=20.0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--selftest", action="store_true", help="inject a crash (input 3) and a hang (input 7)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="fuzz-kvserve-")
