@@ -35,6 +35,7 @@ CRC_SIZE = 4
 MAX_HEADER = 4 << 20
 MAX_LAYERS = 4096
 MAX_ELEMENTS = 1 << 34
+DEFAULT_MAX_BYTES = 1 << 30  # decode's default bound on the decoded KV (bf16 bytes)
 _SIDE_DTYPES = {"float16", "float32", "int64", "uint8", "uint16", "bfloat16"}
 _PROFILE_KEYS = {"name", "transform", "quantizer", "codec"}
 
@@ -97,6 +98,7 @@ class Pipeline:
         threads = resolve_threads(threads)
         layers = kv_from_cache(kv) if not isinstance(kv, (list, tuple)) else list(kv)
         shapes = _check_kv(layers)
+        layers = [(k.detach(), v.detach()) for k, v in layers]  # KV of a forward pass with autograd on
         geometry = (len(layers), shapes[0][0][1]) if layers else (0, 0)
         header_parts: list[list] = []
         chunks: list[bytes] = []
@@ -183,8 +185,8 @@ def parse_header(data: bytes) -> tuple[dict, memoryview]:
         raise KVServeError("bundle checksum mismatch (corrupted)")
     try:
         header = json.loads(bytes(mv[FIXED_SIZE:FIXED_SIZE + hlen]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise KVServeError("bundle header is not valid JSON") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise KVServeError("bundle header is not valid JSON (or nested too deeply)") from None
     if not isinstance(header, dict):
         raise KVServeError("bundle header must be an object")
     return header, mv[FIXED_SIZE + hlen:FIXED_SIZE + hlen + plen]
@@ -223,20 +225,42 @@ def _check_shapes(shapes):
             raise KVServeError("bundle: inconsistent layer shapes")
 
 
-def decode(data: bytes, *, threads: int | None = None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict]:
+def kv_nbytes(shapes) -> int:
+    """bf16 bytes of KV with per-layer ``[((B, H, T, Dk), (B, H, T, Dv)), ...]`` shapes: the
+    ``max_bytes`` a receiver that knows its geometry passes to :func:`decode`."""
+    return 2 * sum(math.prod(k) + math.prod(v) for k, v in shapes)
+
+
+def decode(data: bytes, max_bytes: int | None = DEFAULT_MAX_BYTES, expect=None, *,
+           threads: int | None = None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict]:
     """Bundle -> (per-layer ``(k, v)`` bf16 tensors, meta dict). Raises only :class:`KVServeError`.
-    ``threads``: the codec's threads (default: every core)."""
+
+    ``max_bytes`` bounds the decoded KV (bf16 bytes, :func:`kv_nbytes` of the layer table):
+    a bundle claiming more is refused before anything is decoded, however small it is (a
+    few KB of entropy-coded constants can claim gigabytes). The default,
+    :data:`DEFAULT_MAX_BYTES` (1 GiB), suits contexts up to about 45k tokens of SmolLM2; a
+    receiver that knows the geometry it expects passes exactly that size, ``None`` removes
+    the bound (trusted input only). Decoding needs up to about 4x the decoded size at its
+    peak (float32 work arrays of a layer group; 2.4-3.9x measured for the packaged profiles).
+    ``expect(shapes, meta)``, if given, is called with the validated layer table
+    ``[((B, H, T, Dk), (B, H, T, Dv)), ...]`` and the bundle's meta before any part is
+    decoded, and raises :class:`KVServeError` to refuse KV the caller cannot use (another
+    model's geometry, a token count that disagrees with the request).
+    ``threads``: the codec's threads (default: every core).
+    """
+    if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0):
+        raise KVServeError("max_bytes must be a non-negative int or None")
     threads = resolve_threads(threads)
     header, payload = parse_header(data)
     try:
-        return _decode(header, payload, threads)
+        return _decode(header, payload, threads, max_bytes, expect)
     except KVServeError:
         raise
     except Exception as exc:  # defensive: no IndexError/RuntimeError escapes for bad input
         raise KVServeError(f"malformed bundle ({type(exc).__name__}: {exc})") from exc
 
 
-def _decode(header: dict, payload: memoryview, threads: int):
+def _decode(header: dict, payload: memoryview, threads: int, max_bytes: int | None = None, expect=None):
     if set(header) != {"profile", "dtype", "layers", "parts", "meta"}:
         raise KVServeError("bundle: unexpected header keys")
     if header["dtype"] != "bfloat16":
@@ -246,6 +270,12 @@ def _decode(header: dict, payload: memoryview, threads: int):
     meta = header["meta"]
     if not isinstance(meta, dict):
         raise KVServeError("bundle: meta must be an object")
+    size = kv_nbytes(shapes)
+    if max_bytes is not None and size > max_bytes:
+        raise KVServeError(f"bundle: decoded KV would take {size} bytes, over the receiver's limit of "
+                           f"{max_bytes} (max_bytes)")
+    if expect is not None:
+        expect(shapes, meta)
     table = header["parts"]
     if not isinstance(table, list) or len(table) > 1 << 16:
         raise KVServeError("bundle: bad part table")
@@ -271,8 +301,13 @@ def _decode(header: dict, payload: memoryview, threads: int):
         off += nbytes
     if off != len(payload):
         raise KVServeError("bundle: part table does not cover the payload")
-    geometry_layers = len(shapes)
-    del geometry_layers
+    # a codec allocates its part's symbol count: bound it by the geometry, before decoding
+    for w, which in enumerate("kv"):
+        for gi, ids in enumerate(_groups([s[w] for s in shapes])):
+            prefix = f"{which}{gi}."
+            symbols = sum(c for n, (_, c, b, _) in parts.items() if b is not None and n.startswith(prefix))
+            if symbols > len(ids) * math.prod(shapes[ids[0]][w]):
+                raise KVServeError(f"bundle: group {prefix[:-1]} claims more symbols than its layers hold")
     out: list[list] = [[None, None] for _ in shapes]
     for w, which in enumerate("kv"):
         for gi, ids in enumerate(_groups([s[w] for s in shapes])):
@@ -320,7 +355,7 @@ def profile_names() -> list[str]:
 def load_profile(name_or_file: str) -> dict:
     """Profile config from a packaged name (``kivi-2``) or a JSON file path."""
     if os.path.isfile(name_or_file):
-        with open(name_or_file, encoding="utf-8") as f:
+        with open(name_or_file, "rb") as f:  # bytes: bad UTF-8 is a JSON error below
             text = f.read()
     else:
         if name_or_file not in profile_names():
@@ -328,8 +363,8 @@ def load_profile(name_or_file: str) -> dict:
         text = resources.files("kvserve").joinpath("profiles", name_or_file + ".json").read_text()
     try:
         cfg = json.loads(text)
-    except ValueError as exc:
-        raise KVServeError(f"profile {name_or_file!r} is not valid JSON") from exc
+    except (ValueError, RecursionError):
+        raise KVServeError(f"profile {name_or_file!r} is not valid JSON (or nested too deeply)") from None
     Pipeline.from_config(cfg)  # validate
     return cfg
 
