@@ -22,6 +22,7 @@ import torch
 
 from .errors import KVServeError
 from .stages import codecs as _codecs  # noqa: F401  (registers stages)
+from .stages import gpu as _gpu
 from .stages import quantizers as _quantizers  # noqa: F401
 from .stages import transforms as _transforms  # noqa: F401
 from .stages.base import get_stage
@@ -94,20 +95,27 @@ class Pipeline:
         """
         layers = kv_from_cache(kv) if not isinstance(kv, (list, tuple)) else list(kv)
         shapes = _check_kv(layers)
+        dev = _gpu.for_kv(layers)  # on a GPU every stage runs there (kvserve.stages.gpu)
         geometry = (len(layers), shapes[0][0][1]) if layers else (0, 0)
         header_parts: list[list] = []
-        chunks: list[bytes] = []
+        chunks: list = []
         for w, which in enumerate("kv"):
             for gi, ids in enumerate(_groups([s[w] for s in shapes])):
                 x = torch.stack([layers[i][w] for i in ids]).to(torch.float32)
                 x = self.transform.forward(x, ids, which)
-                for part in self.quantizer.encode(x, ids, which, geometry):
+                parts = _gpu.quantizer_encode(self.quantizer, x, ids, which, geometry) if dev else \
+                    self.quantizer.encode(x, ids, which, geometry)
+                for part in parts:
                     if part.bits is not None:
-                        blob = self.codec.encode(part.array, part.bits)
+                        blob = _gpu.codec_encode(self.codec, part.array, part.bits) if dev else \
+                            self.codec.encode(part.array, part.bits)
                     else:
-                        blob = bytes(memoryview(np.ascontiguousarray(part.array)).cast("B"))
-                    header_parts.append([f"{which}{gi}.{part.name}", part.dtype, int(part.array.size), part.bits, len(blob)])
+                        blob = _gpu.side_bytes(part.array)
+                    count = part.array.numel() if isinstance(part.array, torch.Tensor) else part.array.size
+                    header_parts.append([f"{which}{gi}.{part.name}", part.dtype, int(count), part.bits, len(blob)])
                     chunks.append(blob)
+        if dev:
+            chunks = [_gpu.gather(chunks)]
         header = {"profile": self.get_config(), "dtype": "bfloat16",
                   "layers": [[list(k), list(v)] for k, v in shapes], "parts": header_parts,
                   "meta": meta if meta is not None else {}}
@@ -220,23 +228,32 @@ def _check_shapes(shapes):
             raise KVServeError("bundle: inconsistent layer shapes")
 
 
-def decode(data: bytes) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict]:
-    """Bundle -> (per-layer ``(k, v)`` bf16 tensors, meta dict). Raises only :class:`KVServeError`."""
+def decode(data: bytes, device=None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict]:
+    """Bundle -> (per-layer ``(k, v)`` bf16 tensors, meta dict). Raises only :class:`KVServeError`.
+
+    ``device`` (e.g. ``"cuda"``): decode there (:mod:`kvserve.stages.gpu`; the same bits as
+    on the CPU); default: on the CPU."""
     header, payload = parse_header(data)
     try:
-        return _decode(header, payload)
+        return _decode(header, payload, device)
     except KVServeError:
         raise
     except Exception as exc:  # defensive: no IndexError/RuntimeError escapes for bad input
         raise KVServeError(f"malformed bundle ({type(exc).__name__}: {exc})") from exc
 
 
-def _decode(header: dict, payload: memoryview):
+def _decode(header: dict, payload: memoryview, device=None):
     if set(header) != {"profile", "dtype", "layers", "parts", "meta"}:
         raise KVServeError("bundle: unexpected header keys")
     if header["dtype"] != "bfloat16":
         raise KVServeError("bundle: unsupported dtype")
     pipe = Pipeline.from_config(header["profile"])
+    dev = _gpu.is_device(device)
+    if dev:
+        _gpu.require()
+    if getattr(pipe.codec, "device_only", False) and not dev:
+        raise KVServeError(f"bundle codec {pipe.codec.stage_id!r} runs only on a CUDA device: "
+                           "decode with kvserve.decode(data, device='cuda') on a GPU machine")
     shapes = _parse_layers(header["layers"])
     meta = header["meta"]
     if not isinstance(meta, dict):
@@ -280,14 +297,17 @@ def _decode(header: dict, payload: memoryview):
                     npdt = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
                     arrays[name[len(prefix):]] = np.frombuffer(blob, dtype=npdt).copy()
                 else:
-                    a = pipe.codec.decode(blob, count, bits)
-                    if a.size != count:
+                    a = _gpu.codec_decode(pipe.codec, blob, count, bits, device) if dev else \
+                        pipe.codec.decode(blob, count, bits)
+                    size = a.numel() if dev else a.size
+                    if size != count:
                         raise KVServeError(f"bundle: part {name!r} decoded to the wrong size")
-                    if bits <= 8 and a.size and int(a.max()) >= 1 << bits:
+                    if bits <= 8 and size and int(a.max()) >= 1 << bits:
                         raise KVServeError(f"bundle: part {name!r} has out-of-range symbols")
                     arrays[name[len(prefix):]] = a
             shape = (len(ids),) + tuple(shapes[ids[0]][w])
-            x = pipe.quantizer.decode(arrays, shape, ids, which)
+            x = _gpu.quantizer_decode(pipe.quantizer, arrays, shape, ids, which, device) if dev else \
+                pipe.quantizer.decode(arrays, shape, ids, which)
             if tuple(x.shape) != shape:
                 raise KVServeError("bundle: decoded group has the wrong shape")
             x = pipe.transform.inverse(x, ids, which).to(torch.bfloat16)
