@@ -102,7 +102,8 @@ class Pipeline:
         for w, which in enumerate("kv"):
             for gi, ids in enumerate(_groups([s[w] for s in shapes])):
                 x = torch.stack([layers[i][w] for i in ids]).to(torch.float32)
-                x = self.transform.forward(x, ids, which)
+                x = _gpu.transform_forward(self.transform, x, ids, which) if dev else \
+                    self.transform.forward(x, ids, which)
                 parts = _gpu.quantizer_encode(self.quantizer, x, ids, which, geometry) if dev else \
                     self.quantizer.encode(x, ids, which, geometry)
                 for part in parts:
@@ -193,6 +194,20 @@ def parse_header(data: bytes) -> tuple[dict, memoryview]:
     if not isinstance(header, dict):
         raise KVServeError("bundle header must be an object")
     return header, mv[FIXED_SIZE + hlen:FIXED_SIZE + hlen + plen]
+
+
+def bundle_length(head) -> int:
+    """Total length of the bundle that starts with ``head`` (at least its first 20 bytes), from
+    its fixed header: for bundles stored in larger buffers. Raises :class:`KVServeError`."""
+    mv = memoryview(head).cast("B")
+    if len(mv) < FIXED_SIZE:
+        raise KVServeError("bundle truncated")
+    magic, version, flags, reserved, hlen, plen = _FIXED.unpack_from(mv, 0)
+    if magic != MAGIC or version != VERSION:
+        raise KVServeError("not a KVServe bundle (bad magic or version)")
+    if hlen > MAX_HEADER:
+        raise KVServeError("bundle header too large")
+    return FIXED_SIZE + hlen + plen + CRC_SIZE
 
 
 def _int(x, lo, hi, what):
@@ -310,7 +325,8 @@ def _decode(header: dict, payload: memoryview, device=None):
                 pipe.quantizer.decode(arrays, shape, ids, which)
             if tuple(x.shape) != shape:
                 raise KVServeError("bundle: decoded group has the wrong shape")
-            x = pipe.transform.inverse(x, ids, which).to(torch.bfloat16)
+            x = (_gpu.transform_inverse(pipe.transform, x, ids, which) if dev else
+                 pipe.transform.inverse(x, ids, which)).to(torch.bfloat16)
             for j, li in enumerate(ids):
                 out[li][w] = x[j]
     return [(k, v) for k, v in out], meta

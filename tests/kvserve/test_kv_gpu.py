@@ -352,3 +352,21 @@ def test_gpu_mixed_devices_and_missing_cuda_raise():
     kv[1] = (kv[1][0].to("meta"), kv[1][1].to("meta"))
     with pytest.raises(KVServeError, match="several devices"):
         kvserve.encode(kv, "bf16")
+
+
+@pytest.mark.parametrize("d", [16, 64, 24])
+def test_triton_portable_hadamard_same_bits(device, d):
+    """The Triton kernel (power-of-two head_dim; 24 = 16 + 8 takes torch operations) against the
+    CPU's numba pass, forward and inverse, keys with per-layer RoPE bases and values without."""
+    from kvserve.stages import gpu
+
+    tr = get_stage("transform", {"id": "hadamard", "seed": 3, "key_rope_theta": [1e4, 1e6, 1e4], "portable": True})
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(3, 2, 2, 9, d, generator=g) * 4
+    x[..., 1] *= 60
+    for which in "kv":
+        want = tr.forward(x, [0, 1, 2], which)
+        got = gpu.transform_forward(tr, x.to(device), [0, 1, 2], which)
+        assert torch.equal(got.cpu(), want)
+        back = gpu.transform_inverse(tr, got, [0, 1, 2], which)
+        assert torch.equal(back.cpu(), tr.inverse(want, [0, 1, 2], which))

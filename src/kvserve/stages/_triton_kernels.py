@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-ROUND_MAGIC = 12582912.0  # 1.5 * 2**23
+ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
 
 
 @triton.jit
@@ -195,3 +195,70 @@ def irans_decode_kernel(buf_ptr, off_ptr, table_ptr, nsym, out_ptr, status_ptr,
     bad = bad | (x != 65536).to(tl.int32)
     st = (tl.max(bad, axis=0) > 0) | (rp != nbytes)
     tl.store(status_ptr + b, st.to(tl.int32))
+
+
+# ----------------------------------------------------------------------------- portable Hadamard
+
+
+@triton.jit
+def _fwht(x, R: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
+    """Butterflies over the last dim of ``x`` [R, D]: pairs at distance 1, 2, 4, ... become
+    ``(a + b, a - b)`` (``kvserve.stages.transforms._butterfly_hadamard``)."""
+    for s in tl.static_range(LOG2D):
+        x = _butterfly_stage(x, R, D, 1 << s)
+    return x
+
+
+@triton.jit
+def _butterfly_stage(x, R: tl.constexpr, D: tl.constexpr, HD: tl.constexpr):
+    v = tl.permute(tl.reshape(x, [R, D // (2 * HD), 2, HD]), (0, 1, 3, 2))
+    a, b = tl.split(v)
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), [R, D])
+
+
+@triton.jit
+def _rope(x, cos_ptr, sin_ptr, idx_ptr, tok, layer, T, rm, R: tl.constexpr, D: tl.constexpr, UNDO: tl.constexpr):
+    """Rotate the channel pairs (i, i + D/2) as ``transforms._rotate(..., portable=True)``."""
+    HALF: tl.constexpr = D // 2
+    x1, x2 = tl.split(tl.permute(tl.reshape(x, [R, 2, HALF]), (0, 2, 1)))
+    lc = tl.load(idx_ptr + layer, mask=rm, other=0).to(tl.int64)
+    off = (lc * T + tok)[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    c = tl.load(cos_ptr + off, mask=rm[:, None], other=0.0)
+    s = tl.load(sin_ptr + off, mask=rm[:, None], other=0.0)
+    if UNDO:
+        o1 = x1 * c + x2 * s
+        o2 = x2 * c - x1 * s
+    else:
+        o1 = x1 * c - x2 * s
+        o2 = x2 * c + x1 * s
+    return tl.reshape(tl.permute(tl.join(o1, o2), (0, 2, 1)), [R, D])
+
+
+@triton.jit
+def hadamard_kernel(x_ptr, y_ptr, sign_ptr, cos_ptr, sin_ptr, idx_ptr, rows, B, H, T, scale,
+                    D: tl.constexpr, LOG2D: tl.constexpr, ROPE: tl.constexpr, FORWARD: tl.constexpr,
+                    R: tl.constexpr):
+    """The ``portable`` randomized Hadamard of ``R`` rows (tokens) of a contiguous float32
+    stack ``(n, B, H, T, D)``, ``D`` a power of two: forward = undo RoPE, times the signs
+    ``(n, H, D)``, butterflies, times ``scale``; inverse = butterflies, times ``scale``, times
+    the signs, redo RoPE (tables ``(U, T, D/2)``, ``idx[layer]`` picks one)."""
+    r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    rm = r < rows
+    m2 = rm[:, None] & (tl.arange(0, D)[None, :] < D)
+    tok = r % T
+    layer = r // (T * H * B)
+    head = (r // T) % H
+    d = tl.arange(0, D)
+    x = tl.load(x_ptr + r[:, None] * D + d[None, :], mask=m2, other=0.0)
+    sg = tl.load(sign_ptr + (layer * H + head)[:, None] * D + d[None, :], mask=m2, other=0.0)
+    if FORWARD:
+        if ROPE:
+            x = _rope(x, cos_ptr, sin_ptr, idx_ptr, tok, layer, T, rm, R, D, True)
+        x = x * sg
+        x = _fwht(x, R, D, LOG2D) * scale
+    else:
+        x = _fwht(x, R, D, LOG2D) * scale
+        x = x * sg
+        if ROPE:
+            x = _rope(x, cos_ptr, sin_ptr, idx_ptr, tok, layer, T, rm, R, D, False)
+    tl.store(y_ptr + r[:, None] * D + d[None, :], x, mask=m2)

@@ -48,8 +48,10 @@ import torch
 
 from ..errors import KVServeError
 from . import irans, rans
+from . import transforms as _tf
 from .quantizers import (CacheGenQuant, KIVIQuant, KVServeQuant, NoQuant, Part, _compact_codes, _ft, _stats,
                          bits_for)
+from .transforms import Hadamard
 
 #: Tests: treat CPU tensors as device tensors and run the kernels in Triton's interpreter.
 FORCE_INTERPRETER = False
@@ -207,6 +209,49 @@ def dequantize(q, scale, mn, lv=None, sym: bool = False) -> torch.Tensor:
     _launch(K.dequantize_kernel, -(-q.numel() // BLOCK), q, scale, mnt, lvt, y, q.numel(), *smap, *lmap,
             HAS_MN=mn is not None, SYM=sym, BLOCK=BLOCK)
     return y
+
+
+# ------------------------------------------------------------------------------ transforms
+
+HADAMARD_TILE = 4096  # elements per program of the Hadamard kernel (rows = HADAMARD_TILE // D)
+HADAMARD_ROWS = 32  # rows per program at D = 128 (what benchmarks/kvserve_gpu_compile_check.py builds)
+
+
+def _hadamard(tr: Hadamard, x, layer_ids, which, forward: bool) -> torch.Tensor:
+    K = _kernels()
+    n, b, h, t, d = x.shape
+    ids = tuple(int(li) for li in layer_ids)
+    signs = _tf._on(_tf._sign_stack, x.device, tr.seed, ids, h, d)
+    th = tr._thetas(layer_ids, d) if which == "k" else None
+    x = x.to(torch.float32).contiguous()
+    y = torch.empty_like(x)
+    if th is not None:
+        c, s, idx = _tf.rope_tables_on(tuple(float(v) for v in th), t, d, x.device)
+    else:
+        c = s = idx = signs
+    rows = n * b * h * t
+    r = max(1, HADAMARD_TILE // d)
+    _launch(K.hadamard_kernel, -(-rows // r), x, y, signs, c, s, idx, rows, b, h, t, _tf.butterfly_scale(d),
+            D=d, LOG2D=d.bit_length() - 1, ROPE=th is not None, FORWARD=forward, R=r)
+    return y
+
+
+def _triton_hadamard(tr, d: int) -> bool:
+    return isinstance(tr, Hadamard) and tr.portable and d >= 2 and d & (d - 1) == 0
+
+
+def transform_forward(tr, x, layer_ids, which):
+    """``tr.forward`` on the device: the portable Hadamard of a power-of-two head_dim in one
+    Triton pass, anything else with torch operations."""
+    if _triton_hadamard(tr, x.shape[-1]) and x.numel():
+        return _hadamard(tr, x, layer_ids, which, True)
+    return tr.forward(x, layer_ids, which)
+
+
+def transform_inverse(tr, y, layer_ids, which):
+    if _triton_hadamard(tr, y.shape[-1]) and y.numel():
+        return _hadamard(tr, y, layer_ids, which, False)
+    return tr.inverse(y, layer_ids, which)
 
 
 # ------------------------------------------------------------------------------ quantizers
@@ -557,21 +602,35 @@ def irans_encode(sym: torch.Tensor, bits: int, pair: bool) -> torch.Tensor:
     return torch.cat([torch.frombuffer(bytearray(head), dtype=torch.uint8).to(dev), stream])
 
 
+class IransPrepared:
+    """An ``irans`` stream parsed on the host (header checks) with its block streams, offsets
+    and slot table on the device; :meth:`run` decodes it (benchmarks time that alone)."""
+
+    def __init__(self, buf, count: int, bits: int, device):
+        paired, alpha, freq, self.block_log2, self.nsym, offsets, hlen = irans.parse_header(buf, count, bits)
+        self.count, self.pair_bits, self.device = count, bits if paired else 0, device
+        self.nblocks = offsets.size - 1
+        if self.nsym:
+            self.stream = _dev(np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8, offset=hlen), device)
+            self.offsets = _dev(offsets, device)
+            self.table = _dev(irans.decode_table(freq).view(np.int32), device)
+
+    def run(self) -> torch.Tensor:
+        if self.nsym == 0:
+            return torch.zeros(0, dtype=torch.uint8, device=self.device)
+        K = _kernels()
+        out = torch.empty(self.nsym * (2 if self.pair_bits else 1), dtype=torch.uint8, device=self.device)
+        status = torch.empty(self.nblocks, dtype=torch.int32, device=self.device)
+        _launch(K.irans_decode_kernel, self.nblocks, self.stream, self.offsets, self.table, self.nsym, out, status,
+                BLOCK_LOG2=self.block_log2, LANES=irans.LANES, PAIR_BITS=self.pair_bits)
+        if int(status.max()):
+            raise KVServeError("irans: corrupt stream")
+        return out[:self.count]
+
+
 def irans_decode(buf, count: int, bits: int, device) -> torch.Tensor:
     """Decode an ``irans`` stream (host bytes) into ``count`` uint8 symbols on ``device``."""
-    K = _kernels()
-    paired, alpha, freq, blog2, nsym, offsets, hlen = irans.parse_header(buf, count, bits)
-    if nsym == 0:
-        return torch.zeros(0, dtype=torch.uint8, device=device)
-    stream = _dev(np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8, offset=hlen), device)
-    table = _dev(irans.decode_table(freq).view(np.int32), device)
-    out = torch.empty(nsym * (2 if paired else 1), dtype=torch.uint8, device=device)
-    status = torch.empty(offsets.size - 1, dtype=torch.int32, device=device)
-    _launch(K.irans_decode_kernel, offsets.size - 1, stream, _dev(offsets, device), table, nsym, out, status,
-            BLOCK_LOG2=blog2, LANES=irans.LANES, PAIR_BITS=bits if paired else 0)
-    if int(status.max()):
-        raise KVServeError("irans: corrupt stream")
-    return out[:count]
+    return IransPrepared(buf, count, bits, device).run()
 
 
 def _host_bits(t: torch.Tensor, bits: int) -> np.ndarray:

@@ -103,13 +103,21 @@ def _rope_stack(thetas: tuple, t: int, d: int) -> tuple[torch.Tensor, torch.Tens
 
 
 @functools.lru_cache(maxsize=8)
-def _rope_on(thetas: tuple, t: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_rope_stack` on ``device`` (one table per distinct theta, computed on the host)."""
+def rope_tables_on(thetas: tuple, t: int, d: int, device: torch.device):
+    """``cos, sin`` of shape ``(U, t, d//2)`` on ``device`` for the ``U`` distinct thetas (computed
+    on the host, float64 angles) and the int32 index ``(n,)`` of each stacked layer's table."""
     uniq = sorted(set(thetas))
     c = torch.stack([_rope_cos_sin(th, t, d)[0] for th in uniq]).to(device)
     s = torch.stack([_rope_cos_sin(th, t, d)[1] for th in uniq]).to(device)
-    idx = torch.tensor([uniq.index(th) for th in thetas], device=device)
-    return c[idx][:, None, None].contiguous(), s[idx][:, None, None].contiguous()
+    return c, s, torch.tensor([uniq.index(th) for th in thetas], dtype=torch.int32, device=device)
+
+
+def _rope_on(thetas: tuple, t: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_rope_stack` on ``device``, broadcast over the layers when they share one theta."""
+    c, s, idx = rope_tables_on(thetas, t, d, device)
+    if c.shape[0] > 1:
+        c, s = c[idx.long()], s[idx.long()]
+    return c[:, None, None], s[:, None, None]
 
 
 def _rotate(x: torch.Tensor, thetas: list[float], sign: float, portable: bool = False) -> torch.Tensor:
