@@ -184,6 +184,8 @@ def test_gpu_golden_bundles_decode(device, name):
     """The frozen bundles (rans/ans codecs run on the host) decode on the device path to the
     frozen digest, except the legacy-Hadamard ones on a real GPU (within one bf16 unit)."""
     blob = (DATA / f"golden-{name}.kvsv").read_bytes()
+    if parse_header(blob)[0]["profile"]["codec"]["id"] == "ans":
+        pytest.importorskip("constriction")  # not on every GPU image
     out, meta = kvserve.decode(blob, device=device)
     assert meta == {"golden": name}
     digest = hashlib.sha256(b"".join(bits16(t).numpy().tobytes() for p in out for t in p)).hexdigest()

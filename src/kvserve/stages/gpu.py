@@ -39,6 +39,7 @@ setting :data:`FORCE_INTERPRETER`) the device path raises :class:`KVServeError`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -109,8 +110,11 @@ def for_kv(layers) -> bool:
 
 
 def _launch(kernel, n_programs: int, *args, **consts):
-    K = _kernels()  # noqa: F841 - raises the clear error when there is no device
-    kernel[(max(1, n_programs),)](*args, **consts, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    """Launch on the device of the first tensor argument, without FMA contraction."""
+    _kernels()  # raises the clear error when there is no device
+    dev = next(a.device for a in args if isinstance(a, torch.Tensor))
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        kernel[(max(1, n_programs),)](*args, **consts, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 def _host(t) -> np.ndarray:
@@ -214,7 +218,6 @@ def dequantize(q, scale, mn, lv=None, sym: bool = False) -> torch.Tensor:
 # ------------------------------------------------------------------------------ transforms
 
 HADAMARD_TILE = 4096  # elements per program of the Hadamard kernel (rows = HADAMARD_TILE // D)
-HADAMARD_ROWS = 32  # rows per program at D = 128 (what benchmarks/kvserve_gpu_compile_check.py builds)
 
 
 def _hadamard(tr: Hadamard, x, layer_ids, which, forward: bool) -> torch.Tensor:
@@ -415,16 +418,7 @@ def _kvserve_decode(qz: KVServeQuant, parts, shape, layer_ids, which, device) ->
         q = q.reshape(n, h, b, tm, d).transpose(1, 2)
         lv = torch.tensor(levels, dtype=torch.float32)[torch.from_numpy(idx.astype(np.int64))]
         lv = lv.to(device)[:, None, :, None, None]
-        if which == "k" and qz._axis("k") == "channel" and qz.key_group:
-            g = qz.key_group
-            if tm % g:
-                raise KVServeError("kvserve: token split not a multiple of key_group")
-            q = q.reshape(n, b, h, tm // g, g, d)
-            stat = (n, b, h, tm // g, 1, d)
-            lv = lv[..., None]
-        else:
-            dims = qz._stat_dims(which, shape)
-            stat = tuple(1 if i in dims else sz for i, sz in enumerate((n, b, h, tm, d)))
+        q, stat, lv = qz._stat_layout(q, lv, which, n, b, h, tm, d)
         mn, rg = _stats_on(parts, stat, device)
         out[..., s:e, :] = _deminmax(q, mn, rg, lv).reshape(n, b, h, tm, d)
     return out
@@ -436,12 +430,8 @@ def _kivi_encode(qz: KIVIQuant, x, layer_ids, which, geometry) -> list[Part]:
     parts: list[Part] = []
     _windows_encode(qz, x, s, e, parts)
     if e > s:
-        tm, g, lv = e - s, qz.group_size, 1 << qz.bits
-        xm = x[..., s:e, :]
-        if which == "k":
-            q = _minmax(xm.reshape(n, b, h, tm // g, g, d), (4,), lv, parts)
-        else:
-            q = _minmax(xm.reshape(n, b, h, tm, d // gd, gd), (5,), lv, parts)
+        qs, _ = qz._group_shapes(which, n, b, h, e - s, d, gd)
+        q = _minmax(x[..., s:e, :].reshape(qs), (4,) if which == "k" else (5,), 1 << qz.bits, parts)
         parts.append(Part("q", q.reshape(-1), bits=qz.bits, dtype="uint8"))
     return parts
 
@@ -452,11 +442,8 @@ def _kivi_decode(qz: KIVIQuant, parts, shape, layer_ids, which, device) -> torch
     out = torch.empty(shape, dtype=torch.float32, device=device)
     _windows_decode(out, parts, shape, s, e)
     if e > s:
-        tm, g, lv = e - s, qz.group_size, 1 << qz.bits
-        if which == "k":
-            qs, stat = (n, b, h, tm // g, g, d), (n, b, h, tm // g, 1, d)
-        else:
-            qs, stat = (n, b, h, tm, d // gd, gd), (n, b, h, tm, d // gd, 1)
+        tm, lv = e - s, 1 << qz.bits
+        qs, stat = qz._group_shapes(which, n, b, h, tm, d, gd)
         q = _dev(_get(parts, "q", n * b * h * tm * d), device).reshape(qs)
         mn, rg = _stats_on(parts, stat, device)
         out[..., s:e, :] = _deminmax(q, mn, rg, lv).reshape(n, b, h, tm, d)

@@ -228,14 +228,7 @@ class IRANS(_PairingCodec):
     stage_id = "irans"
 
     def encode(self, arr, bits):
-        if not 1 <= bits <= 8:
-            raise KVServeError("irans: needs quantized symbols (bits <= 8)")
-        paired = self.pair and 2 * bits <= 8
-        alpha = 1 << (2 * bits if paired else bits)
-        sym, counts = rans.symbols_and_counts(arr, bits if paired else 0, alpha)
-        if counts[-1]:
-            raise KVServeError("irans: symbol out of range")
-        freq = rans.quantize_freqs(counts[:-1])
+        paired, alpha, sym, freq = self._table(arr, bits)
         blog2 = DEFAULT_BLOCK_LOG2
         sizes, stream = encode(sym, freq, blog2)
         return pack_header(paired, alpha, freq, blog2, sizes) + stream.tobytes()

@@ -436,6 +436,17 @@ class KVServeQuant(_Windowed):
             return xm[..., :tg, :].reshape(n, b, h, tg // g, g, d), tg
         return xm, t
 
+    def _stat_layout(self, q, lv, which, n, b, h, tm, d):
+        """``(q, stat_shape, lv)`` for dequantising the middle ``tm`` tokens: ``q`` and the level
+        tensor reshaped for token-grouped channel statistics when ``key_group`` is set."""
+        if which == "k" and self._axis("k") == "channel" and self.key_group:
+            g = self.key_group
+            if tm % g:
+                raise KVServeError("kvserve: token split not a multiple of key_group")
+            return q.reshape(n, b, h, tm // g, g, d), (n, b, h, tm // g, 1, d), lv[..., None]
+        dims = self._stat_dims(which, (n, b, h, tm, d))
+        return q, tuple(1 if i in dims else sz for i, sz in enumerate((n, b, h, tm, d))), lv
+
     def _tier_levels(self, which):
         return [r[1] if which == "k" else r[2] for r in self.tiers]
 
@@ -602,6 +613,14 @@ class KIVIQuant(_Windowed):
         e = s + (e - s) // g * g
         gd = g if d % g == 0 else d  # value channel groups; whole head_dim if it does not divide
         return s, e, gd
+
+    def _group_shapes(self, which, n, b, h, tm, d, gd):
+        """``(symbol shape, statistic shape)`` of the quantized middle: keys in token groups,
+        values in channel groups."""
+        g = self.group_size
+        if which == "k":
+            return (n, b, h, tm // g, g, d), (n, b, h, tm // g, 1, d)
+        return (n, b, h, tm, d // gd, gd), (n, b, h, tm, d // gd, 1)
 
     def encode(self, x, layer_ids, which, geometry):
         n, b, h, t, d = x.shape
