@@ -372,3 +372,14 @@ def test_triton_portable_hadamard_same_bits(device, d):
         assert torch.equal(got.cpu(), want)
         back = gpu.transform_inverse(tr, got, [0, 1, 2], which)
         assert torch.equal(back.cpu(), tr.inverse(want, [0, 1, 2], which))
+
+
+def test_gpu_uneven_layers_batch_and_odd_head_dims(device, small_blocks):
+    """Sliding-window layers (several groups, an empty one), batch 2, a value head_dim of 96
+    (portable Hadamard as 64 + 32 through torch operations) and 16 (Triton), through every
+    stage kind: same bytes, same bits."""
+    kv = make_kv(layers=4, tokens_per_layer=[12, 5, 12, 0], dim=16, heads=2, batch=2, seed=9)
+    g = torch.Generator().manual_seed(10)
+    kv[0] = (kv[0][0], (torch.randn(2, 2, 12, 96, generator=g) * 3).bfloat16())
+    for profile in ("kvserve", "kivi-4", "cachegen", "bf16"):
+        check_both_ways(profile, kv, device)

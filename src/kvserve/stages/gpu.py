@@ -190,6 +190,8 @@ def quantize(x, mn, inv, lv, sym: bool = False) -> torch.Tensor:
     K = _kernels()
     x = x.to(torch.float32).contiguous()
     q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    if not x.numel():
+        return q
     lvt = _levels_tensor(lv, x).to(torch.float32).contiguous()
     inv = inv.to(torch.float32).contiguous()
     mnt = mn.to(torch.float32).expand(inv.shape).contiguous() if mn is not None else inv
@@ -205,6 +207,8 @@ def dequantize(q, scale, mn, lv=None, sym: bool = False) -> torch.Tensor:
     K = _kernels()
     q = q.contiguous()
     y = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    if not q.numel():
+        return y
     scale = scale.to(torch.float32).contiguous()
     mnt = mn.to(torch.float32).expand(scale.shape).contiguous() if mn is not None else scale
     lvt = _levels_tensor(lv if lv is not None else 0, q).to(torch.float32).contiguous()
@@ -656,7 +660,9 @@ def codec_decode(codec, buf, count: int, bits: int, device) -> torch.Tensor:
         if len(buf) != count * item:
             raise KVServeError(f"{sid}: length mismatch")
         t = _dev(np.frombuffer(buf, dtype=np.uint8), device)
-        return t.view(torch.int16) if bits == 16 else t
+        if bits == 16:
+            return t.view(torch.int16) if t.numel() else torch.empty(0, dtype=torch.int16, device=device)
+        return t
     if getattr(codec, "device_only", False):
         return codec.decode_device(buf, count, bits, device)
     a = codec.decode(buf, count, bits)
