@@ -25,6 +25,17 @@ def _nvcomp():
     return nvcomp
 
 
+def _to_torch(arr, device):
+    """An nvCOMP array as a flat uint8 torch tensor (DLPack, else the CUDA array interface)."""
+    import torch
+
+    try:
+        t = torch.from_dlpack(arr)
+    except Exception:  # noqa: BLE001 - older nvCOMP arrays: the CUDA array interface
+        t = torch.as_tensor(arr, device=device)
+    return t.reshape(-1).view(torch.uint8)
+
+
 @register
 class NVCOMP(Codec):
     """nvCOMP ``algorithm`` on the symbol bytes (GPU only; ``kvserve.decode(..., device="cuda")``)."""
@@ -55,7 +66,7 @@ class NVCOMP(Codec):
         nv = _nvcomp()
         data = sym.contiguous().reshape(-1).view(torch.uint8)
         enc = nv.Codec(algorithm=self.algorithm).encode(nv.as_array(data))
-        return torch.as_tensor(enc, device=sym.device).reshape(-1).view(torch.uint8).clone()
+        return _to_torch(enc, sym.device)[:int(enc.buffer_size)].clone()
 
     def decode_device(self, buf, count, bits, device):
         import torch
@@ -64,7 +75,7 @@ class NVCOMP(Codec):
         src = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8).copy()).to(device)
         try:
             dec = nv.Codec(algorithm=self.algorithm).decode(nv.as_array(src))
-            out = torch.as_tensor(dec, device=device).reshape(-1).view(torch.uint8).clone()
+            out = _to_torch(dec, device)[:int(dec.buffer_size)].clone()
         except Exception as exc:  # nvCOMP reports bad streams as its own exceptions
             raise KVServeError(f"nvcomp: corrupt stream ({exc})") from exc
         item = 2 if bits == 16 else 1
