@@ -283,6 +283,8 @@ def _units(out: str, work: str) -> None:
     except Exception as exc:
         res["controller"] = {"error": f"{type(exc).__name__}: {exc}"}
     res["roles"] = _roles(str(Path(work) / "roles"))
+    res["tp_store"] = _tp_roles("store", work)
+    res["tp_direct"] = _tp_roles("direct", work)
     try:  # the same against a real Redis server (Debian's redis-server), when there is one
         import redis  # noqa: F401
 
@@ -432,12 +434,244 @@ def _roles(store: str) -> dict:
     return out
 
 
+def _make(role_name: str, role, extra: dict, *, tp: int = 1, heads: int | None = None, layers=None,
+          block_size: int = BLOCK_SIZE, head_size: int = 64, backend: str = "CPU_ATTN", isa: str | None = "vec"):
+    """A connector of one role built from a hand-made vLLM config (no engine): ``tp``
+    tensor-parallel ranks of a model with ``heads`` KV heads (None: a config that does not say)."""
+    from types import SimpleNamespace as NS
+
+    from vllm.config import KVTransferConfig
+
+    from kvserve.serving import vllm_connector as conn
+
+    layers = layers or ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
+    fwd = {n: NS(attn_backend=NS(get_name=lambda: backend), head_size=head_size, isa=isa) for n in layers}
+    model = NS(use_mla=False, model="test-model")
+    if heads is not None:
+        model = NS(use_mla=False, model="test-model", max_model_len=256, get_total_num_kv_heads=lambda: heads,
+                   get_head_size=lambda: head_size, get_total_num_hidden_layers=lambda: len(layers))
+    cfg = NS(kv_transfer_config=KVTransferConfig(
+                 kv_connector="KVServeConnector", kv_connector_module_path=MODULE, kv_role=role_name,
+                 kv_connector_extra_config={"secret": SECRET, **extra}),
+             cache_config=NS(block_size=block_size, cache_dtype="auto"), model_config=model,
+             parallel_config=NS(tensor_parallel_size=tp, pipeline_parallel_size=1),
+             compilation_config=NS(static_forward_context=fwd))
+    return conn.KVServeConnector(cfg, role, NS(kv_cache_groups=[NS(layer_names=layers)]))
+
+
+def _step(new=(), cached=(), sched=None):
+    """A SchedulerOutput with what the connector reads."""
+    from types import SimpleNamespace as NS
+
+    c = NS(req_ids=[x[0] for x in cached], new_block_ids=[x[1] for x in cached],
+           num_computed_tokens=[x[2] for x in cached], resumed_req_ids=set())
+    return NS(scheduled_new_reqs=list(new), scheduled_cached_reqs=c, num_scheduled_tokens=sched or {})
+
+
+def _tp_roles(transfer: str, work: str) -> dict:
+    """Heterogeneous tensor parallelism with the roles driven by hand: a producer of TP=a saves
+    (store) or pushes (direct) one bundle per source rank from per-rank paged caches holding
+    that rank's KV heads; a consumer of TP=b finds them, and each of its ranks loads exactly
+    its own heads (replicated where TP > KV heads). Ranks come from the monkeypatched
+    ``parallel_ranks`` hook; the caches use the GPU backends' K|V layout."""
+    from types import SimpleNamespace as NS
+
+    import torch
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvserve.serving import paged as pg
+    from kvserve.serving import vllm_connector as conn
+
+    heads, d, bs, n = 4, 16, 16, 45
+    layers = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
+    prompt = list(range(3000, 3000 + n))
+    blocks = [5, 2, 7]
+    torch.manual_seed(2)
+    kv = {name: (torch.randn(1, heads, n, d).bfloat16(), torch.randn(1, heads, n, d).bfloat16()) for name in layers}
+    kw = dict(heads=heads, layers=layers, block_size=bs, head_size=d, backend="FLASH_ATTN", isa=None)
+    real_ranks = conn.parallel_ranks
+    out: dict = {}
+    try:
+        for i, (a, b) in enumerate([(2, 1), (1, 2), (2, 4), (4, 8), (8, 2), (1, 8)]):
+            case: dict = {}
+            key_extra = {"kvserve_key": f"tp{i}x{a}x{b}"}
+            if transfer == "direct":
+                csched = _make("kv_consumer", KVConnectorRole.SCHEDULER, {"transfer": "direct", "listen": "127.0.0.1:0"},
+                               tp=b, **kw)
+                host, port = csched._receiver.address
+                pextra = {"transfer": "direct", "peer": f"{host}:{port}", "compression": "bf16"}
+                cextra = {"transfer": "direct", "listen": "127.0.0.1:0"}
+            else:
+                pextra = cextra = {"store": str(Path(work) / "tp-store"), "compression": "bf16"}
+                csched = _make("kv_consumer", KVConnectorRole.SCHEDULER, cextra, tp=b, **kw)
+            psched = _make("kv_producer", KVConnectorRole.SCHEDULER, pextra, tp=a, **kw)
+            req = NS(request_id=f"p{i}", prompt_token_ids=prompt, kv_transfer_params=key_extra)
+            psched.on_new_request(req)
+            meta = psched.build_connector_meta(_step(new=[NS(req_id=f"p{i}", prompt_token_ids=prompt,
+                                                             block_ids=(blocks,), num_computed_tokens=0)],
+                                                     sched={f"p{i}": n}))
+            params = psched.request_finished(req, [])[1]
+            case["finished_params"] = params
+            written = []
+            for r in range(a):
+                conn.parallel_ranks = lambda r=r: (r, 0)
+                w = _make("kv_producer", KVConnectorRole.WORKER, pextra, tp=a, **kw)
+                mine = list(pg.kv_heads_of_rank(r, a, heads))
+                caches = {}
+                for name in layers:
+                    cache = torch.zeros(10, len(mine), bs, 2 * d, dtype=torch.bfloat16)
+                    kc, vc_ = pg.split_kv(cache, "FLASH_ATTN", d)
+                    blk, off = pg.token_slots(blocks, bs, bs, 0, n)
+                    pg.scatter_tokens(kc, blk, off, kv[name][0][:, mine])
+                    pg.scatter_tokens(vc_, blk, off, kv[name][1][:, mine])
+                    caches[name] = cache
+                w.register_kv_caches(caches)
+                before = conn.STATS["saves"]
+                w.bind_connector_metadata(meta)
+                for name in layers:
+                    w.save_kv_layer(name, caches[name], None)
+                w.wait_for_save()
+                w.clear_connector_metadata()
+                if conn.STATS["saves"] > before:
+                    written.append(r)
+            case["written_ranks"] = written
+            if transfer == "direct":
+                case["inbox"] = sorted(csched._inbox._items)
+            # the consumer: the producer's returned params name the key and its TP size
+            creq = NS(request_id=f"c{i}", prompt_token_ids=prompt, kv_transfer_params=params)
+            case["matched"] = list(csched.get_num_new_matched_tokens(creq, 0))
+            csched.update_state_after_alloc(creq, NS(get_block_ids=lambda: ([1, 8, 3],)), n - 1)
+            lmeta = csched.build_connector_meta(_step(new=[NS(req_id=f"c{i}", prompt_token_ids=prompt,
+                                                              block_ids=([1, 8, 3],), num_computed_tokens=0)],
+                                                      sched={f"c{i}": n}))
+            ok, errors = [], []
+            for q in range(b):
+                conn.parallel_ranks = lambda q=q: (q, 0)
+                w = _make("kv_consumer", KVConnectorRole.WORKER, cextra, tp=b, **kw)
+                mine = list(pg.kv_heads_of_rank(q, b, heads))
+                caches = {name: torch.zeros(10, len(mine), bs, 2 * d, dtype=torch.bfloat16) for name in layers}
+                w.register_kv_caches(caches)
+                w.bind_connector_metadata(lmeta)
+                w.start_load_kv(None)
+                errors += sorted(w.get_block_ids_with_load_errors())
+                good = True
+                for name in layers:
+                    kc, vc_ = pg.split_kv(caches[name], "FLASH_ATTN", d)
+                    blk, off = pg.token_slots([1, 8, 3], bs, bs, 0, n - 1)
+                    good &= torch.equal(pg.gather_tokens(kc, blk, off), kv[name][0][:, mine, :n - 1])
+                    good &= torch.equal(pg.gather_tokens(vc_, blk, off), kv[name][1][:, mine, :n - 1])
+                ok.append(bool(good))
+            case["ranks_loaded_own_heads"] = ok
+            case["load_errors"] = errors
+            # a consumer told the wrong producer TP size finds nothing (no hit), never wrong heads
+            wrong = NS(request_id=f"w{i}", prompt_token_ids=prompt, kv_transfer_params={**params, "kvserve_tp": 3})
+            case["matched_bad_tp"] = list(csched.get_num_new_matched_tokens(wrong, 0))
+            if transfer == "direct":
+                csched.request_finished(creq, [])
+                case["inbox_after_finish"] = len(csched._inbox)
+            csched.shutdown()
+            out[f"{a}->{b}"] = case
+    finally:
+        conn.parallel_ranks = real_ranks
+    return out
+
+
+def _device(out: str, work: str) -> None:
+    """The connector's device path in Triton's interpreter: TRITON_INTERPRET=1 is set before
+    triton is imported and kvserve.stages.gpu treats CPU tensors as device tensors
+    (FORCE_INTERPRETER), so the producer encodes the gathered KV with the device stages (no
+    host copy of the KV) and the consumer decodes onto its cache's device. Checked against the
+    host path: the same bundle bytes, the same loaded KV."""
+    from types import SimpleNamespace as NS
+
+    import torch
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    import kvserve
+    from kvserve.serving import paged as pg
+    from kvserve.serving import vllm_connector as conn
+    from kvserve.stages import gpu, irans
+
+    irans.DEFAULT_BLOCK_LOG2 = 8  # several rANS blocks on a small input
+    heads, d, bs = 2, 16, 16
+    layers = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
+    kw = dict(heads=heads, layers=layers, block_size=bs, head_size=d, backend="FLASH_ATTN", isa=None)
+    res: dict = {}
+    # kivi-4 keeps the last 128 tokens in bf16 and quantizes groups of 32 before them
+    for profile, n in (("kivi-4", 200), ("kvserve", 40)):
+        prompt = list(range(5000, 5000 + n))
+        torch.manual_seed(3)
+        kv = {name: (torch.randn(1, heads, n, d).bfloat16(), torch.randn(1, heads, n, d).bfloat16()) for name in layers}
+        nb = -(-n // bs)
+        pblocks, cblocks = list(range(nb))[::-1], list(range(2, nb + 2))
+        extra = {"store": str(Path(work) / "dev-store"), "compression": profile}
+        gpu.FORCE_INTERPRETER = True
+        try:
+            psched = _make("kv_producer", KVConnectorRole.SCHEDULER, extra, **kw)
+            req = NS(request_id=profile, prompt_token_ids=prompt, kv_transfer_params={"kvserve_key": f"dev{profile[-1]}"})
+            psched.on_new_request(req)
+            meta = psched.build_connector_meta(_step(new=[NS(req_id=profile, prompt_token_ids=prompt, block_ids=(pblocks,),
+                                                             num_computed_tokens=0)], sched={profile: n}))
+            w = _make("kv_producer", KVConnectorRole.WORKER, extra, **kw)
+            caches = {}
+            for name in layers:
+                cache = torch.zeros(nb + 2, heads, bs, 2 * d, dtype=torch.bfloat16)
+                kc, vc_ = pg.split_kv(cache, "FLASH_ATTN", d)
+                blk, off = pg.token_slots(pblocks, bs, bs, 0, n)
+                pg.scatter_tokens(kc, blk, off, kv[name][0])
+                pg.scatter_tokens(vc_, blk, off, kv[name][1])
+                caches[name] = cache
+            w.register_kv_caches(caches)
+            before = dict(conn.STATS)
+            w.bind_connector_metadata(meta)
+            for name in layers:
+                w.save_kv_layer(name, caches[name], None)
+            w.wait_for_save()
+            params = psched.request_finished(req, [])[1]
+            csched = _make("kv_consumer", KVConnectorRole.SCHEDULER, extra, **kw)
+            creq = NS(request_id="c" + profile, prompt_token_ids=prompt, kv_transfer_params=params)
+            matched = list(csched.get_num_new_matched_tokens(creq, 0))
+            csched.update_state_after_alloc(creq, NS(get_block_ids=lambda: (cblocks,)), n - 1)
+            lmeta = csched.build_connector_meta(_step(new=[NS(req_id="c" + profile, prompt_token_ids=prompt,
+                                                              block_ids=(cblocks,), num_computed_tokens=0)]))
+            cw = _make("kv_consumer", KVConnectorRole.WORKER, extra, **kw)
+            loaded = {name: torch.zeros(nb + 2, heads, bs, 2 * d, dtype=torch.bfloat16) for name in layers}
+            cw.register_kv_caches(loaded)
+            cw.bind_connector_metadata(lmeta)
+            cw.start_load_kv(None)
+            errors = sorted(cw.get_block_ids_with_load_errors())
+            counts = {k: conn.STATS[k] - before.get(k, 0) for k in ("device_encodes", "device_decodes", "saves", "loads")}
+        finally:
+            gpu.FORCE_INTERPRETER = False
+        # the host path on the same KV: the same bytes; the bundle decoded on the host, scattered
+        blob = w._store.get(conn.bundle_key("udev" + profile[-1], "tp0-1.pp0-1"))
+        header = kvserve.pipeline.parse_header(blob)[0]
+        host_blob = kvserve.encode([kv[name] for name in layers], profile, meta=header["meta"])
+        want, _ = kvserve.decode(blob)
+        same = True
+        for i, name in enumerate(layers):
+            kc, vc_ = pg.split_kv(loaded[name], "FLASH_ATTN", d)
+            blk, off = pg.token_slots(cblocks, bs, bs, 0, n - 1)
+            same &= torch.equal(pg.gather_tokens(kc, blk, off), want[i][0][:, :, :n - 1])
+            same &= torch.equal(pg.gather_tokens(vc_, blk, off), want[i][1][:, :, :n - 1])
+        res[profile] = {"tokens": n, "matched": matched, "load_errors": errors, "counts": counts, "same_bytes_as_host": blob == host_blob,
+                        "loaded_equals_host_decode": bool(same), "codec": header["profile"]["codec"]["id"],
+                        "lossy": not torch.equal(want[0][0], kv[layers[0]][0])}
+    Path(out).write_text(json.dumps(res, indent=1))
+
+
 def main(argv: list[str]) -> None:
+    if argv[0] == "device":  # before anything imports triton
+        import os
+
+        os.environ["TRITON_INTERPRET"] = "1"
     vllm_env.apply_env()
     if argv[0] == "pd":
         _pd(*argv[1:4])
     elif argv[0] == "units":
         _units(*argv[1:3])
+    elif argv[0] == "device":
+        _device(*argv[1:3])
     else:
         raise SystemExit(f"unknown command {argv[0]!r}")
 
@@ -505,12 +739,40 @@ def test_connector_pieces(tmp_path):
     assert roles["load_errors_corrupt"] == [3, 8]
     for name, got in roles["hostile"].items():
         assert got == {"matched": [0, False], "load_errors": [3, 8], "fast": True}, (name, got)
+    for mode in ("tp_store", "tp_direct"):
+        for layout, case in res[mode].items():
+            a, b = map(int, layout.split("->"))
+            assert case["finished_params"]["kvserve_tp"] == a, (mode, layout, case)
+            # KV heads replicated on the producer (TP 8 > 4 heads): only the first of each pair writes
+            assert case["written_ranks"] == list(range(0, a, max(1, a // 4))), (mode, layout, case)
+            assert case["matched"] == [44, False], (mode, layout, case)
+            assert case["ranks_loaded_own_heads"] == [True] * b and case["load_errors"] == [], (mode, layout, case)
+            assert case["matched_bad_tp"] == [0, False], (mode, layout, case)
+            if mode == "tp_direct":  # pushed straight into the consumer's inbox, dropped once used
+                key = case["finished_params"]["kvserve_key"]
+                assert case["inbox"] == sorted(f"u{key}.tp{r}-{a}.pp0-1" for r in case["written_ranks"])
+                assert case["inbox_after_finish"] == 0
     ctl = res["controller"]
     if "error" in ctl:  # the controller or its library is not there: a clear error, not a crash
         assert "kvserve.controller" in ctl["error"] or "library" in ctl["error"], ctl
     else:
         assert ctl["pipeline"] and ctl["bytes"] > 0, ctl
         assert ctl["slow"][1] > 2 and ctl["fast"][1] == 1.0, ctl
+
+
+@needs_vllm
+def test_connector_device_path_in_interpreter(tmp_path):
+    """The device path of the connector (gathered KV encoded by the device stages, bundles
+    decoded onto the cache's device) through Triton's interpreter: the host path's bytes and
+    KV. On a GPU machine the same code runs on CUDA caches."""
+    out = tmp_path / "device.json"
+    _run(["device", str(out), str(tmp_path)], timeout=600)
+    res = json.loads(out.read_text())
+    for profile, got in res.items():
+        assert got["matched"] == [got["tokens"] - 1, False] and got["load_errors"] == [], (profile, got)
+        assert got["counts"] == {"device_encodes": 1, "device_decodes": 1, "saves": 1, "loads": 1}, (profile, got)
+        assert got["same_bytes_as_host"] and got["loaded_equals_host_decode"] and got["lossy"], (profile, got)
+    assert res["kvserve"]["codec"] == "irans" and res["kivi-4"]["codec"] == "bitpack"
 
 
 @pytest.fixture(scope="module")
