@@ -901,8 +901,9 @@ class KVServeConnector(KVConnectorBase_V1):
         self._tracked.pop(rid, None)
         self._pending_loads.pop(rid, None)
         verdict = self._verdicts.pop(rid, None)
-        if verdict is not None and self._inbox is not None and verdict[1]:  # direct mode: the bundles are used
-            for tag in self._source_tags(verdict[3]):
+        if verdict is not None and self._inbox is not None and verdict[1] and \
+                not any(v[0] == verdict[0] for v in self._verdicts.values()):
+            for tag in self._source_tags(verdict[3]):  # direct mode: used, and no other request needs them
                 self._inbox.pop(bundle_key(verdict[0], tag))
         key = self._saved_keys.pop(rid, None)
         return False, ({"kvserve_key": key, "kvserve_tp": self._tp_size} if key else None)

@@ -187,6 +187,177 @@ def _pd(out: str, model: str, work: str) -> None:
     Path(out).write_text(json.dumps(res, indent=1))
 
 
+def _wait_for(path: Path, timeout: float, proc=None) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the consumer process exited with {proc.returncode}")
+        if time.monotonic() > end:
+            raise TimeoutError(f"{path.name} did not appear in {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def _direct(out: str, model: str, work: str) -> None:
+    """Direct mode: this process runs the producer; a child process (``direct-consumer``) runs
+    the consumer, whose scheduler listens on a loopback port. Both engines start at once; the
+    producer prefills every case (max_tokens=1), pushing each bundle as it completes, then
+    pushes some bundles of its own as a party holding the secret would (zeros of the right
+    shape, wrong layer names, a wrong head count) and one without the secret, and tells the
+    consumer to decode. The consumer gets the producer's returned ``kv_transfer_params``, as a
+    router would pass them."""
+    import os
+    import socket
+    import time
+
+    import torch
+    from vllm import SamplingParams
+    from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
+
+    import kvserve
+    from kvserve.serving import push
+    from kvserve.serving import transport as tp
+    from kvserve.serving import vllm_connector as vc
+    from kvserve.serving.direct import T_BUNDLE
+    from kvserve.serving.store import binding
+
+    work = Path(work)
+    with socket.socket() as s:  # a free loopback port for the consumer's receiver
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(work / "consumer.log", "w")
+    child = subprocess.Popen([sys.executable, __file__, "direct-consumer", str(work / "consumer.json"), model,
+                              str(work), str(port)], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    res: dict = {"timing": {}, "port": port}
+    try:
+        t0 = time.perf_counter()
+        cases = [(f"bf16-{i}", p, {"kvserve_key": f"dbf16x{i}", "kvserve_compression": "bf16"})
+                 for i, p in enumerate(PROMPTS)]
+        cases += [("kvserve-1", PROMPTS[1], {"kvserve_key": "dlossyx1", "kvserve_compression": "kvserve"}),
+                  ("default-2", PROMPTS[2], None)]  # prompt-hash key, the controller at the live estimate
+        default = {"mode": "controller", "bandwidth_mbps": 100, "min_quality": 97, "seed": 0}
+        try:
+            push.controller_from_settings(push.resolve_compression(default)[1])
+        except Exception as exc:
+            res["controller_unavailable"] = f"{type(exc).__name__}: {exc}"
+            default = "cachegen"
+        res["default_compression"] = default
+        llm = _llm(model, {"kv_connector": "KVServeConnector", "kv_connector_module_path": MODULE,
+                           "kv_load_failure_policy": "recompute", "kv_role": "kv_producer",
+                           "kv_connector_extra_config": {"transfer": "direct", "peer": f"127.0.0.1:{port}",
+                                                         "compression": default, "secret": SECRET}})
+        res["timing"]["producer_start_s"] = time.perf_counter() - t0
+        _wait_for(work / "ready", 900, child)
+        res["timing"]["consumer_ready_s"] = time.perf_counter() - t0
+        before = dict(vc.STATS)
+        res["producer"], ids = {}, {}
+        t1 = time.perf_counter()
+        for group in _groups(cases):
+            sps = [SamplingParams(temperature=0.0, max_tokens=1, extra_args={"kv_transfer_params": p} if p else None)
+                   for _, _, p in group]
+            outs = llm.generate([p for _, p, _ in group], sps, use_tqdm=False)
+            res["producer"].update({name: o for (name, _, _), o in zip(group, _outputs(outs))})
+            ids.update({PROMPTS.index(p): list(o.prompt_token_ids) for (_, p, _), o in zip(group, outs)})
+        res["timing"]["producer_generate_s"] = time.perf_counter() - t1
+        res["producer_stats"] = {k: vc.STATS[k] - before.get(k, 0) for k in vc.STATS}
+        worker = get_kv_transfer_group()
+        res["pusher"] = worker._pusher.state()
+        if worker._fixed is None:  # what the controller would choose for default-2 at the setting's 100 Mbps
+            raw = 2 * 2 * len(worker._kv_caches) * worker._heads * worker._head_size * len(ids[2])
+            res["decide_at_setting"] = worker._pusher.decide(raw, 100).profile
+        names, model_id = list(worker._kv_caches), worker._model_id
+        heads, d = worker._heads, worker._head_size
+
+        # bundles of a party holding the secret: right shape but zeros; wrong layer names (the
+        # receiver cannot tell, the worker can); a wrong head count (the receiver refuses it)
+        def bundle(i: int, layer_names: list[str], h: int = heads) -> bytes:
+            n = len(ids[i])
+            kv = [(torch.zeros(1, h, n, d, dtype=torch.bfloat16),) * 2 for _ in layer_names]
+            return kvserve.encode(kv, "bf16", meta={"seq_len": n, "layers": layer_names, "key": "x", "block_size": 32,
+                                                    "bind": binding(model_id, ids[i])})
+
+        own = [("udzerosx0", bundle(0, names), SECRET), ("udmisnamedx1", bundle(1, [f"x.{n}" for n in names]), SECRET),
+               ("udrefusedx2", bundle(2, names, heads + 1), SECRET),
+               ("udforgedx2", bundle(2, names), "not-the-deployment-secret-0123456789")]
+        res["pushed"] = {}
+        for key, blob, secret in own:
+            try:
+                with tp.FrameClient(("127.0.0.1", port), secret, retries=0, timeout=30) as c:
+                    res["pushed"][key] = c.call(T_BUNDLE, {"key": f"{key}.tp0-1.pp0-1"}, blob)[0]
+            except tp.TransportError as exc:
+                res["pushed"][key] = f"{type(exc).__name__}: {exc}"
+        _close(llm)
+        consumer_params = {name: o["kv_transfer_params"] for name, o in res["producer"].items()}
+        consumer_params.update({"missing-0": {"kvserve_key": "dmissingx0"}, "zeros-0": {"kvserve_key": "dzerosx0"},
+                                "misnamed-1": {"kvserve_key": "dmisnamedx1"}, "refused-2": {"kvserve_key": "drefusedx2"},
+                                "forged-2": {"kvserve_key": "dforgedx2"}})
+        (work / "go.tmp").write_text(json.dumps(consumer_params))
+        (work / "go.tmp").rename(work / "go")
+        child.wait(timeout=900)
+        if child.returncode != 0:
+            raise RuntimeError(f"the consumer process exited with {child.returncode}")
+        res["timing"]["total_s"] = time.perf_counter() - t0
+        consumer = json.loads((work / "consumer.json").read_text())
+        res["timing"].update(consumer.pop("timing"))
+        res.update(consumer)
+    except BaseException:
+        log.flush()
+        sys.stderr.write((work / "consumer.log").read_text()[-6000:])
+        raise
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        log.close()
+    Path(out).write_text(json.dumps(res, indent=1))
+
+
+def _direct_consumer(out: str, model: str, work: str, port: str) -> None:
+    import time
+
+    from vllm import SamplingParams
+
+    import kvserve
+    from kvserve.serving import vllm_connector as vc
+
+    work = Path(work)
+    t0 = time.perf_counter()
+    llm = _llm(model, {"kv_connector": "KVServeConnector", "kv_connector_module_path": MODULE,
+                       "kv_load_failure_policy": "recompute", "kv_role": "kv_consumer",
+                       "kv_connector_extra_config": {"transfer": "direct", "listen": f"127.0.0.1:{port}",
+                                                     "secret": SECRET}})
+    rx = vc.RECEIVERS[0]
+    res: dict = {"timing": {"consumer_start_s": time.perf_counter() - t0}, "listening": list(rx.address)}
+    (work / "ready").write_text("1")
+    _wait_for(work / "go", 900)
+    params = json.loads((work / "go").read_text())
+    # what arrived: per key, its size, profile and raw KV size (nothing decoded here)
+    res["inbox"] = {}
+    for key, (data, _) in list(rx.inbox._items.items()):
+        header, _ = kvserve.pipeline.parse_header(data)
+        raw = kvserve.pipeline.kv_nbytes(kvserve.pipeline.header_shapes(header))
+        res["inbox"][key] = {"bytes": len(data), "raw_bytes": raw, "profile": header["profile"]["name"],
+                             "tokens": header["meta"]["seq_len"]}
+    res["receiver"] = {"refused": rx.refused, "rejected": list(rx.server.rejected)}
+    cases = [(name, PROMPTS[int(name[-1])], p) for name, p in params.items()]
+    greedy = dict(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5, seed=0)
+    before = dict(vc.STATS)
+    res["consumer"] = {}
+    t1 = time.perf_counter()
+    for group in _groups(cases):
+        sps = [SamplingParams(**greedy, extra_args={"kv_transfer_params": p} if p else None) for _, _, p in group]
+        outs = _outputs(llm.generate([p for _, p, _ in group], sps, use_tqdm=False))
+        res["consumer"].update({name: o for (name, _, _), o in zip(group, outs)})
+    res["timing"]["consumer_generate_s"] = time.perf_counter() - t1
+    res["consumer_stats"] = {k: vc.STATS[k] - before.get(k, 0) for k in vc.STATS}
+    res["receive_stats"] = {k: vc.STATS[k] for k in ("received", "refused")}
+    res["inbox_left"] = len(rx.inbox)
+    res["case_prompt"] = {name: int(name[-1]) for name in params}
+    _close(llm)
+    Path(out).write_text(json.dumps(res, indent=1))
+
+
 def _units(out: str, work: str) -> None:
     """The connector's pieces without an engine: the paged-layout gather/scatter against the
     CPU kernel's own writes (every ISA this CPU has) and against the K|V-on-content layout of
@@ -672,6 +843,10 @@ def main(argv: list[str]) -> None:
         _units(*argv[1:3])
     elif argv[0] == "device":
         _device(*argv[1:3])
+    elif argv[0] == "direct":
+        _direct(*argv[1:4])
+    elif argv[0] == "direct-consumer":
+        _direct_consumer(*argv[1:5])
     else:
         raise SystemExit(f"unknown command {argv[0]!r}")
 
@@ -805,7 +980,7 @@ def test_pd_lossless_equals_plain_and_skips_prefill(pd_run):
         assert b["profile"] == "bf16" and b["tokens"] == got["prompt_len"] and b["layers"] == 30
         assert b["raw_bytes"] <= b["bytes"] < b["raw_bytes"] * 1.01
         # the producer's output names the key it stored under, for a router to pass on
-        assert res["producer"][f"bf16-{i}"]["kv_transfer_params"] == {"kvserve_key": f"bf16x{i}"}
+        assert res["producer"][f"bf16-{i}"]["kv_transfer_params"] == {"kvserve_key": f"bf16x{i}", "kvserve_tp": 1}
     st = res["consumer_stats"]
     assert st["loaded_tokens"] >= loaded and st["saves"] == 0
     assert res["producer_stats"]["saves"] == len(res["producer"])
@@ -866,3 +1041,90 @@ def test_pd_bad_bundles_fall_back_to_prefill(pd_run):
     got, ref = _case(res, "misfit-2")
     assert got["ids"] == ref["ids"]
     assert st["load_errors"] == 1
+
+
+# ------------------------------------------------------------------------------ direct mode
+
+
+@pytest.fixture(scope="module")
+def direct_run(smollm2_folder, tmp_path_factory):
+    work = tmp_path_factory.mktemp("vllm-direct")
+    out = work / "direct.json"
+    _run(["direct", str(out), str(smollm2_folder), str(work)], timeout=900)
+    return json.loads(out.read_text())
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_direct_lossless_equals_plain_and_skips_prefill(direct_run, pd_run):
+    """Producer and consumer engines at once, the bundles pushed over the KV channel: with the
+    lossless profile the consumer's greedy tokens are plain vLLM's (the plain run of
+    ``pd_run``, same batches), and vLLM counts the loaded prompt tokens as cached."""
+    res = direct_run
+    assert res["listening"] == ["127.0.0.1", res["port"]]
+    for i in range(len(PROMPTS)):
+        got, ref = res["consumer"][f"bf16-{i}"], pd_run["plain"][i]
+        assert got["ids"] == ref["ids"], (got["text"], ref["text"])
+        assert got["num_cached_tokens"] == got["prompt_len"] - 1
+        params = res["producer"][f"bf16-{i}"]["kv_transfer_params"]
+        assert params == {"kvserve_key": f"dbf16x{i}", "kvserve_tp": 1}
+        b = res["inbox"][f"udbf16x{i}.tp0-1.pp0-1"]
+        assert b["profile"] == "bf16" and b["tokens"] == got["prompt_len"]
+        assert b["raw_bytes"] <= b["bytes"] < b["raw_bytes"] * 1.01
+    st = res["producer_stats"]
+    assert st["saves"] == len(res["producer"]) and st["save_errors"] == 0
+    assert res["pusher"]["samples"] == len(res["producer"])  # every push fed the live estimate
+    # a bundle pushed by a secret holder that fits but holds zeros is what the consumer uses
+    got, ref = res["consumer"]["zeros-0"], pd_run["plain"][0]
+    assert res["pushed"]["udzerosx0"]["bytes"] > 0
+    assert got["num_cached_tokens"] == got["prompt_len"] - 1 and got["ids"] != ref["ids"]
+    # every bundle that was used is dropped from the inbox once its request finished
+    assert res["inbox_left"] == 0
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_direct_lossy_and_controller(direct_run, pd_run):
+    res = direct_run
+    got, ref = res["consumer"]["kvserve-1"], pd_run["plain"][1]
+    assert got["num_cached_tokens"] == got["prompt_len"] - 1 and len(got["ids"]) == MAX_TOKENS
+    top = ref["first_top"]  # see test_pd_lossy_profile: the first token reads only the restored cache
+    assert str(got["ids"][0]) in top and top[str(got["ids"][0])] > max(top.values()) - 1.0
+    b = res["inbox"]["udlossyx1.tp0-1.pp0-1"]
+    assert b["profile"] == "kvserve" and b["raw_bytes"] / b["bytes"] > 5.0
+    # the prompt-hash key and the instance's setting: the controller decides from the live estimate
+    key = res["producer"]["default-2"]["kv_transfer_params"]["kvserve_key"]
+    got, ref = res["consumer"]["default-2"], pd_run["plain"][2]
+    assert got["num_cached_tokens"] == got["prompt_len"] - 1 and len(got["ids"]) == MAX_TOKENS
+    bundle = res["inbox"][f"p{key}.tp0-1.pp0-1"]
+    if res["default_compression"] == "cachegen":
+        assert bundle["profile"] == "cachegen"
+    else:
+        # the setting's 100 Mbps is only the first estimate: the earlier pushes measured the
+        # loopback link (Gbps), at which sending this short prompt's KV uncompressed is fastest,
+        # where at 100 Mbps the controller compresses it
+        assert res["pusher"]["samples"] == len(res["producer"]) and res["pusher"]["bandwidth_mbps"] > 300
+        assert bundle["profile"] == "bf16" != res["decide_at_setting"], (bundle, res["pusher"], res["decide_at_setting"])
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_direct_failures_fall_back_to_prefill(direct_run, pd_run):
+    res = direct_run
+    st = res["consumer_stats"]
+    # nothing pushed under the key: no hit
+    got, ref = res["consumer"]["missing-0"], pd_run["plain"][0]
+    assert got["num_cached_tokens"] == 0 and got["ids"] == ref["ids"]
+    # the receiver refuses a bundle of the wrong geometry (an error frame to the sender)...
+    assert "RemoteError" in res["pushed"]["udrefusedx2"] and "does not fit this model" in res["pushed"]["udrefusedx2"]
+    assert res["receiver"]["refused"] == 1 and res["receive_stats"]["refused"] == 1
+    # ... and never reads a frame from a peer without the secret
+    assert "AuthError" in res["pushed"]["udforgedx2"]
+    for name in ("refused-2", "forged-2"):
+        got, ref = res["consumer"][name], pd_run["plain"][2]
+        assert got["num_cached_tokens"] == 0 and got["ids"] == ref["ids"], name
+    assert "udrefusedx2.tp0-1.pp0-1" not in res["inbox"] and "udforgedx2.tp0-1.pp0-1" not in res["inbox"]
+    # accepted (the receiver does not know the layer names), but the worker cannot place it:
+    # the load error makes vLLM recompute (kv_load_failure_policy="recompute")
+    got, ref = res["consumer"]["misnamed-1"], pd_run["plain"][1]
+    assert got["ids"] == ref["ids"] and st["load_errors"] == 1
