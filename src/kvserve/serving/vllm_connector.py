@@ -358,6 +358,7 @@ class KVServeConnector(KVConnectorBase_V1):
                     self._pusher.controller  # build it now: a bad library fails at start-up
         # scheduler state
         self._verdicts: dict[str, tuple[str, int, str, int]] = {}  # req_id -> (key, tokens, digest, producer TP)
+        self._used: dict[str, int] = {}  # direct mode: keys used by a finished request -> producer TP
         self._pending_loads: dict[str, _Transfer] = {}
         self._tracked: dict[str, _Tracked] = {}
         self._saved_keys: dict[str, str] = {}
@@ -901,10 +902,15 @@ class KVServeConnector(KVConnectorBase_V1):
         self._tracked.pop(rid, None)
         self._pending_loads.pop(rid, None)
         verdict = self._verdicts.pop(rid, None)
-        if verdict is not None and self._inbox is not None and verdict[1] and \
-                not any(v[0] == verdict[0] for v in self._verdicts.values()):
-            for tag in self._source_tags(verdict[3]):  # direct mode: used, and no other request needs them
-                self._inbox.pop(bundle_key(verdict[0], tag))
+        if verdict is not None and self._inbox is not None:
+            # direct mode: a request's bundles leave the inbox once they were used and no other
+            # live request names their key
+            key, avail, _, src_tp = verdict
+            if avail:
+                self._used[key] = src_tp
+            if key in self._used and not any(v[0] == key for v in self._verdicts.values()):
+                for tag in self._source_tags(self._used.pop(key)):
+                    self._inbox.pop(bundle_key(key, tag))
         key = self._saved_keys.pop(rid, None)
         return False, ({"kvserve_key": key, "kvserve_tp": self._tp_size} if key else None)
 

@@ -15,6 +15,12 @@ pass them; the consumer gets the same key. Cases: lossless ``bf16``, lossy ``kvs
 default key (prompt hash, fixed profile), a bundle corrupted in the store (CRC -> the
 scheduler reports no hit) and a well-formed bundle that does not fit the model (the worker
 reports its blocks -> vLLM recomputes, ``kv_load_failure_policy="recompute"``).
+
+``direct`` runs the direct transfer mode: the producer in this subprocess, the consumer in a
+child process started at the same time (its scheduler listens on a loopback port), bundles
+pushed over the KV channel; compared with ``pd``'s plain run. ``units`` drives the roles by
+hand (no engine), including heterogeneous tensor parallelism in both modes; ``device`` runs
+the connector's device path in Triton's interpreter.
 """
 from __future__ import annotations
 
@@ -737,8 +743,10 @@ def _tp_roles(transfer: str, work: str) -> dict:
             # a consumer told the wrong producer TP size finds nothing (no hit), never wrong heads
             wrong = NS(request_id=f"w{i}", prompt_token_ids=prompt, kv_transfer_params={**params, "kvserve_tp": 3})
             case["matched_bad_tp"] = list(csched.get_num_new_matched_tokens(wrong, 0))
-            if transfer == "direct":
+            if transfer == "direct":  # used bundles leave the inbox when no live request names them
                 csched.request_finished(creq, [])
+                case["inbox_while_other_pending"] = len(csched._inbox)
+                csched.request_finished(wrong, [])
                 case["inbox_after_finish"] = len(csched._inbox)
             csched.shutdown()
             out[f"{a}->{b}"] = case
@@ -926,6 +934,7 @@ def test_connector_pieces(tmp_path):
             if mode == "tp_direct":  # pushed straight into the consumer's inbox, dropped once used
                 key = case["finished_params"]["kvserve_key"]
                 assert case["inbox"] == sorted(f"u{key}.tp{r}-{a}.pp0-1" for r in case["written_ranks"])
+                assert case["inbox_while_other_pending"] == len(case["written_ranks"])
                 assert case["inbox_after_finish"] == 0
     ctl = res["controller"]
     if "error" in ctl:  # the controller or its library is not there: a clear error, not a crash
