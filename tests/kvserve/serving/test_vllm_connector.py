@@ -651,6 +651,7 @@ def _tp_roles(transfer: str, work: str) -> dict:
     that rank's KV heads; a consumer of TP=b finds them, and each of its ranks loads exactly
     its own heads (replicated where TP > KV heads). Ranks come from the monkeypatched
     ``parallel_ranks`` hook; the caches use the GPU backends' K|V layout."""
+    import pickle
     from types import SimpleNamespace as NS
 
     import torch
@@ -721,6 +722,7 @@ def _tp_roles(transfer: str, work: str) -> dict:
             lmeta = csched.build_connector_meta(_step(new=[NS(req_id=f"c{i}", prompt_token_ids=prompt,
                                                               block_ids=([1, 8, 3],), num_computed_tokens=0)],
                                                       sched={f"c{i}": n}))
+            lmeta = pickle.loads(pickle.dumps(lmeta))  # as it reaches workers in other processes
             ok, errors = [], []
             for q in range(b):
                 conn.parallel_ranks = lambda q=q: (q, 0)
