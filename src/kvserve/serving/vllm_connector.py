@@ -323,7 +323,7 @@ class KVServeConnector(KVConnectorBase_V1):
                 self._layer_group[name] = gi
         # direct mode: where the producer pushes, and the consumer's receiver (scheduler side)
         self._peers: list[tuple[str, int]] = []
-        self._push_timeout = float(extra.get("push_timeout_s", 10.0))
+        self._push_timeout = _positive(extra, "push_timeout_s", 10.0)
         self._inbox: Inbox | None = None
         self._receiver: BundleReceiver | None = None
         if self._direct and self._producer:
@@ -337,8 +337,8 @@ class KVServeConnector(KVConnectorBase_V1):
                 raise KVServeConnectorError("transfer='direct' needs 'listen': the host:port this consumer receives on")
             host, port = tp.parse_address(extra["listen"])
             if role == KVConnectorRole.SCHEDULER:
-                self._inbox = Inbox(int(float(extra.get("inbox_mb", 4096)) * (1 << 20)),
-                                    ttl_s=float(extra.get("inbox_ttl_s", 600.0)))
+                self._inbox = Inbox(int(_positive(extra, "inbox_mb", 4096) * (1 << 20)),
+                                    ttl_s=_positive(extra, "inbox_ttl_s", 600.0))
                 self._receiver = BundleReceiver(self._inbox, self._check_pushed, self._secret, host=host, port=port,
                                                 max_frame=self._max_bundle_bytes()).start()
                 RECEIVERS.append(self._receiver)
@@ -913,6 +913,13 @@ class KVServeConnector(KVConnectorBase_V1):
                     self._inbox.pop(bundle_key(key, tag))
         key = self._saved_keys.pop(rid, None)
         return False, ({"kvserve_key": key, "kvserve_tp": self._tp_size} if key else None)
+
+
+def _positive(extra: dict, key: str, default: float) -> float:
+    x = extra.get(key, default)
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < float("inf"):
+        raise KVServeConnectorError(f"kv_connector_extra_config: {key} must be a positive number, got {x!r}")
+    return float(x)
 
 
 def _model_int(model_config, method: str) -> int | None:

@@ -443,6 +443,27 @@ def _units(out: str, work: str) -> None:
             res["errors"][name] = None
         except Exception as exc:
             res["errors"][name] = f"{type(exc).__name__}: {exc}"
+    # the connector's own settings, refused at start-up with a clear error
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    sdir = str(Path(work) / "cfg-store")
+    for name, (role_name, extra, tp_size, heads) in {
+        "bad_transfer": ("kv_producer", {"transfer": "p2p"}, 1, None),
+        "direct_no_peer": ("kv_producer", {"transfer": "direct"}, 1, None),
+        "direct_no_listen": ("kv_consumer", {"transfer": "direct"}, 1, None),
+        "direct_with_store": ("kv_consumer", {"transfer": "direct", "listen": "127.0.0.1:0", "store": sdir}, 1, None),
+        "store_with_peer": ("kv_producer", {"store": sdir, "peer": "127.0.0.1:1"}, 1, None),
+        "bad_peer": ("kv_producer", {"transfer": "direct", "peer": "nohost"}, 1, None),
+        "bad_inbox": ("kv_consumer", {"transfer": "direct", "listen": "127.0.0.1:0", "inbox_mb": -1}, 1, None),
+        "bad_tp": ("kv_consumer", {"store": sdir}, 2, 3),
+        "bad_producer_tp": ("kv_consumer", {"store": sdir, "producer_tp": 3}, 1, 4),
+        "unknown_heads_other_tp": ("kv_consumer", {"store": sdir, "producer_tp": 2}, 1, None),
+    }.items():
+        try:
+            _make(role_name, KVConnectorRole.SCHEDULER, extra, tp=tp_size, heads=heads)
+            res["errors"][name] = None
+        except Exception as exc:
+            res["errors"][name] = f"{type(exc).__name__}: {exc}"
     res["fixed"] = push.resolve_compression("bf16")[1]["name"]
     # controller mode: a decision per request when kvserve.controller and its library exist
     try:
@@ -903,6 +924,14 @@ def test_connector_pieces(tmp_path):
     assert "unknown profile 'no-such-profile'" in err["bad_profile"]
     assert "positive 'bandwidth_mbps'" in err["bad_controller"]
     assert "need more than the 1 blocks" in err["too_big"]
+    assert "transfer must be 'store' or 'direct'" in err["bad_transfer"]
+    assert "needs 'peer'" in err["direct_no_peer"] and "needs 'listen'" in err["direct_no_listen"]
+    assert "['store'] do not apply to transfer='direct'" in err["direct_with_store"]
+    assert "['peer'] do not apply to transfer='store'" in err["store_with_peer"]
+    assert "is not HOST:PORT" in err["bad_peer"] and "inbox_mb must be a positive number" in err["bad_inbox"]
+    assert "3 KV heads cannot be split over 2" in err["bad_tp"]
+    assert "4 KV heads cannot be split over 3" in err["bad_producer_tp"]
+    assert "must equal the consumer's" in err["unknown_heads_other_tp"]
     assert res["fixed"] == "bf16"
     roles_redis = res["roles_redis"]
     if "skipped" in roles_redis:
