@@ -227,10 +227,9 @@ def _add_decide(sub) -> None:
 
 
 def _address(s: str) -> tuple[str, int]:
-    host, _, port = s.rpartition(":")
-    if not host or not port.isdigit():
-        raise KVServeError(f"address {s!r} is not HOST:PORT")
-    return host, int(port)
+    from .serving.transport import parse_address
+
+    return parse_address(s)
 
 
 def _serve(args) -> int:

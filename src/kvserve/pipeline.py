@@ -241,6 +241,13 @@ def _parse_layers(raw) -> list[tuple[tuple, tuple]]:
     return shapes
 
 
+def header_shapes(header: dict) -> list[tuple[tuple, tuple]]:
+    """The validated layer table ``[((B, H, T, Dk), (B, H, T, Dv)), ...]`` of a bundle's header
+    (:func:`parse_header`), for a receiver that checks a bundle's geometry without decoding
+    it. Raises :class:`KVServeError`."""
+    return _parse_layers(header.get("layers") if isinstance(header, dict) else None)
+
+
 def _check_shapes(shapes):
     heads = shapes[0][0][1]
     for k, v in shapes:

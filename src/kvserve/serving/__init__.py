@@ -4,7 +4,8 @@
 * :mod:`kvserve.serving.push`           - decide, encode, send, observe, re-plan (one request's KV)
 * :mod:`kvserve.serving.engine`         - prefill / decode workers (separate processes) and a router
 * :mod:`kvserve.serving.store`          - bundle stores (directory, Redis) and the prefix cache
-* :mod:`kvserve.serving.paged`          - vLLM paged-cache layout math (gather / scatter)
+* :mod:`kvserve.serving.direct`         - direct transfer's receiving end (checked, bounded inbox)
+* :mod:`kvserve.serving.paged`          - vLLM paged-cache layout math (gather / scatter, TP head layout)
 * :mod:`kvserve.serving.vllm_connector` - the vLLM v1 KV connector (imports vLLM)
 * :mod:`kvserve.serving.demo`           - ``kvserve demo``
 

@@ -40,7 +40,7 @@ from ..library import load_library
 from ..models import check_kv_fits, ensure_model_cache, greedy, kv_shapes, load_model_fast, prefill_first
 from ..pipeline import decode, kv_nbytes
 from . import transport as tp
-from .push import Pusher, SendFailed, Sent
+from .push import Pusher, channel_sender
 
 T_PREFILL, T_KV, T_DECODE, T_PING, T_SHUTDOWN, T_STATS = 1, 2, 3, 4, 5, 6
 MODES = ("bf16", "bf16-enec", "kivi-2", "kivi-4", "cachegen", "kvserve", "kvserve-8x", "adaptive")
@@ -85,30 +85,8 @@ class PrefillWorker:
 
     def _sender(self, addr, rid: str, link_mbps: float | None):
         """A push send function: one KV frame to the decode worker, paced at ``link_mbps``."""
-        def send(blob: bytes, progress) -> Sent:
-            pacer = tp.TokenBucket(link_mbps * 1e6 / 8) if link_mbps else None
-            client = tp.FrameClient(addr, self.secret, retries=self.retries, timeout=self.push_timeout)
-            try:
-                ack, _ = client.call(T_KV, {"rid": rid}, blob, pacer, progress=progress)
-            except tp.TransferAbandoned:
-                raise
-            except tp.TransportError as exc:
-                raise SendFailed(f"{type(exc).__name__}: {exc}", attempts=client.stats.attempts,
-                                 retry_errors=client.stats.errors) from exc
-            finally:
-                client.close()
-            st = client.stats
-            dec_s = ack["decode_ms"] / 1e3
-            xfer = max(st.total_s - dec_s, 1e-6)
-            # bandwidth sample: the payload's arrival time at the receiver when the frame is
-            # big enough to span many chunks, else the sender's end-to-end transfer time
-            recv_s = ack.get("recv_ms", 0.0) / 1e3
-            sample_s = recv_s if len(blob) >= 256 << 10 and recv_s > 0 else xfer
-            return Sent(transfer_ms=xfer * 1e3, sample_mbps=len(blob) * 8 / sample_s / 1e6, sample_s=sample_s,
-                        remote_decode_ms=ack["decode_ms"],
-                        extra={"attempts": st.attempts, "retry_errors": st.errors})
-
-        return send
+        return channel_sender(addr, self.secret, T_KV, {"rid": rid}, link_mbps=link_mbps, retries=self.retries,
+                              timeout=self.push_timeout)
 
     def prefill(self, req: dict) -> dict:
         ids, rid, mode = req["ids"], req["rid"], req.get("profile", "bf16")

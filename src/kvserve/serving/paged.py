@@ -10,18 +10,100 @@ tiles per ISA (:func:`probe_cpu_tile_layout` learns the packing from the kernel 
 either; kernel blocks smaller than the scheduler's block (vLLM's virtual block splitting)
 are handled in slot space (:func:`token_slots`). Only torch here; vLLM is imported only by
 the probe's default writer.
+
+Tensor parallelism shards the KV heads (:func:`kv_heads_of_rank`, vLLM's
+``QKVParallelLinear``): with ``H`` KV heads and ``R`` ranks, rank ``r`` holds heads
+``[r * H / R, (r + 1) * H / R)`` when ``R <= H`` (``H % R == 0``), and when ``R > H``
+(``R % H == 0``) each head is replicated on ``R / H`` consecutive ranks, rank ``r`` holding
+head ``r // (R / H)``. A bundle holds one rank's heads; only the first rank of each head's
+replicas (:func:`source_ranks`) needs to write one, and a rank of another TP size finds its
+heads in those bundles with :func:`head_sources` and assembles them with :func:`gather_heads`.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import KVServeConnectorError
 
 CPU_BACKENDS = {"CPU_ATTN"}
+MAX_TP = 4096  # bound on a tensor-parallel size read from a request or a bundle key
 
 
+# ------------------------------------------------------------------ tensor-parallel head layout
+
+
+@dataclass(frozen=True)
+class HeadSource:
+    """Where some of a rank's KV heads come from: ``src_heads`` (local indices in the bundle of
+    source rank ``src_rank``) are this rank's local heads ``dst_heads``."""
+
+    src_rank: int
+    src_heads: slice
+    dst_heads: slice
+
+
+def check_tp(tp_size: int, num_kv_heads: int) -> None:
+    """:class:`KVServeConnectorError` unless vLLM can shard ``num_kv_heads`` over ``tp_size`` ranks."""
+    for x, what in ((tp_size, "tensor-parallel size"), (num_kv_heads, "number of KV heads")):
+        if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= MAX_TP:
+            raise KVServeConnectorError(f"bad {what} {x!r}")
+    if (num_kv_heads % tp_size) if tp_size <= num_kv_heads else (tp_size % num_kv_heads):
+        raise KVServeConnectorError(f"{num_kv_heads} KV heads cannot be split over {tp_size} tensor-parallel ranks "
+                                    "(one must divide the other)")
+
+
+def kv_head_replicas(tp_size: int, num_kv_heads: int) -> int:
+    """How many ranks hold each KV head (1 unless ``tp_size > num_kv_heads``)."""
+    check_tp(tp_size, num_kv_heads)
+    return max(1, tp_size // num_kv_heads)
+
+
+def kv_heads_of_rank(tp_rank: int, tp_size: int, num_kv_heads: int) -> range:
+    """The global KV heads rank ``tp_rank`` of ``tp_size`` holds, in its cache's order."""
+    rep = kv_head_replicas(tp_size, num_kv_heads)
+    if isinstance(tp_rank, bool) or not isinstance(tp_rank, int) or not 0 <= tp_rank < tp_size:
+        raise KVServeConnectorError(f"bad tensor-parallel rank {tp_rank!r} of {tp_size}")
+    if rep > 1:
+        h = tp_rank // rep
+        return range(h, h + 1)
+    per = num_kv_heads // tp_size
+    return range(tp_rank * per, (tp_rank + 1) * per)
+
+
+def source_ranks(tp_size: int, num_kv_heads: int) -> list[int]:
+    """The ranks whose bundles hold every KV head exactly once: the first of each head's replicas."""
+    return list(range(0, tp_size, kv_head_replicas(tp_size, num_kv_heads)))
+
+
+def head_sources(tp_rank: int, tp_size: int, src_tp_size: int, num_kv_heads: int) -> list[HeadSource]:
+    """Where rank ``tp_rank`` of ``tp_size`` finds its KV heads among the bundles written by the
+    :func:`source_ranks` of a ``src_tp_size`` layout: runs of consecutive heads per source
+    rank, in this rank's head order."""
+    mine = kv_heads_of_rank(tp_rank, tp_size, num_kv_heads)
+    src_rep = kv_head_replicas(src_tp_size, num_kv_heads)
+    per = max(1, num_kv_heads // src_tp_size)
+    out: list[HeadSource] = []
+    for i, h in enumerate(mine):
+        rank, local = (h * src_rep, 0) if src_rep > 1 else (h // per, h % per)
+        last = out[-1] if out else None
+        if last is not None and last.src_rank == rank and last.src_heads.stop == local:
+            out[-1] = HeadSource(rank, slice(last.src_heads.start, local + 1), slice(last.dst_heads.start, i + 1))
+        else:
+            out.append(HeadSource(rank, slice(local, local + 1), slice(i, i + 1)))
+    return out
+
+
+def gather_heads(sources: list[HeadSource], bundles: dict[int, torch.Tensor]) -> torch.Tensor:
+    """A rank's ``(B, heads, T, D)`` KV of one layer from its sources' tensors
+    (``bundles[src_rank]``, that rank's ``(B, its heads, T, D)``)."""
+    parts = [bundles[s.src_rank][:, s.src_heads] for s in sources]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+# ------------------------------------------------------------------ paged cache
 
 
 def split_kv(kv_layer: torch.Tensor, backend: str, head_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

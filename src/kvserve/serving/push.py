@@ -1,7 +1,8 @@
 """The push sequence of one request's KV: decide, encode, send, observe, re-plan.
 
 Every producer of KV uses it the same way: the embedded prefill worker (over the KV channel)
-and the vLLM connector (into a store). :meth:`Pusher.push` takes the request's KV, the
+and the vLLM connector (into a store, or over the KV channel in its direct mode; both channel
+users send with :func:`channel_sender`). :meth:`Pusher.push` takes the request's KV, the
 profile (a fixed one, or ``None`` to let the controller decide from the live bandwidth
 estimate) and a *send function* that moves the bundle and reports what it saw
 (:class:`Sent`). The controller is then fed back through :meth:`Controller.observe`, the one
@@ -217,6 +218,40 @@ class Pusher:
                                         sent_bytes=len(blob),
                                         codec_ms=codec if sent.remote_decode_ms is not None else None)
         return res
+
+
+def channel_sender(address, secret: bytes, ftype: int, meta: dict, *, link_mbps: float | None = None,
+                   retries: int = 2, timeout: float = 60.0) -> SendFn:
+    """A send function that moves the bundle as one frame of type ``ftype`` (message ``meta``
+    + bundle) over the authenticated KV channel to the :class:`~.transport.FrameServer` at
+    ``address``, paced at ``link_mbps`` (None: unpaced). The receiver's reply may report
+    ``recv_ms`` (how long the payload took to arrive: the bandwidth sample for frames of 256 KiB
+    and more) and ``decode_ms`` (its decode time, fed back to the controller)."""
+    def send(blob: bytes, progress) -> Sent:
+        pacer = tp.TokenBucket(link_mbps * 1e6 / 8) if link_mbps else None
+        client = tp.FrameClient(address, secret, retries=retries, timeout=timeout)
+        try:
+            ack, _ = client.call(ftype, meta, blob, pacer, progress=progress)
+        except tp.TransferAbandoned:
+            raise
+        except tp.TransportError as exc:
+            raise SendFailed(f"{type(exc).__name__}: {exc}", attempts=client.stats.attempts,
+                             retry_errors=client.stats.errors) from exc
+        finally:
+            client.close()
+        st = client.stats
+        decode_ms = ack.get("decode_ms")
+        decode_ms = float(decode_ms) if isinstance(decode_ms, (int, float)) and decode_ms >= 0 else None
+        xfer = max(st.total_s - (decode_ms or 0.0) / 1e3, 1e-6)
+        # bandwidth sample: the payload's arrival time at the receiver when the frame is big
+        # enough to span many chunks, else the sender's end-to-end transfer time
+        recv_ms = ack.get("recv_ms")
+        recv_s = float(recv_ms) / 1e3 if isinstance(recv_ms, (int, float)) and recv_ms > 0 else 0.0
+        sample_s = recv_s if len(blob) >= 256 << 10 and recv_s > 0 else xfer
+        return Sent(transfer_ms=xfer * 1e3, sample_mbps=len(blob) * 8 / sample_s / 1e6, sample_s=sample_s,
+                    remote_decode_ms=decode_ms, extra={"attempts": st.attempts, "retry_errors": st.errors})
+
+    return send
 
 
 class SendFailed(tp.TransportError):

@@ -146,6 +146,17 @@ def shared_secret(secret: bytes | str | None = None) -> bytes:
     return secret
 
 
+def parse_address(s) -> tuple[str, int]:
+    """``"host:port"`` (an IPv6 host in brackets) -> ``(host, port)``; :class:`TransportError`
+    unless well-formed (port 0..65535; 0 lets a server pick a free port)."""
+    host, _, port = s.rpartition(":") if isinstance(s, str) else ("", "", "")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise TransportError(f"address {s!r} is not HOST:PORT")
+    return host, int(port)
+
+
 def new_secret() -> bytes:
     """A fresh random 32-byte secret (hex text, so it can travel in an environment variable)."""
     return os.urandom(16).hex().encode()
