@@ -1,0 +1,267 @@
+"""Task-level quality of KV-compression profiles: RULER-style HotpotQA and multi-key needles.
+
+    python benchmarks/kvserve_tasks.py run --split tune --qa 500 --needle 96 \
+        --profiles baselines,levers --out /work/tmp-kvq/tune.jsonl [--shard 0/2]
+    python benchmarks/kvserve_tasks.py summary /work/tmp-kvq/tune*.jsonl --json OUT.json [--png OUT.png]
+
+Method (kvserve.tasks builds the items; fixed seeds): per item, prefill the whole prompt
+but its last token in bf16 once (SmolLM2 via kvserve.models.load_model) and decode the
+reference answer greedily (max 12 tokens, stop at a newline or end of turn). Then for every
+lossy profile: encode the context KV, decode it, rebuild the cache and decode the answer
+greedily (:func:`kvserve.tasks.greedy_answer`: the reference answer is checked in one
+teacher-forced pass and decoding resumes where it diverges). A lossless profile decodes to
+the reference KV bit for bit, so its answer is the reference's. Profiles are run with their codec replaced by
+``none`` for quality (codecs are lossless, so decoded KV is identical); the ratio is
+measured with the real codec on every ``--ratio-every``-th item (lengths interleave, so every
+length is sampled). Rows are appended per item to a JSONL checkpoint; a rerun skips items
+already done for all profiles (so a run can resume, and shards can run side by side).
+
+Summary per profile: ``ratio`` (sum bf16 KV bytes / sum bundle bytes), ``task_rel_acc``
+(100 x QA F1(profile) / F1(bf16), paired bootstrap 95% CI over items, 2000 resamples),
+``answer_agree`` (QA answers equal to bf16's after SQuAD normalisation), ``needle_acc``
+(fraction of needle items whose number is in the answer), per context length as well.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from kvserve import tasks
+from kvserve.pipeline import Pipeline, decode, load_profile
+
+ROPE = {"smollm2": 100000.0, "gemma3": [1e6 if i % 6 == 5 else 1e4 for i in range(18)]}
+BASELINES = ["bf16", "kivi-2", "kivi-4", "cachegen", "kvserve"]
+RANS = {"id": "rans", "pair": True}
+
+
+def kvq(name, model, key_levels, value_levels, *, key_group=32, sinks=1, recent=0, rope=True, tiers=None,
+        value_axis="token", compact=True, codec=RANS, transform=True, scores=None, kind_scores=False, **extra):
+    """A KVServe-quantizer profile (one tier unless ``tiers``) on Hadamard (pre-RoPE keys)."""
+    q = {"id": "kvserve", "high_key_levels": key_levels, "high_value_levels": value_levels, "split": "head",
+         "scores": scores, "key_axis": "channel", "value_axis": value_axis, "key_group": key_group,
+         "keep_sinks": sinks, "keep_recent": recent, "compact_value_stats": compact}
+    if tiers:
+        q.update({"tiers": tiers, "scores": scores or [model], "kind_scores": kind_scores})
+    q.update(extra)
+    tr = {"id": "hadamard", "seed": 0, "key_rope_theta": ROPE[model] if rope else None} if transform else {"id": "identity"}
+    return {"name": name, "transform": tr, "quantizer": q, "codec": codec}
+
+
+def candidate_sets(model: str) -> dict[str, list[dict]]:
+    """Named lists of profiles (``--profiles`` takes set names, packaged names or JSON files)."""
+    lv = [  # first round (tune split): key groups, levels, recent window, pre-RoPE, tiers
+        kvq("kvs-g32", model, 8, 8, tiers=[[0.3, 5, 3], [0.75, 7, 5], [1.0, 10, 6]], kind_scores=True),
+        kvq("k16v8-g32", model, 16, 8),
+        kvq("k12v8-g32", model, 12, 8),
+        kvq("k16v6-g32", model, 16, 6),
+        kvq("k10v6-g32", model, 10, 6),
+        kvq("k16v8-g32-r64", model, 16, 8, recent=64),
+        kvq("k16v8-g32-norope", model, 16, 8, rope=False),
+        kvq("k16v8-all", model, 16, 8, key_group=0),
+        kvq("k12v6-g32", model, 12, 6),
+        kvq("k16v8-g64", model, 16, 8, key_group=64),
+    ]
+    return {"baselines": [load_profile(p) for p in BASELINES], "levers": lv}
+
+
+def resolve(specs: list[str], model: str) -> list[dict]:
+    sets = candidate_sets(model)
+    single = {c["name"]: c for cs in sets.values() for c in cs}
+    out = []
+    for s in specs:
+        out += sets[s] if s in sets else [single[s]] if s in single else [load_profile(s)]
+    names = [c["name"] for c in out]
+    if len(set(names)) != len(names):
+        sys.exit(f"duplicate profile names in {names}")
+    return out
+
+
+def _nbytes(kv) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+
+
+def _done(path: str) -> dict[str, set]:
+    done: dict[str, set] = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by an interrupted run
+                done.setdefault(row["uid"], set()).update(row["profiles"])
+    return done
+
+
+def build_items(tok, split, n_qa, n_needle, qa_lengths, needle_lengths, seed, chat=True):
+    items = tasks.qa_items(tok, split, n_qa, qa_lengths, seed=seed, chat=chat) if n_qa else []
+    needles = tasks.needle_items(tok, split, n_needle, needle_lengths, seed=seed, chat=chat) if n_needle else []
+    # interleave the needle items among the QA items (a partial run then has some of each)
+    out, step = [], max(1, len(items) // max(1, len(needles)))
+    for i, it in enumerate(items):
+        out.append(it)
+        if needles and i % step == step - 1:
+            out.append(needles.pop(0))
+    return out + needles
+
+
+def run(a) -> int:
+    from kvserve.models import load_model
+    from kvserve.quality import pin_threads, prefill
+    from tqdm import tqdm
+
+    pin_threads(a.threads)
+    model, tok = load_model(a.model)
+    profiles = resolve([p for s in a.profiles for p in s.split(",") if p], a.model)
+    quality_pipes = {c["name"]: Pipeline.from_config({**c, "codec": {"id": "none"}} if c["quantizer"]["id"] != "none" else c)
+                     for c in profiles}
+    real_pipes = {c["name"]: Pipeline.from_config(c) for c in profiles}
+    items = build_items(tok, a.split, a.qa, a.needle, [int(x) for x in a.qa_lengths.split(",")],
+                        [int(x) for x in a.needle_lengths.split(",")], a.seed, chat=not a.no_chat)
+    k, n = (int(x) for x in a.shard.split("/"))
+    stop = tasks.stop_token_ids(tok)
+    done = _done(a.out)
+    want = {c["name"] for c in profiles}
+    todo = [(i, it) for i, it in enumerate(items) if i % n == k and not want <= done.get(it.uid, set())]
+    print(f"{len(items)} items ({a.split}), shard {k}/{n}: {len(todo)} to do, {len(profiles)} profiles", file=sys.stderr)
+    with open(a.out, "a", encoding="utf-8") as f:
+        for i, it in tqdm(todo, desc=f"{a.split} items", unit="item", disable=not sys.stderr.isatty() and not a.progress,
+                          mininterval=30):
+            t0 = time.perf_counter()
+            kv = prefill(model, it.ids[:-1])
+            nctx = len(it.ids) - 1
+            t1 = time.perf_counter()
+            meta = {"seq_len": nctx}
+            ref = tasks.greedy_answer(model, kv, nctx, it.ids[-1], a.max_new, stop)
+            ref_text = tasks.answer_text(tok, ref, stop)
+            by_name, comps = {}, {}
+            for c in profiles:
+                name = c["name"]
+                comps[name] = len(real_pipes[name].encode(kv, meta=meta)) if i % a.ratio_every == 0 else None
+                if real_pipes[name].quantizer.lossy:  # lossless profiles give the reference KV bit for bit
+                    kv2 = decode(quality_pipes[name].encode(kv, meta=meta))[0]
+                    ans = tasks.greedy_answer(model, kv2, nctx, it.ids[-1], a.max_new, stop, guess=ref)
+                    by_name[name] = tasks.answer_text(tok, ans, stop)
+            row = {"uid": it.uid, "task": it.task, "length": it.length, "tokens": len(it.ids), "index": i,
+                   "answers": it.answers, "ref": {"answer": ref_text, "score": tasks.score(it, ref_text)},
+                   "raw": _nbytes(kv), "profiles": {}}
+            for c in profiles:
+                text = by_name.get(c["name"], ref_text)
+                row["profiles"][c["name"]] = {"answer": text, "score": tasks.score(it, text), "comp": comps[c["name"]]}
+            row["seconds"] = [round(t1 - t0, 2), round(time.perf_counter() - t1, 2)]
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+    return 0
+
+
+# ------------------------------------------------------------------ summary
+
+
+def load_rows(paths) -> list[dict]:
+    rows: dict[str, dict] = {}
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                if r["uid"] in rows:
+                    rows[r["uid"]]["profiles"].update(r["profiles"])
+                else:
+                    rows[r["uid"]] = r
+    return list(rows.values())
+
+
+def summarize(rows: list[dict], profiles: list[str] | None = None, n_boot: int = 2000) -> list[dict]:
+    names = profiles or sorted({p for r in rows for p in r["profiles"]})
+    out = []
+    for name in names:
+        have = [r for r in rows if name in r["profiles"]]
+        qa = [r for r in have if r["task"] == "qa"]
+        nd = [r for r in have if r["task"] == "needle"]
+        sized = [r for r in have if r["profiles"][name].get("comp")]
+        res = {"profile": name, "qa_items": len(qa), "needle_items": len(nd),
+               "ratio": sum(r["raw"] for r in sized) / sum(r["profiles"][name]["comp"] for r in sized) if sized else None,
+               "ratio_items": len(sized)}
+        if qa:
+            ref = [r["ref"]["score"] for r in qa]
+            new = [r["profiles"][name]["score"] for r in qa]
+            p, lo, hi = tasks.paired_bootstrap(ref, new, n_boot=n_boot)
+            res.update({"task_rel_acc": p, "task_rel_acc_ci": [lo, hi], "f1": sum(new) / len(new), "f1_bf16": sum(ref) / len(ref),
+                        "answer_agree": tasks.agreement([r["ref"]["answer"] for r in qa], [r["profiles"][name]["answer"] for r in qa])})
+            by_len = {}
+            for L in sorted({r["length"] for r in qa}):
+                sub = [r for r in qa if r["length"] == L]
+                rs, ns = sum(r["ref"]["score"] for r in sub), sum(r["profiles"][name]["score"] for r in sub)
+                by_len[str(L)] = {"items": len(sub), "rel_acc": 100 * ns / rs if rs else None,
+                                  "agree": tasks.agreement([r["ref"]["answer"] for r in sub], [r["profiles"][name]["answer"] for r in sub])}
+            res["qa_by_length"] = by_len
+        if nd:
+            res["needle_acc"] = sum(r["profiles"][name]["score"] for r in nd) / len(nd)
+            res["needle_acc_bf16"] = sum(r["ref"]["score"] for r in nd) / len(nd)
+        out.append(res)
+    return out
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| profile | ratio | task_rel_acc [95% CI] | answer_agree | QA F1 | needle_acc | QA items | needle items |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ci = r.get("task_rel_acc_ci")
+        lines.append(f"| {r['profile']} | {r['ratio']:.2f} | " if r["ratio"] else f"| {r['profile']} | - | ")
+        lines[-1] += (f"{r['task_rel_acc']:.1f} [{ci[0]:.1f}, {ci[1]:.1f}] | {r['answer_agree']:.3f} | {r['f1']:.3f} | "
+                      if ci else "- | - | - | ")
+        lines[-1] += (f"{r['needle_acc']:.3f} | " if "needle_acc" in r else "- | ") + f"{r['qa_items']} | {r['needle_items']} |"
+    return "\n".join(lines)
+
+
+def summary(a) -> int:
+    rows = load_rows(a.paths)
+    res = summarize(rows, a.profiles.split(",") if a.profiles else None)
+    res.sort(key=lambda r: -(r["ratio"] or 0))
+    print(table(res))
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump({"method": __doc__.split("Method")[1].strip() if a.method is None else a.method,
+                       "date": time.strftime("%Y-%m-%d"), "rows": len(rows), "results": res}, f, indent=1)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--model", default="smollm2", choices=sorted(ROPE))
+    r.add_argument("--split", default="tune", choices=["tune", "test"])
+    r.add_argument("--qa", type=int, default=500)
+    r.add_argument("--needle", type=int, default=96)
+    r.add_argument("--qa-lengths", default="1024,2048,4096")
+    r.add_argument("--needle-lengths", default="2048,3072,4096")
+    r.add_argument("--profiles", action="append", default=[])
+    r.add_argument("--out", required=True)
+    r.add_argument("--shard", default="0/1")
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--max-new", type=int, default=12)
+    r.add_argument("--ratio-every", type=int, default=4)
+    r.add_argument("--no-chat", action="store_true")
+    r.add_argument("--progress", action="store_true")
+    r.set_defaults(fn=run)
+    s = sub.add_parser("summary")
+    s.add_argument("paths", nargs="+")
+    s.add_argument("--profiles", default=None)
+    s.add_argument("--json", default=None)
+    s.add_argument("--method", default=None)
+    s.set_defaults(fn=summary)
+    a = ap.parse_args(argv)
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
