@@ -221,11 +221,46 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[dict], path: str, title: str) -> None:
+    """Ratio vs relative task accuracy (95% CI bars) and vs answer agreement; baselines marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = [r for r in results if r.get("ratio") and "task_rel_acc" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key in zip(axes, ("task_rel_acc", "answer_agree")):
+        for r in rs:
+            base = r["profile"].split("-")[0] in ("kivi", "cachegen", "bf16") or r["profile"] == "kvserve"
+            y = r[key] if key == "task_rel_acc" else 100 * r[key]
+            err = None
+            if key == "task_rel_acc":
+                lo, hi = r["task_rel_acc_ci"]
+                err = [[y - lo], [hi - y]]
+            ax.errorbar([r["ratio"]], [y], yerr=err, fmt="s" if base else "o", ms=6 if base else 5,
+                        color="tab:red" if base else "tab:blue", ecolor="0.7", capsize=2)
+            ax.annotate(r["profile"], (r["ratio"], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if key == "task_rel_acc":
+            ax.axhline(97, color="k", lw=0.6, ls="--")
+            ax.axvline(4, color="k", lw=0.4, ls=":")
+        ax.set_xlabel("compression ratio (bf16 KV bytes / bundle bytes)")
+        ax.set_ylabel("relative QA accuracy, % of bf16 F1 (95% CI)" if key == "task_rel_acc"
+                      else "QA answers identical to bf16's (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title + "  (red squares: packaged baselines)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def summary(a) -> int:
     rows = load_rows(a.paths)
     res = summarize(rows, a.profiles.split(",") if a.profiles else None)
     res.sort(key=lambda r: -(r["ratio"] or 0))
     print(table(res))
+    if a.png:
+        plot(res, a.png, a.title)
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump({"method": __doc__.split("Method")[1].strip() if a.method is None else a.method,
@@ -258,6 +293,8 @@ def main(argv=None) -> int:
     s.add_argument("--profiles", default=None)
     s.add_argument("--json", default=None)
     s.add_argument("--method", default=None)
+    s.add_argument("--png", default=None)
+    s.add_argument("--title", default="SmolLM2-135M, HotpotQA (RULER-style)")
     s.set_defaults(fn=summary)
     a = ap.parse_args(argv)
     return a.fn(a)
