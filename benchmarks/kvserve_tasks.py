@@ -19,7 +19,9 @@ already done for all profiles (so a run can resume, and shards can run side by s
 Summary per profile: ``ratio`` (sum bf16 KV bytes / sum bundle bytes), ``task_rel_acc``
 (100 x QA F1(profile) / F1(bf16), paired bootstrap 95% CI over items, 2000 resamples),
 ``answer_agree`` (QA answers equal to bf16's after SQuAD normalisation), ``needle_acc``
-(fraction of needle items whose number is in the answer), per context length as well.
+(fraction of needle items whose number is in the answer), per context length as well, and
+``answer_kl``: mean KL(bf16 || profile) in nats of the next-token distributions along the bf16
+answer, teacher-forced (the steadier tuning signal).
 """
 from __future__ import annotations
 
@@ -139,20 +141,25 @@ def run(a) -> int:
             meta = {"seq_len": nctx}
             ref = tasks.greedy_answer(model, kv, nctx, it.ids[-1], a.max_new, stop)
             ref_text = tasks.answer_text(tok, ref, stop)
-            by_name, comps = {}, {}
+            ref_logits: list = []
+            tasks.greedy_answer(model, kv, nctx, it.ids[-1], a.max_new, stop, guess=ref, logits_out=ref_logits)
+            by_name, comps, kls = {}, {}, {}
             for c in profiles:
                 name = c["name"]
                 comps[name] = len(real_pipes[name].encode(kv, meta=meta)) if i % a.ratio_every == 0 else None
                 if real_pipes[name].quantizer.lossy:  # lossless profiles give the reference KV bit for bit
                     kv2 = decode(quality_pipes[name].encode(kv, meta=meta))[0]
-                    ans = tasks.greedy_answer(model, kv2, nctx, it.ids[-1], a.max_new, stop, guess=ref)
+                    lg: list = []
+                    ans = tasks.greedy_answer(model, kv2, nctx, it.ids[-1], a.max_new, stop, guess=ref, logits_out=lg)
                     by_name[name] = tasks.answer_text(tok, ans, stop)
+                    kls[name] = round(tasks.answer_kl(ref_logits[0], lg[0]), 6)
             row = {"uid": it.uid, "task": it.task, "length": it.length, "tokens": len(it.ids), "index": i,
                    "answers": it.answers, "ref": {"answer": ref_text, "score": tasks.score(it, ref_text)},
                    "raw": _nbytes(kv), "profiles": {}}
             for c in profiles:
                 text = by_name.get(c["name"], ref_text)
-                row["profiles"][c["name"]] = {"answer": text, "score": tasks.score(it, text), "comp": comps[c["name"]]}
+                row["profiles"][c["name"]] = {"answer": text, "score": tasks.score(it, text), "comp": comps[c["name"]],
+                                              "answer_kl": kls.get(c["name"], 0.0)}
             row["seconds"] = [round(t1 - t0, 2), round(time.perf_counter() - t1, 2)]
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -202,6 +209,9 @@ def summarize(rows: list[dict], profiles: list[str] | None = None, n_boot: int =
                 by_len[str(L)] = {"items": len(sub), "rel_acc": 100 * ns / rs if rs else None,
                                   "agree": tasks.agreement([r["ref"]["answer"] for r in sub], [r["profiles"][name]["answer"] for r in sub])}
             res["qa_by_length"] = by_len
+            kl = [r["profiles"][name]["answer_kl"] for r in qa if "answer_kl" in r["profiles"][name]]
+            res["answer_kl"] = sum(kl) / len(kl) if kl else None
+            res["answer_kl_items"] = len(kl)
         if nd:
             res["needle_acc"] = sum(r["profiles"][name]["score"] for r in nd) / len(nd)
             res["needle_acc_bf16"] = sum(r["ref"]["score"] for r in nd) / len(nd)
@@ -210,13 +220,14 @@ def summarize(rows: list[dict], profiles: list[str] | None = None, n_boot: int =
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| profile | ratio | task_rel_acc [95% CI] | answer_agree | QA F1 | needle_acc | QA items | needle items |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| profile | ratio | task_rel_acc [95% CI] | answer_agree | QA F1 | answer KL | needle_acc | QA items | needle items |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ci = r.get("task_rel_acc_ci")
         lines.append(f"| {r['profile']} | {r['ratio']:.2f} | " if r["ratio"] else f"| {r['profile']} | - | ")
         lines[-1] += (f"{r['task_rel_acc']:.1f} [{ci[0]:.1f}, {ci[1]:.1f}] | {r['answer_agree']:.3f} | {r['f1']:.3f} | "
                       if ci else "- | - | - | ")
+        lines[-1] += f"{r['answer_kl']:.4f} | " if r.get("answer_kl") is not None else "- | "
         lines[-1] += (f"{r['needle_acc']:.3f} | " if "needle_acc" in r else "- | ") + f"{r['qa_items']} | {r['needle_items']} |"
     return "\n".join(lines)
 

@@ -326,7 +326,8 @@ def agreement(ref: list[str], new: list[str]) -> float:
 # ------------------------------------------------------------------ generation
 
 
-def greedy_answer(model, kv, seq_len: int, first: int, max_new: int, stop_ids, guess: list[int] | None = None) -> list[int]:
+def greedy_answer(model, kv, seq_len: int, first: int, max_new: int, stop_ids, guess: list[int] | None = None,
+                  logits_out: list | None = None) -> list[int]:
     """Greedy tokens after ``first`` from a cache rebuilt from ``kv`` (``seq_len`` tokens),
     stopping after a token in ``stop_ids`` or ``max_new`` tokens.
 
@@ -334,7 +335,8 @@ def greedy_answer(model, kv, seq_len: int, first: int, max_new: int, stop_ids, g
     the answer agrees with it up to the first position whose argmax differs, and greedy
     decoding continues from there on the cropped cache. Same tokens as plain greedy
     decoding up to float rounding of the batched pass, at the cost of one forward pass when
-    the guess is right."""
+    the guess is right. ``logits_out`` (a list) receives the float32 logits of that pass,
+    shape ``(len(guess), vocab)``: the next-token distributions along the guessed answer."""
     import torch
 
     from .quality import cache_from_kv
@@ -346,6 +348,8 @@ def greedy_answer(model, kv, seq_len: int, first: int, max_new: int, stop_ids, g
         if guess:
             inp = [first] + list(guess[:-1])
             logits = model(torch.tensor([inp]), past_key_values=cache, use_cache=True).logits[0]
+            if logits_out is not None:
+                logits_out.append(logits.float())
             pred = logits.argmax(-1).tolist()
             for g, p in zip(guess, pred):
                 out.append(p)
@@ -364,6 +368,15 @@ def greedy_answer(model, kv, seq_len: int, first: int, max_new: int, stop_ids, g
             if tok in stop:
                 break
     return out
+
+
+def answer_kl(ref_logits, logits) -> float:
+    """Mean KL(ref || new) in nats over the positions of a teacher-forced answer (a steadier
+    tuning signal than F1 of a few greedy tokens)."""
+    import torch
+
+    lp, lq = torch.log_softmax(ref_logits.float(), -1), torch.log_softmax(logits.float(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
 def stop_token_ids(tok) -> list[int]:
