@@ -13,8 +13,8 @@ import sys
 
 import numpy as np
 
-from kvserve import simulate as S
-from kvserve.controller import load_library
+import kvserve_simulate as S  # beside this script
+from kvserve.library import load_library
 
 RES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

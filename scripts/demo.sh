@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 python -m enec.demo "$@"
 # KVServe in prefill/decode-disaggregated serving: two worker processes, KV over a paced link
-python -m kvserve.serving.demo
+kvserve demo

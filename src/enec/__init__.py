@@ -29,7 +29,7 @@ def __getattr__(name):  # lazily: `import enec` alone loads neither numba nor to
 
         return getattr(hf, name)
     if name == "make_resident":
-        from .inference import make_resident
+        from .resident import make_resident
 
         return make_resident
     raise AttributeError(f"module 'enec' has no attribute {name!r}")

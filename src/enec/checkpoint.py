@@ -159,7 +159,7 @@ class Ckpt:
 
 
 @contextmanager
-def _mapped(path: Path):
+def mapped(path: Path):
     """(read-only mmap, size) of an existing file; an empty file maps to b""."""
     if not path.is_file():
         raise EnecError(f"no such file: {path}")
@@ -186,7 +186,7 @@ def _atomic_target(path: Path) -> Path:
 
 
 @contextmanager
-def _atomic_write(path: Path, force: bool):
+def atomic_write(path: Path, force: bool):
     """Yield a temporary path beside ``path``; rename it over ``path`` only on success."""
     if path.exists() and not force:
         raise EnecError(f"{path} exists (use --force / force=True to overwrite)")
@@ -272,12 +272,12 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, 
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_suffix(".enec")
     sha = hashlib.sha256()
-    with _mapped(src) as (mm, size):
+    with mapped(src) as (mm, size):
         layout = parse_safetensors_header(mm, size, f"file ({src})")
         names = sum(len(e.name.encode()) for e in layout.entries)
         stats = {"source": str(src), "output": str(dst), "original_bytes": size,
                  "tensors": len(layout.entries), "codec_seconds": 0.0, "by_dtype": {}}
-        with _atomic_write(dst, force) as tmp, open(tmp, "wb") as fout:
+        with atomic_write(dst, force) as tmp, open(tmp, "wb") as fout:
             w = _Writer(fout, _table_reserve(len(layout.entries), 2 * names))
             head = w.put(mm[: layout.data_start])
             sha.update(mm[: layout.data_start])
@@ -360,7 +360,7 @@ def _st_data_bytes(st: bytes) -> int:
         raise EnecError("corrupted ENEC checkpoint: embedded safetensors header is invalid") from None
 
 
-def _decode_entry(buf, e: CkptEntry, st: STEntry, out: np.ndarray, threads, verify=True) -> None:
+def decode_entry(buf, e: CkptEntry, st: STEntry, out: np.ndarray, threads, verify=True) -> None:
     """Decode one tensor's bytes into ``out`` (a uint8 array of the tensor's size)."""
     data = memoryview(buf)[e.offset : e.offset + e.length]
     codec_dtype, itemsize, _ = ST_DTYPES[st.dtype]
@@ -386,12 +386,12 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None
     import time
 
     src = Path(src)
-    with _mapped(src) as (mm, size):
+    with mapped(src) as (mm, size):
         ck = read_checkpoint(mm, size, str(src))
         dst = Path(dst) if dst is not None else src.with_name(ck.source_name)
         stats = {"source": str(src), "output": str(dst), "compressed_bytes": size,
                  "original_bytes": ck.source_size, "codec_seconds": 0.0}
-        with _atomic_write(dst, force) as tmp:
+        with atomic_write(dst, force) as tmp:
             with open(tmp, "wb+") as fout:
                 fout.truncate(ck.source_size)
                 om = mmap.mmap(fout.fileno(), ck.source_size) if ck.source_size else None
@@ -402,7 +402,7 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None
                     bar = _progress(ck.source_size, f"decompress {src.name}", progress)
                     for e, st in zip(ck.entries, ck.layout.entries):
                         t0 = time.perf_counter()
-                        _decode_entry(mm, e, st, out[st.start : st.end], threads)
+                        decode_entry(mm, e, st, out[st.start : st.end], threads)
                         stats["codec_seconds"] += time.perf_counter() - t0
                         bar.update(st.end - st.start)
                     bar.close()
@@ -434,7 +434,7 @@ def compress_folder(src, dst=None, *, threads=None, force=False, progress=False,
     if not any(p.suffix == ".safetensors" for p in files):
         raise EnecError(f"{src} holds no .safetensors file")
     out = []
-    with _atomic_write(dst, force) as tmp:
+    with atomic_write(dst, force) as tmp:
         tmp.mkdir()
         for p in files:
             rel = p.relative_to(src)
@@ -461,7 +461,7 @@ def decompress_folder(src, dst=None, *, threads=None, force=False, progress=Fals
     dst = Path(dst)
     files = [p for p in sorted(src.rglob("*")) if p.is_file()]
     out = []
-    with _atomic_write(dst, force) as tmp:
+    with atomic_write(dst, force) as tmp:
         tmp.mkdir()
         for p in files:
             rel = p.relative_to(src)
@@ -501,7 +501,7 @@ def save_file(tensors: dict, filename, metadata: dict | None = None, *, threads:
     size = len(head) + sum(t.numel() * t.element_size() for _, _, t in items)
     parse_safetensors_header(head, size, "header")  # what we wrote must be valid
     names = sum(len(n.encode()) for n, _, _ in items)
-    with _atomic_write(path, force=True) as tmp, open(tmp, "wb") as f:
+    with atomic_write(path, force=True) as tmp, open(tmp, "wb") as f:
         w = _Writer(f, _table_reserve(len(items), 2 * names))
         hdr = w.put(head)
         entries = []
@@ -523,13 +523,13 @@ def load_file(filename, device: str = "cpu", *, threads: int | None = None) -> d
 
     path = Path(filename)
     out = {}
-    with _mapped(path) as (mm, size):
+    with mapped(path) as (mm, size):
         ck = read_checkpoint(mm, size, str(path))
         with threads_set(threads):
             for e, st in zip(ck.entries, ck.layout.entries):
                 t = torch.empty(st.shape, dtype=getattr(torch, ST_DTYPES[st.dtype][2]))
                 flat = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
-                _decode_entry(mm, e, st, flat, None)
+                decode_entry(mm, e, st, flat, None)
                 out[e.name] = t if device == "cpu" else t.to(device)
     return out
 
@@ -537,7 +537,7 @@ def load_file(filename, device: str = "cpu", *, threads: int | None = None) -> d
 def checkpoint_info(path) -> tuple[Ckpt, list[dict]]:
     """Per-tensor facts of a ``.enec`` file (for ``enec info``)."""
     path = Path(path)
-    with _mapped(path) as (mm, size):
+    with mapped(path) as (mm, size):
         ck = read_checkpoint(mm, size, str(path))
         rows = []
         for e, st in zip(ck.entries, ck.layout.entries):

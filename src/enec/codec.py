@@ -285,7 +285,7 @@ class Prepared:
     """A parsed ENEC stream, ready to decode again and again (whole or by block range).
 
     Parsing the header and grouping blocks by kernel costs tens of microseconds; code that
-    decodes the same stream many times (:mod:`enec.inference`) pays it once here. The
+    decodes the same stream many times (:mod:`enec.resident`) pays it once here. The
     stream's bytes must stay alive and unchanged while this object is used.
     """
 

@@ -74,7 +74,7 @@ _INT_VIEW = {1: "int8", 2: "int16", 4: "int32"}
 # ------------------------------------------------------------------------------ plumbing
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -89,7 +89,7 @@ def _torch():
 def _kernels():
     """The kernel module (imports triton), or EnecError saying what is missing."""
     torch = _torch()
-    if not _interpreting() and not torch.cuda.is_available():
+    if not interpreting() and not torch.cuda.is_available():
         raise EnecError(
             "enec.gpu needs a CUDA device: torch.cuda.is_available() is False "
             f"(torch {torch.__version__}); use enec.compress/decompress on the CPU, "
@@ -112,7 +112,7 @@ def available() -> bool:
 
 
 def _default_device():
-    return _torch().device("cpu" if _interpreting() else "cuda")
+    return _torch().device("cpu" if interpreting() else "cuda")
 
 
 def _norm_device(d):
@@ -124,7 +124,7 @@ def _norm_device(d):
 
 
 def _check_device(t, what: str):
-    if t.device.type == "cuda" or (_interpreting() and t.device.type == "cpu"):
+    if t.device.type == "cuda" or (interpreting() and t.device.type == "cpu"):
         return
     raise EnecError(f"{what} is on {t.device}: enec.gpu works on CUDA tensors "
                     "(use enec.compress / enec.decompress for CPU tensors)")

@@ -2,7 +2,7 @@
 with ``offload=True``, in pinned host memory) and each is decoded by the Triton kernels of
 :mod:`enec.gpu` into a scratch tensor just before its module runs.
 
-The GPU twin of :mod:`enec.inference` (which decodes on CPU cores), and simpler, because a
+The GPU twin of :mod:`enec.resident` (which decodes on CPU cores), and simpler, because a
 GPU decodes a whole layer in microseconds:
 
 * every float ``nn.Linear`` / ``nn.Embedding`` weight with at least ``min_numel`` elements is
@@ -32,7 +32,7 @@ import copy
 from dataclasses import dataclass
 
 from .errors import EnecError
-from .inference import DEFAULT_MIN_NUMEL, restore_weights
+from .resident_base import DEFAULT_MIN_NUMEL, compress_in_place, managed_weights, other_bytes, restore_weights
 
 
 def _torch():
@@ -235,11 +235,7 @@ class GpuResidentModel:
 
     def stats(self) -> GpuResidentStats:
         uniq = list({id(w): w for w in self.weights.values()}.values())
-        other, seen = 0, set(self.weights)
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            if id(t) not in seen:
-                seen.add(id(t))
-                other += t.numel() * t.element_size()
+        other = other_bytes(self.model, self.weights)
         return GpuResidentStats(len(uniq), sum(w.stream_bytes for w in uniq), sum(w.original_bytes for w in uniq),
                                 sum(w.resident_bytes for w in uniq), other, self.decodes, self.hits, self.offload)
 
@@ -267,34 +263,18 @@ def make_resident_gpu(model, *, min_numel: int = DEFAULT_MIN_NUMEL, prefetch: bo
     """Compress a GPU model's large Linear/Embedding weights on its device and decode them just
     in time (see the module docstring). ``offload``: keep the compressed streams in pinned host
     memory. ``ahead``: weights decoded ahead on the side stream. Outputs are bit-identical."""
-    from tqdm import tqdm
-
     from . import gpu
 
     torch = _torch()
-    floats = (torch.bfloat16, torch.float16, torch.float32)
-    interp = gpu._interpreting()
-    pairs = []
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
-            p = m._parameters.get("weight")
-            if (p is not None and p.dtype in floats and p.numel() >= min_numel
-                    and (p.device.type == "cuda" or (interp and p.device.type == "cpu"))):
-                pairs.append((m, p))
+    interp = gpu.interpreting()
+    pairs = managed_weights(model, min_numel,
+                            lambda device: device.type == "cuda" or (interp and device.type == "cpu"))
     if not pairs:
         raise EnecError(f"no float Linear/Embedding weight with at least {min_numel} elements on a CUDA device")
     if len({p.device for _, p in pairs}) > 1:
         raise EnecError("make_resident_gpu needs the model's weights on one device")
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    placeholders: dict[int, object] = {}
-    weights: dict[int, GpuWeight] = {}
-    for m, p in tqdm(pairs, desc="compress weights (GPU)", disable=not progress, leave=False):
-        if id(p) not in placeholders:
-            w = GpuWeight(p.detach(), names.get(id(p), ""), offload=offload)
-            ph = w.placeholder()
-            placeholders[id(p)] = ph
-            weights[id(ph)] = w
-        m._parameters["weight"] = placeholders[id(p)]
+    weights = compress_in_place(model, pairs, lambda p, name: GpuWeight(p.detach(), name, offload=offload),
+                                desc="compress weights (GPU)", progress=progress)
     if torch.cuda.is_available() and pairs[0][1].device.type == "cuda":
         torch.cuda.empty_cache()  # give back the uncompressed weights' memory
     return GpuResidentModel(model, weights, prefetch=prefetch, ahead=ahead, offload=offload)

@@ -4,7 +4,7 @@
 ``.enec`` container and every other file (config, tokenizer, shard index) is copied. This module
 loads such a folder back into a ``transformers`` model whose weights are bit-identical to the
 original (:func:`from_pretrained`), or into a compressed-resident one (``resident=True``, see
-:mod:`enec.inference`). :func:`load_streamed` is the cold-start path: the model is built while
+:mod:`enec.resident`, :func:`load_resident`). :func:`load_streamed` is the cold-start path: the model is built while
 its checkpoint is still being read, and tensors are decoded as their bytes arrive.
 """
 
@@ -61,7 +61,7 @@ def from_pretrained(path, *, model_class=None, dtype=None, resident: bool = Fals
     ``from_config`` (resident load). With ``resident=False`` (default) the weights are decoded
     and handed to transformers' own loader, so they are bit-identical to loading the
     uncompressed folder. With ``resident=True`` large Linear/Embedding weights stay as ENEC
-    streams and are decoded just in time (see :func:`enec.inference.make_resident`;
+    streams and are decoded just in time (see :func:`enec.resident.make_resident`;
     ``resident_options`` go there); the full model is never materialised.
     """
     _quiet_transformers()
@@ -72,8 +72,6 @@ def from_pretrained(path, *, model_class=None, dtype=None, resident: bool = Fals
     if model_class is None:
         model_class = transformers.AutoModelForCausalLM
     if resident:
-        from .inference import load_resident
-
         return load_resident(path, model_class=model_class, dtype=dtype, threads=threads,
                              options=resident_options or {}, **kwargs)
     config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(str(path))
@@ -161,6 +159,80 @@ def load_streamed(path, *, model_class=None, dtype=None, threads: int | None = N
     return model
 
 
+def load_resident(path, *, model_class, dtype=None, threads=None, options: dict, **kwargs):
+    """Build a model from a compressed folder keeping its large weights compressed
+    (``enec.from_pretrained(path, resident=True)``); the full model is never decoded."""
+    import math
+
+    import torch
+    import transformers
+
+    from .resident import CompressedWeight, ResidentModel
+    from .resident_base import DEFAULT_MIN_NUMEL
+
+    options = dict(options)
+    unknown = set(options) - {"min_numel", "buffer_bytes", "chunk_bytes", "prefetch", "memory_budget"}
+    if unknown:
+        raise EnecError(f"unknown resident_options {sorted(unknown)}; known: buffer_bytes, chunk_bytes, "
+                        "memory_budget, min_numel, prefetch")
+    min_numel = options.pop("min_numel", DEFAULT_MIN_NUMEL)
+    config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(str(path))
+    cls = concrete_class(model_class, config)
+    if dtype is None:
+        dtype = _config_dtype(config)
+    model = _skeleton(cls, config, dtype, **kwargs)
+    model.eval()
+    slots = dict(model.named_parameters(remove_duplicate=False))
+    floats = (torch.bfloat16, torch.float16, torch.float32)
+
+    def owner(name):
+        mod, _, attr = name.rpartition(".")
+        try:
+            return model.get_submodule(mod), attr
+        except AttributeError:
+            return None, attr
+
+    def keep(name, dt, shape):
+        m, attr = owner(name)
+        return (attr == "weight" and isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) and dt in floats
+                and math.prod(shape) >= min_numel)
+
+    weights: dict[int, CompressedWeight] = {}
+    unexpected = []
+    for name, value in iter_tensors(path, threads=threads, keep=keep):
+        m, attr = owner(name)
+        if m is None or name not in slots:
+            unexpected.append(name)
+            continue
+        if isinstance(value, torch.Tensor):
+            if attr in m._parameters:
+                want = slots[name].dtype
+                m._parameters[attr] = torch.nn.Parameter(value.to(want), requires_grad=False)
+            else:
+                m._buffers[attr] = value
+            continue
+        w = CompressedWeight(value, name)
+        if w.dtype != dtype:
+            raise EnecError(f"{name} is stored as {w.dtype}; a resident model keeps weights in their "
+                            f"stored dtype, so load it with dtype={w.dtype} (got {dtype})")
+        if tuple(slots[name].shape) != w.shape:
+            raise EnecError(f"{name}: checkpoint shape {w.shape} does not match the model's "
+                            f"{tuple(slots[name].shape)}")
+        ph = w.placeholder()
+        weights[id(ph)] = w
+        m._parameters[attr] = ph
+    model.tie_weights()
+    missing = unfilled(model)
+    if missing or unexpected:
+        raise EnecError(f"the checkpoint does not fit {cls.__name__}: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]} (resident loading needs checkpoint names equal to "
+                        "the model's parameter names; load with resident=False instead)")
+    _attach_generation_config(model, path)
+    handle = ResidentModel(model, weights, threads=threads, **options)
+    model.enec_resident = handle
+    return model
+
+
 def unfilled(model) -> list[str]:
     """Names of the parameters still on the meta device (no checkpoint tensor reached them)."""
     return [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
@@ -235,9 +307,9 @@ def export_gguf(gguf_file, dst, *, dtype: str = "bfloat16", max_shard_size: str 
     if result.missing_keys or result.unexpected_keys:
         raise EnecError(f"GGUF export of {gguf_file.name} lost tensors: {result}")
     model.generation_config = src.generation_config
-    from .checkpoint import _atomic_write
+    from .checkpoint import atomic_write
 
-    with _atomic_write(dst, force=True) as tmp:
+    with atomic_write(dst, force=True) as tmp:
         model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         tok.save_pretrained(str(tmp))
     return dst

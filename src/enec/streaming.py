@@ -26,7 +26,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from .checkpoint import ALIGN, PREFIX, ST_DTYPES, _decode_entry, parse_safetensors_header, read_checkpoint
+from .checkpoint import ALIGN, PREFIX, ST_DTYPES, decode_entry, parse_safetensors_header, read_checkpoint
 from .codec import threads_set
 from .errors import EnecError
 
@@ -344,7 +344,7 @@ def _iter_enec(ra: _ReadAhead, i: int, threads, keep) -> Iterator[tuple[str, obj
             # over every core.
             n = 1 if flat.size < PARALLEL_BYTES else every if ra.finished or cold else max(1, every - 1)
             with threads_set(n):
-                _decode_entry(buf, e, st, flat, None)
+                decode_entry(buf, e, st, flat, None)
         yield e.name, torch.from_numpy(flat).view(dtype).reshape(st.shape)
     if plan is not None:
         plan.trim()

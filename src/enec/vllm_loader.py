@@ -142,11 +142,11 @@ def enec_shards(folder) -> list[Path]:
 
 
 def _tensor_names(files: list[Path]) -> list[str]:
-    from .checkpoint import _mapped, read_checkpoint
+    from .checkpoint import mapped, read_checkpoint
 
     names = []
     for f in files:
-        with _mapped(f) as (mm, size):
+        with mapped(f) as (mm, size):
             names += [e.name for e in read_checkpoint(mm, size, str(f)).entries]
     return names
 

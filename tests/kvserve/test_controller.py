@@ -14,7 +14,10 @@ import pytest
 
 import kvserve
 from kvserve import controller as C
-from kvserve.controller import Controller, Decision, Entry, Library, load_library
+from kvserve import latency as L
+from kvserve import library as LB
+from kvserve.controller import Controller, Decision
+from kvserve.library import Entry, Library, load_library
 
 
 def cfg(name, codec="rans"):
@@ -38,19 +41,19 @@ MB = 1e6
 # ----------------------------------------------------------------- latency model
 
 def test_latency_model_hand_computed():
-    assert C.transfer_ms(MB, 8.0) == pytest.approx(1000.0)          # 8 Mbps = 1 MB/s
-    assert C.transfer_ms(MB, 8.0, ratio=4) == pytest.approx(250.0)
-    assert C.codec_ms(MB, 100, 200) == pytest.approx(15.0)           # 10 ms encode + 5 ms decode
-    assert C.predict_ms(MB, 8.0, 4, 100, 200, t_model_ms=7) == pytest.approx(7 + 15 + 250)
-    assert C.uncompressed_ms(MB, 8.0, t_model_ms=7) == pytest.approx(1007.0)
+    assert L.transfer_ms(MB, 8.0) == pytest.approx(1000.0)          # 8 Mbps = 1 MB/s
+    assert L.transfer_ms(MB, 8.0, ratio=4) == pytest.approx(250.0)
+    assert L.codec_ms(MB, 100, 200) == pytest.approx(15.0)           # 10 ms encode + 5 ms decode
+    assert L.predict_ms(MB, 8.0, 4, 100, 200, t_model_ms=7) == pytest.approx(7 + 15 + 250)
+    assert L.uncompressed_ms(MB, 8.0, t_model_ms=7) == pytest.approx(1007.0)
     # both codec ends count: B* = (1 - 1/4) / (1/100e6 + 1/200e6) B/s = 5e7 B/s = 400 Mbps
-    assert C.breakeven_mbps(4, 100, 200) == pytest.approx(400.0)
-    assert C.predict_ms(MB, 400, 4, 100, 200) == pytest.approx(C.uncompressed_ms(MB, 400))
-    assert C.breakeven_mbps(1.0, 100, 200) == 0.0
+    assert L.breakeven_mbps(4, 100, 200) == pytest.approx(400.0)
+    assert L.predict_ms(MB, 400, 4, 100, 200) == pytest.approx(L.uncompressed_ms(MB, 400))
+    assert L.breakeven_mbps(1.0, 100, 200) == 0.0
 
 
 def test_optimal_intervals_hand_computed(lib):
-    rows = C.optimal_intervals(lib.entries, 0.0)
+    rows = LB.optimal_intervals(lib.entries, 0.0)
     # B|A at 40 Mbps, A|C at 2000/13 Mbps, C|bf16 at 2000 Mbps
     assert [r[0] for r in rows] == ["B", "A", "C", "bf16"]
     assert rows[0][1] == 0.0
@@ -58,12 +61,12 @@ def test_optimal_intervals_hand_computed(lib):
     assert rows[1][2] == pytest.approx(2000 / 13)
     assert rows[2][2] == pytest.approx(2000.0)
     assert math.isinf(rows[3][2])
-    rows97 = C.optimal_intervals(lib.entries, 97.0)  # B is below the quality budget
+    rows97 = LB.optimal_intervals(lib.entries, 97.0)  # B is below the quality budget
     assert [r[0] for r in rows97] == ["A", "C", "bf16"]
     # the intervals agree with brute force over the model
     for mbps in [5, 30, 60, 100, 500, 1500, 3000, 1e5]:
-        best = min([C.BF16_ENTRY] + lib.entries,
-                   key=lambda e: C.uncompressed_ms(MB, mbps) if e.name == "bf16" else C.predict_ms(MB, mbps, e.ratio, e.encode_MBps, e.decode_MBps))
+        best = min([LB.BF16_ENTRY] + lib.entries,
+                   key=lambda e: L.uncompressed_ms(MB, mbps) if e.name == "bf16" else L.predict_ms(MB, mbps, e.ratio, e.encode_MBps, e.decode_MBps))
         hit = [n for n, lo, hi in rows if lo <= mbps < hi]
         assert hit == [best.name], mbps
 
@@ -169,6 +172,27 @@ def test_observe_with_measured_size_and_codec_time(lib):
         ctl.observe(d, 10.0, codec_ms=float("nan"))
 
 
+def test_observe_judges_at_the_bandwidth_the_transfer_saw(lib):
+    """``bandwidth_mbps=`` is the one place the rule lives: the same as observing the decision
+    made at the bandwidth seen. A 50 Mbps estimate on a 200 Mbps link must not be learnt as a
+    slow profile."""
+    import dataclasses
+
+    seen, told = Controller(lib, min_quality=97.0, epsilon=0.0), Controller(lib, min_quality=97.0, epsilon=0.0)
+    d, d2 = seen.decide(MB, 50.0), told.decide(MB, 50.0)
+    seen.observe(d, 60.0, bandwidth_mbps=200.0, sent_bytes=260_000)
+    told.observe(dataclasses.replace(d2, bandwidth_mbps=200.0), 60.0, sent_bytes=260_000)
+    assert seen.stats[d.profile] == told.stats[d.profile] and seen.codec_factor == told.codec_factor
+    # at 200 Mbps A's 260 kB take 10.4 ms: 60 ms leaves a large residual; judged at the 50 Mbps
+    # estimate (41.6 ms on the wire) the same observation would have looked on time
+    naive = Controller(lib, min_quality=97.0, epsilon=0.0)
+    naive.observe(naive.decide(MB, 50.0), 60.0, sent_bytes=260_000)
+    assert seen.stats[d.profile].residual > naive.stats[d.profile].residual + 10.0
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(kvserve.KVServeError, match="bandwidth_mbps"):
+            seen.observe(d, 10.0, bandwidth_mbps=bad)
+
+
 def test_learns_a_slow_codec_and_switches(lib):
     """A's codec really runs 4x slower: the controller must move to C within a few requests."""
     ctl = Controller(lib, min_quality=97.0, epsilon=0.0)
@@ -177,7 +201,7 @@ def test_learns_a_slow_codec_and_switches(lib):
         d = ctl.decide(MB, 100.0)
         picks.append(d.profile)
         e = lib.by_name(d.profile)
-        true = C.codec_ms(MB, e.encode_MBps, e.decode_MBps) * (4 if e.codec_id == "rans" else 1) + C.transfer_ms(MB, 100, e.ratio)
+        true = L.codec_ms(MB, e.encode_MBps, e.decode_MBps) * (4 if e.codec_id == "rans" else 1) + L.transfer_ms(MB, 100, e.ratio)
         ctl.observe(d, true)
     assert picks[0] == "A"
     assert picks[-1] == "C"            # 2 + 40 = 42 < 4 * 15 + 20 = 80
@@ -293,7 +317,7 @@ def test_packaged_library_and_cli(tmp_path, capsys):
 # ----------------------------------------------------------------- simulation
 
 def test_simulation_targets_on_hand_made_library(lib):
-    from kvserve import simulate as S
+    import kvserve_simulate as S  # benchmarks/ (tests/conftest.py puts it on sys.path)
 
     res = S.simulate(lib, n=200, seed=0, min_quality=90.0)
     by = {r["trace"]: r for r in res}

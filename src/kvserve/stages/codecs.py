@@ -1,7 +1,8 @@
 """Lossless codecs on quantizer symbols (``bits`` <= 8, uint8) or raw bf16 words (``bits`` = 16).
 
-``encode(arr, bits) -> bytes`` and ``decode(buf, count, bits) -> arr`` with ``arr`` a flat
-uint8 array (``bits`` <= 8, values ``< 2**bits``) or uint16 array (``bits == 16``).
+``encode(arr, bits, threads=1) -> bytes`` and ``decode(buf, count, bits, threads=1) -> arr``
+with ``arr`` a flat uint8 array (``bits`` <= 8, values ``< 2**bits``) or uint16 array
+(``bits == 16``); ``threads`` bounds the codec's parallelism (numba kernels, chunk pools).
 ``decode`` raises :class:`kvserve.KVServeError` on any malformed input.
 
 Methods: ``none`` (raw bytes), ``bitpack`` (b-bit symbols, 8 per b bytes; numba, parallel),
@@ -11,8 +12,10 @@ lossless bf16 codec; bf16 passthrough only).
 """
 from __future__ import annotations
 
+import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numba
 import numpy as np
@@ -20,17 +23,29 @@ import numpy as np
 from ..errors import KVServeError
 from .base import Stage, register
 
-_THREADS = 2
+
+def default_threads() -> int:
+    """Codec threads when the caller does not say: every core numba may use."""
+    return max(1, min(os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS))
 
 
-def set_threads(n: int) -> None:
-    """Threads used by chunked codecs (and numba kernels)."""
-    global _THREADS
-    _THREADS = max(1, int(n))
+def resolve_threads(threads: int | None) -> int:
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise KVServeError(f"threads must be a positive int, got {threads!r}")
+    return threads
+
+
+@contextmanager
+def numba_threads(n: int):
+    """Run numba's parallel kernels on ``n`` threads (in the calling thread only)."""
+    old = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
     try:
-        numba.set_num_threads(min(_THREADS, numba.config.NUMBA_NUM_THREADS))
-    except Exception:  # pragma: no cover
-        pass
+        yield
+    finally:
+        numba.set_num_threads(old)
 
 
 def _as_bytes_view(arr: np.ndarray) -> memoryview:
@@ -51,10 +66,10 @@ class Codec(Stage):
     def accepts(self, bits: int) -> bool:
         return bits == 16 or 1 <= bits <= 8
 
-    def encode(self, arr: np.ndarray, bits: int) -> bytes:
+    def encode(self, arr: np.ndarray, bits: int, threads: int = 1) -> bytes:
         raise NotImplementedError
 
-    def decode(self, buf: bytes, count: int, bits: int) -> np.ndarray:
+    def decode(self, buf: bytes, count: int, bits: int, threads: int = 1) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -64,10 +79,10 @@ class Raw(Codec):
 
     stage_id = "none"
 
-    def encode(self, arr, bits):
+    def encode(self, arr, bits, threads=1):
         return bytes(_as_bytes_view(arr))
 
-    def decode(self, buf, count, bits):
+    def decode(self, buf, count, bits, threads=1):
         dt = _expect(bits)
         if len(buf) != count * dt.itemsize:
             raise KVServeError("raw: length mismatch")
@@ -101,7 +116,7 @@ def _unpack(buf, bits, out):
             out[8 * i + j] = np.uint8((acc >> np.uint64(bits * j)) & mask)
 
 
-def bitpack(sym: np.ndarray, bits: int) -> np.ndarray:
+def bitpack(sym: np.ndarray, bits: int, threads: int = 1) -> np.ndarray:
     """Pack uint8 symbols (< 2**bits) densely: 8 symbols -> ``bits`` bytes, LSB first."""
     n = sym.size
     m = -(-n // 8)
@@ -111,16 +126,18 @@ def bitpack(sym: np.ndarray, bits: int) -> np.ndarray:
     else:
         s = np.ascontiguousarray(sym, dtype=np.uint8)
     out = np.empty(m * bits, dtype=np.uint8)
-    _pack(s, bits, out)
+    with numba_threads(threads):
+        _pack(s, bits, out)
     return out
 
 
-def bitunpack(buf: np.ndarray, count: int, bits: int) -> np.ndarray:
+def bitunpack(buf: np.ndarray, count: int, bits: int, threads: int = 1) -> np.ndarray:
     m = -(-count // 8)
     if buf.size != m * bits:
         raise KVServeError("bitpack: length mismatch")
     out = np.empty(m * 8, dtype=np.uint8)
-    _unpack(buf, bits, out)
+    with numba_threads(threads):
+        _unpack(buf, bits, out)
     return out[:count]
 
 
@@ -130,16 +147,16 @@ class BitPack(Codec):
 
     stage_id = "bitpack"
 
-    def encode(self, arr, bits):
+    def encode(self, arr, bits, threads=1):
         if bits == 16:
             return bytes(_as_bytes_view(arr))
-        return bitpack(arr, bits).tobytes()
+        return bitpack(arr, bits, threads).tobytes()
 
-    def decode(self, buf, count, bits):
+    def decode(self, buf, count, bits, threads=1):
         if bits == 16:
             return Raw().decode(buf, count, bits)
         _expect(bits)
-        return bitunpack(np.frombuffer(buf, dtype=np.uint8), count, bits)
+        return bitunpack(np.frombuffer(buf, dtype=np.uint8), count, bits, threads)
 
 
 # ------------------------------------------------------------------------- chunked byte codecs
@@ -147,10 +164,10 @@ class BitPack(Codec):
 _CHUNK = 1 << 20
 
 
-def _chunked_encode(data: memoryview, fn) -> bytes:
+def _chunked_encode(data: memoryview, fn, threads: int) -> bytes:
     chunks = [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [data]
-    if _THREADS > 1 and len(chunks) > 1:
-        with ThreadPoolExecutor(_THREADS) as ex:
+    if threads > 1 and len(chunks) > 1:
+        with ThreadPoolExecutor(threads) as ex:
             outs = list(ex.map(fn, chunks))
     else:
         outs = [fn(c) for c in chunks]
@@ -158,7 +175,7 @@ def _chunked_encode(data: memoryview, fn) -> bytes:
     return head + b"".join(outs)
 
 
-def _chunked_decode(buf: bytes, total: int, fn, name: str) -> bytearray:
+def _chunked_decode(buf: bytes, total: int, fn, name: str, threads: int) -> bytearray:
     mv = memoryview(buf)
     if len(mv) < 4:
         raise KVServeError(f"{name}: truncated")
@@ -182,8 +199,8 @@ def _chunked_decode(buf: bytes, total: int, fn, name: str) -> bytearray:
         return out
 
     try:
-        if _THREADS > 1 and len(jobs) > 1:
-            with ThreadPoolExecutor(_THREADS) as ex:
+        if threads > 1 and len(jobs) > 1:
+            with ThreadPoolExecutor(threads) as ex:
                 outs = list(ex.map(run, jobs))
         else:
             outs = [run(j) for j in jobs]
@@ -197,14 +214,14 @@ def _chunked_decode(buf: bytes, total: int, fn, name: str) -> bytearray:
 class _ByteCodec(Codec):
     """A byte compressor on the symbol bytes, optionally after bit packing."""
 
-    def _pre(self, arr, bits):
+    def _pre(self, arr, bits, threads):
         if getattr(self, "pack", False) and bits <= 8:
-            return memoryview(bitpack(arr, bits))
+            return memoryview(bitpack(arr, bits, threads))
         return _as_bytes_view(arr)
 
-    def _post(self, raw: bytearray, count, bits):
+    def _post(self, raw: bytearray, count, bits, threads):
         if getattr(self, "pack", False) and bits <= 8:
-            return bitunpack(np.frombuffer(raw, dtype=np.uint8), count, bits)
+            return bitunpack(np.frombuffer(raw, dtype=np.uint8), count, bits, threads)
         return np.frombuffer(raw, dtype=_expect(bits)).copy()
 
     def _raw_size(self, count, bits):
@@ -226,7 +243,7 @@ class Zstd(_ByteCodec):
         if not isinstance(self.pack, bool):
             raise KVServeError("zstd: pack must be a bool")
 
-    def encode(self, arr, bits):
+    def encode(self, arr, bits, threads=1):
         import zstandard
 
         lvl = self.level
@@ -234,15 +251,15 @@ class Zstd(_ByteCodec):
         def fn(c):
             return zstandard.ZstdCompressor(level=lvl).compress(c)
 
-        return _chunked_encode(self._pre(arr, bits), fn)
+        return _chunked_encode(self._pre(arr, bits, threads), fn, threads)
 
-    def decode(self, buf, count, bits):
+    def decode(self, buf, count, bits, threads=1):
         import zstandard
 
         def fn(c, raw):
             return zstandard.ZstdDecompressor().decompress(c, max_output_size=raw)
 
-        return self._post(_chunked_decode(buf, self._raw_size(count, bits), fn, "zstd"), count, bits)
+        return self._post(_chunked_decode(buf, self._raw_size(count, bits), fn, "zstd", threads), count, bits, threads)
 
 
 @register
@@ -256,18 +273,18 @@ class LZ4(_ByteCodec):
         if not isinstance(self.pack, bool):
             raise KVServeError("lz4: pack must be a bool")
 
-    def encode(self, arr, bits):
+    def encode(self, arr, bits, threads=1):
         import lz4.block
 
-        return _chunked_encode(self._pre(arr, bits), lambda c: lz4.block.compress(c, store_size=False))
+        return _chunked_encode(self._pre(arr, bits, threads), lambda c: lz4.block.compress(c, store_size=False), threads)
 
-    def decode(self, buf, count, bits):
+    def decode(self, buf, count, bits, threads=1):
         import lz4.block
 
         def fn(c, raw):
             return lz4.block.decompress(c, uncompressed_size=raw)
 
-        return self._post(_chunked_decode(buf, self._raw_size(count, bits), fn, "lz4"), count, bits)
+        return self._post(_chunked_decode(buf, self._raw_size(count, bits), fn, "lz4", threads), count, bits, threads)
 
 
 # ------------------------------------------------------------------------- entropy coding
@@ -322,7 +339,7 @@ class ANS(_PairingCodec):
         p = counts.astype(np.float64)
         return constriction.stream.model.Categorical(p / p.sum(), perfect=False)
 
-    def encode(self, arr, bits):
+    def encode(self, arr, bits, threads=1):
         import constriction
 
         if not 1 <= bits <= 8:
@@ -344,7 +361,7 @@ class ANS(_PairingCodec):
         coder.encode_reverse(sym, self._model(counts))
         return head + coder.get_compressed().tobytes()
 
-    def decode(self, buf, count, bits):
+    def decode(self, buf, count, bits, threads=1):
         import constriction
 
         if not 1 <= bits <= 8:
@@ -386,20 +403,20 @@ class ENEC(Codec):
     def accepts(self, bits):
         return bits == 16
 
-    def encode(self, arr, bits):
+    def encode(self, arr, bits, threads=1):
         if bits != 16:
             raise KVServeError("enec: only bf16 passthrough (quantizer 'none')")
         import enec
 
-        return bytes(enec.compress(np.ascontiguousarray(arr, dtype=np.uint16), dtype="bfloat16", threads=_THREADS))
+        return bytes(enec.compress(np.ascontiguousarray(arr, dtype=np.uint16), dtype="bfloat16", threads=threads))
 
-    def decode(self, buf, count, bits):
+    def decode(self, buf, count, bits, threads=1):
         if bits != 16:
             raise KVServeError("enec: only bf16 passthrough")
         import enec
 
         try:
-            out = np.asarray(enec.decompress(bytes(buf), threads=_THREADS))
+            out = np.asarray(enec.decompress(bytes(buf), threads=threads))
         except Exception as exc:
             raise KVServeError(f"enec: corrupt stream ({exc})") from exc
         out = out.reshape(-1).view(np.uint16) if out.dtype.itemsize == 2 else out
@@ -418,22 +435,23 @@ class RANS(_PairingCodec):
 
     stage_id = "rans"
 
-    def encode(self, arr, bits):
+    def encode(self, arr, bits, threads=1):
         from . import rans
 
         if not 1 <= bits <= 8:
             raise KVServeError("rans: needs quantized symbols (bits <= 8)")
         paired = self.pair and 2 * bits <= 8
         alpha = 1 << (2 * bits if paired else bits)
-        sym, counts = rans.symbols_and_counts(arr, bits if paired else 0, alpha)
-        if counts[-1]:
-            raise KVServeError("rans: symbol out of range")
-        freq = rans.quantize_freqs(counts[:-1])
-        lens, stream = rans.encode(sym, freq)
+        with numba_threads(threads):
+            sym, counts = rans.symbols_and_counts(arr, bits if paired else 0, alpha)
+            if counts[-1]:
+                raise KVServeError("rans: symbol out of range")
+            freq = rans.quantize_freqs(counts[:-1])
+            lens, stream = rans.encode(sym, freq)
         head = struct.pack("<BH", int(paired), alpha) + freq.astype(np.uint16).tobytes()
         return head + struct.pack("<I", lens.size) + lens.astype(np.uint32).tobytes() + stream.tobytes()
 
-    def decode(self, buf, count, bits):
+    def decode(self, buf, count, bits, threads=1):
         from . import rans
 
         if not 1 <= bits <= 8:
@@ -456,7 +474,8 @@ class RANS(_PairingCodec):
         stream = np.frombuffer(mv, dtype=np.uint8, offset=off + 4 + 4 * nch)
         if nsym == 0:
             return np.zeros(0, dtype=np.uint8)
-        sym = rans.decode(stream, lens, freq, nsym, bits if paired else 0)
+        with numba_threads(threads):
+            sym = rans.decode(stream, lens, freq, nsym, bits if paired else 0)
         if sym is None:
             raise KVServeError("rans: corrupt stream")
         return sym[:count]

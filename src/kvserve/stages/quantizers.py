@@ -322,6 +322,7 @@ class KVServeQuant(_Windowed):
         if not isinstance(self.compact_value_stats, bool):
             raise KVServeError("kvserve: compact_value_stats must be a bool")
         self._check_windows()
+        self._resolve_tiers()
 
     def _check_tiers(self):
         t = self.tiers
@@ -343,6 +344,25 @@ class KVServeQuant(_Windowed):
         if self.split == "head" and len(t) > 1 and self.scores is None:
             raise KVServeError("kvserve: split='head' with tiers needs scores")
 
+    def _resolve_tiers(self) -> None:
+        """The precision tiers every encode and decode works from: ``tiers`` as given, or the
+        two-way split as tiers (``low_fraction`` of the pairs at the ``low_*`` levels first,
+        then the rest at the ``high_*`` levels). ``_old_tier`` maps a pre-tiers bundle's
+        ``lowmask`` values (0 high, 1 low) to these tiers (None: impossible there)."""
+        if self.tiers is not None:
+            self._tiers = [list(r) for r in self.tiers]
+            self._old_tier = (None, None)
+            return
+        lf = float(self.low_fraction)
+        low = [lf, self.low_key_levels, self.low_value_levels]
+        high = [1.0, self.high_key_levels, self.high_value_levels]
+        if lf <= 0.0:
+            self._tiers, self._old_tier = [high], (0, None)
+        elif lf >= 1.0:
+            self._tiers, self._old_tier = [[1.0] + low[1:]], (None, 0)
+        else:
+            self._tiers, self._old_tier = [low, high], (1, 0)
+
     def _ranking(self, num_layers: int, num_heads: int, which: str = "") -> np.ndarray:
         """Flat (layer * heads + head) indices from least to most important."""
         if self.split == "layer":
@@ -351,14 +371,20 @@ class KVServeQuant(_Windowed):
         return np.argsort(sc.reshape(-1), kind="stable")
 
     def tier_index(self, num_layers: int, num_heads: int, which: str = "") -> np.ndarray:
-        """uint8 ``(num_layers, num_heads)``: the tier of each pair (``tiers`` set)."""
+        """uint8 ``(num_layers, num_heads)``: the tier of each (layer, kv-head) pair. Tier
+        boundaries count pairs (``split="head"``) or whole layers (``split="layer"``)."""
         n = num_layers * num_heads
         idx = np.zeros(n, dtype=np.uint8)
-        if len(self.tiers) > 1:
+        if len(self._tiers) > 1:
             order = self._ranking(num_layers, num_heads, which)
             start = 0
-            for ti, (end, _, _) in enumerate(self.tiers):
-                stop = n if end >= 1.0 else int(round(end * n))
+            for ti, (end, _, _) in enumerate(self._tiers):
+                if end >= 1.0:
+                    stop = n
+                elif self.split == "layer":
+                    stop = int(round(end * num_layers)) * num_heads
+                else:
+                    stop = int(round(end * n))
                 idx[order[start:stop]] = ti
                 start = max(start, stop)
         return idx.reshape(num_layers, num_heads)
@@ -386,101 +412,51 @@ class KVServeQuant(_Windowed):
         return arr
 
     def low_mask(self, num_layers: int, num_heads: int) -> np.ndarray:
-        """Boolean ``(num_layers, num_heads)``: True where the pair gets the low level counts."""
-        n_low = int(round(self.low_fraction * (num_layers if self.split == "layer" else num_layers * num_heads)))
-        mask = np.zeros((num_layers, num_heads), dtype=bool)
-        if n_low == 0:
-            return mask
-        if self.split == "layer":
-            mask[num_layers - n_low:] = True
-            return mask
-        sc = self.score_array(num_layers, num_heads)
-        order = np.argsort(sc.reshape(-1), kind="stable")[:n_low]
-        mask.reshape(-1)[order] = True
-        return mask
-
-    def _levels(self, mask_t: torch.Tensor, which: str) -> torch.Tensor:
-        hi = self.high_key_levels if which == "k" else self.high_value_levels
-        lo = self.low_key_levels if which == "k" else self.low_value_levels
-        lv = torch.where(mask_t, torch.tensor(float(lo)), torch.tensor(float(hi)))
-        return lv[:, None, :, None, None]  # (n, 1, H, 1, 1)
+        """Boolean ``(num_layers, num_heads)``: True where the two-way split gives the pair
+        the ``low_*`` level counts (the first tier of the resolved split)."""
+        if self.tiers is not None:
+            raise KVServeError("kvserve: low_mask is for the two-way split; use tier_index with tiers")
+        low = self._old_tier[1]
+        return self.tier_index(num_layers, num_heads) == low if low is not None else \
+            np.zeros((num_layers, num_heads), dtype=bool)
 
     def _axis(self, which):
         return self.key_axis if which == "k" else self.value_axis
 
-    def _stat_dims(self, which, shape5):
+    def _stat_dims(self, which):
         axis = self._axis(which)
         if axis == "channel":
-            return (3,) if not (which == "k" and self.key_group) else (4,)
+            return (3,)
         return (2, 4) if axis == "token" else (4,)
 
-    def _grouped(self, xm, which):
-        """Reshape the quantized middle ``(n,B,H,Tm,D)`` for token-grouped channel stats."""
-        n, b, h, t, d = xm.shape
-        if which == "k" and self._axis("k") == "channel" and self.key_group:
-            g = self.key_group
-            tg = t // g * g
-            return xm[..., :tg, :].reshape(n, b, h, tg // g, g, d), tg
-        return xm, t
+    def _grouped(self, which) -> bool:
+        """Keys with token-grouped channel stats (``key_group``)?"""
+        return which == "k" and self._axis("k") == "channel" and bool(self.key_group)
 
     def _tier_levels(self, which):
-        return [r[1] if which == "k" else r[2] for r in self.tiers]
+        return [r[1] if which == "k" else r[2] for r in self._tiers]
 
     def encode(self, x, layer_ids, which, geometry):
-        if self.tiers is not None:
-            return self._encode_tiers(x, layer_ids, which, geometry)
-        n, b, h, t, d = x.shape
-        s, e = self._span(t)
-        parts: list[Part] = []
-        mask = self.low_mask(*geometry)[list(layer_ids)]  # (n, H)
-        parts.append(Part("lowmask", mask.astype(np.uint8).reshape(-1)))
-        xm, tg = self._grouped(x[..., s:e, :], which)
-        if tg < e - s:  # remainder of a token grouping joins the recent window
-            e = s + tg
-        parts.append(Part("split", np.asarray([s, e], dtype=np.int64)))
-        self._encode_windows(x, s, e, parts)
-        if e > s:
-            mask_t = torch.from_numpy(mask)
-            lv = self._levels(mask_t, which)
-            if xm.dim() == 6:
-                lv = lv[..., None]
-                dims = (4,)
-            else:
-                dims = self._stat_dims(which, xm.shape)
-            quant = _minmax_compact if (which == "v" and self.compact_value_stats) else _minmax
-            q = quant(xm, dims, lv, parts, "")
-            q = q.reshape(n, b, h, e - s, d).transpose(1, 2)  # (n, H, B, Tm, D)
-            for tag, sel in (("hi", ~mask_t), ("lo", mask_t)):
-                if bool(sel.any()):
-                    levels = self._pair_levels(which, tag)
-                    parts.append(Part("q" + tag, q[sel].contiguous().numpy().reshape(-1), bits=bits_for(levels)))
-        return parts
-
-    def _pair_levels(self, which, tag):
-        if which == "k":
-            return self.high_key_levels if tag == "hi" else self.low_key_levels
-        return self.high_value_levels if tag == "hi" else self.low_value_levels
-
-    def _encode_tiers(self, x, layer_ids, which, geometry):
         n, b, h, t, d = x.shape
         s, e = self._span(t)
         parts: list[Part] = []
         tier = self.tier_index(*geometry, which)[list(layer_ids)]  # (n, H)
         parts.append(Part("tier", tier.reshape(-1).copy()))
-        xm, tg = self._grouped(x[..., s:e, :], which)
-        if tg < e - s:
-            e = s + tg
+        if self._grouped(which):  # the remainder of the token grouping joins the recent window
+            e = s + (e - s) // self.key_group * self.key_group
         parts.append(Part("split", np.asarray([s, e], dtype=np.int64)))
         self._encode_windows(x, s, e, parts)
         if e > s:
             tl = self._tier_levels(which)
             tier_t = torch.from_numpy(tier.astype(np.int64))
-            lv = torch.tensor(tl, dtype=torch.float32)[tier_t][:, None, :, None, None]
-            if xm.dim() == 6:
-                lv = lv[..., None]
-                dims = (4,)
+            lv = torch.tensor(tl, dtype=torch.float32)[tier_t][:, None, :, None, None]  # (n, 1, H, 1, 1)
+            xm = x[..., s:e, :]
+            if self._grouped(which):
+                g = self.key_group
+                xm = xm.reshape(n, b, h, (e - s) // g, g, d)
+                lv, dims = lv[..., None], (4,)
             else:
-                dims = self._stat_dims(which, xm.shape)
+                dims = self._stat_dims(which)
             quant = _minmax_compact if (which == "v" and self.compact_value_stats) else _minmax
             q = quant(xm, dims, lv, parts, "")
             q = q.reshape(n, b, h, e - s, d).transpose(1, 2)  # (n, H, B, Tm, D)
@@ -490,47 +466,32 @@ class KVServeQuant(_Windowed):
                     parts.append(Part(f"q{ti}", q[sel].contiguous().numpy().reshape(-1), bits=bits_for(levels)))
         return parts
 
-    def decode(self, parts, shape, layer_ids, which):
-        if self.tiers is not None:
-            return self._decode_tiers(parts, shape, layer_ids, which)
-        n, b, h, t, d = shape
-        mask = _get(parts, "lowmask", n * h).reshape(n, h).astype(bool)
-        se = _get(parts, "split", 2)
-        s, e = int(se[0]), int(se[1])
-        if not 0 <= s <= e <= t:
-            raise KVServeError("kvserve: bad token split")
-        out = torch.empty(shape, dtype=torch.float32)
-        self._decode_windows(out, parts, shape, s, e)
-        if e > s:
-            tm = e - s
-            mask_t = torch.from_numpy(mask)
-            q = torch.empty((n, h, b, tm, d), dtype=torch.uint8)
-            for tag, sel in (("hi", ~mask_t), ("lo", mask_t)):
-                cnt = int(sel.sum())
-                if cnt:
-                    a = _get(parts, "q" + tag, cnt * b * tm * d)
-                    q[sel] = torch.from_numpy(a).reshape(cnt, b, tm, d)
-            q = q.transpose(1, 2)
-            lv = self._levels(mask_t, which)
-            if which == "k" and self._axis("k") == "channel" and self.key_group:
-                g = self.key_group
-                if tm % g:
-                    raise KVServeError("kvserve: token split not a multiple of key_group")
-                q = q.reshape(n, b, h, tm // g, g, d)
-                stat = (n, b, h, tm // g, 1, d)
-                lv = lv[..., None]
-            else:
-                dims = self._stat_dims(which, shape)
-                stat = tuple(1 if i in dims else sz for i, sz in enumerate((n, b, h, tm, d)))
-            out[..., s:e, :] = _deminmax(q, parts, "", stat, lv).reshape(n, b, h, tm, d)
-        return out
-
-    def _decode_tiers(self, parts, shape, layer_ids, which):
-        n, b, h, t, d = shape
+    def _stored_tiers(self, parts, n: int, h: int) -> tuple[np.ndarray, list[str]]:
+        """The bundle's per-pair tier table ``(n, H)`` and the part name of each tier's
+        symbols; bundles written before tiers carry a ``lowmask`` (1 = low) and parts
+        ``qhi``/``qlo`` instead."""
+        ntiers = len(self._tiers)
+        if "lowmask" in parts and "tier" not in parts:
+            mask = _get(parts, "lowmask", n * h).reshape(n, h)
+            hi, lo = self._old_tier
+            if mask.dtype != np.uint8 or (mask.size and int(mask.max()) > 1) \
+                    or (hi is None and bool((mask == 0).any())) or (lo is None and bool((mask == 1).any())):
+                raise KVServeError("kvserve: bad low mask")
+            tier = np.where(mask == 1, lo if lo is not None else 0, hi if hi is not None else 0).astype(np.uint8)
+            names = [""] * ntiers
+            if hi is not None:
+                names[hi] = "qhi"
+            if lo is not None:
+                names[lo] = "qlo"
+            return tier, names
         tier = _get(parts, "tier", n * h).reshape(n, h)
-        tl = self._tier_levels(which)
-        if tier.dtype != np.uint8 or (tier.size and int(tier.max()) >= len(tl)):
+        if tier.dtype != np.uint8 or (tier.size and int(tier.max()) >= ntiers):
             raise KVServeError("kvserve: bad tier table")
+        return tier, [f"q{ti}" for ti in range(ntiers)]
+
+    def decode(self, parts, shape, layer_ids, which):
+        n, b, h, t, d = shape
+        tier, names = self._stored_tiers(parts, n, h)
         se = _get(parts, "split", 2)
         s, e = int(se[0]), int(se[1])
         if not 0 <= s <= e <= t:
@@ -539,17 +500,18 @@ class KVServeQuant(_Windowed):
         self._decode_windows(out, parts, shape, s, e)
         if e > s:
             tm = e - s
+            tl = self._tier_levels(which)
             tier_t = torch.from_numpy(tier.astype(np.int64))
             q = torch.empty((n, h, b, tm, d), dtype=torch.uint8)
             for ti in range(len(tl)):
                 sel = tier_t == ti
                 cnt = int(sel.sum())
                 if cnt:
-                    a = _get(parts, f"q{ti}", cnt * b * tm * d)
+                    a = _get(parts, names[ti], cnt * b * tm * d)
                     q[sel] = torch.from_numpy(a).reshape(cnt, b, tm, d)
             q = q.transpose(1, 2)
             lv = torch.tensor(tl, dtype=torch.float32)[tier_t][:, None, :, None, None]
-            if which == "k" and self._axis("k") == "channel" and self.key_group:
+            if self._grouped(which):
                 g = self.key_group
                 if tm % g:
                     raise KVServeError("kvserve: token split not a multiple of key_group")
@@ -557,7 +519,7 @@ class KVServeQuant(_Windowed):
                 stat = (n, b, h, tm // g, 1, d)
                 lv = lv[..., None]
             else:
-                dims = self._stat_dims(which, shape)
+                dims = self._stat_dims(which)
                 stat = tuple(1 if i in dims else sz for i, sz in enumerate((n, b, h, tm, d)))
             out[..., s:e, :] = _deminmax(q, parts, "", stat, lv).reshape(n, b, h, tm, d)
         return out

@@ -7,13 +7,10 @@ def serving_model():
     pytest.importorskip("transformers")
     import torch
 
-    from kvserve.serving import engine
-
-    from kvserve.stages import codecs
+    from kvserve.models import load_model_fast
 
     torch.set_num_threads(1)
-    codecs.set_threads(1)  # numba's spinning pool would otherwise starve torch on a small machine
     try:
-        return engine.load_model_fast("smollm2")
+        return load_model_fast("smollm2")
     except Exception as exc:  # model package missing
         pytest.skip(f"SmolLM2 unavailable: {exc}")

@@ -10,9 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 pytest.importorskip("transformers")
-from kvserve import transport as tp  # noqa: E402
+from kvserve import models  # noqa: E402
 from kvserve.serving import engine  # noqa: E402
-from kvserve.serving.faults import DroppingRelay  # noqa: E402
+from kvserve.serving import transport as tp  # noqa: E402
+from kvserve_servers import Relay  # noqa: E402
 
 pytestmark = pytest.mark.slow
 MAX_NEW = 5
@@ -32,8 +33,8 @@ def cluster(ref_model):
 @pytest.fixture(scope="module")
 def prompts(ref_model):
     model, tok = ref_model
-    ps = engine.sotu_prompts(tok, [40, 150])
-    return [(ids, engine.generate_local(model, ids, MAX_NEW)) for ids in ps]
+    ps = models.sotu_prompts(tok, [40, 150])
+    return [(ids, models.generate_local(model, ids, MAX_NEW)) for ids in ps]
 
 
 @pytest.mark.parametrize("mode", ["bf16", "bf16-enec"])
@@ -93,7 +94,7 @@ def test_adaptive_replans_when_the_link_is_slower_than_estimated(cluster, prompt
 
 
 def test_bench_tiers_rotate_every_mode_and_repeat_rounds(cluster, prompts):
-    from kvserve.serving import bench
+    import kvserve_serving as bench  # benchmarks/ (tests/conftest.py puts it on sys.path)
 
     ids = [p[0] for p in prompts]
     quiet = lambda s: None  # noqa: E731
@@ -119,7 +120,7 @@ def test_bench_tiers_rotate_every_mode_and_repeat_rounds(cluster, prompts):
 
 def test_dropped_transfer_is_retried(cluster, prompts):
     ids, ref = prompts[1]
-    with DroppingRelay(cluster.decode_addr, drop_after=200_000, drops=1) as relay:
+    with Relay(cluster.decode_addr, drop_after=200_000, drops=1) as relay:
         r = cluster.generate(ids, MAX_NEW, "bf16", kv_addr=relay.address)
     assert relay.dropped == 1
     assert r.attempts == 2 and r.breakdown["retry_errors"]
@@ -128,7 +129,7 @@ def test_dropped_transfer_is_retried(cluster, prompts):
 
 def test_transfer_failure_falls_back_to_recompute(cluster, prompts):
     ids, ref = prompts[1]
-    with DroppingRelay(cluster.decode_addr, drop_after=100_000, drops=100) as relay:
+    with Relay(cluster.decode_addr, drop_after=100_000, drops=100) as relay:
         r = cluster.generate(ids, MAX_NEW, "bf16-enec", kv_addr=relay.address)
     assert relay.dropped == 3  # 1 try + 2 retries
     assert "gave up after 3" in r.breakdown["error"]
@@ -158,7 +159,7 @@ def test_workers_survive_bad_input(cluster, prompts, ref_model):
 
     ids, ref = prompts[0]
     model, _ = ref_model
-    kv, first = engine.prefill_first(model, ids)
+    kv, first = models.prefill_first(model, ids)
     blob = bytearray(kvserve.encode(kv, "bf16", meta={"rid": "bad", "seq_len": len(ids), "first_token": first}))
     blob[100] ^= 0xFF
     with tp.FrameClient(cluster.decode_addr, cluster.secret) as c:
@@ -171,8 +172,8 @@ def test_workers_survive_bad_input(cluster, prompts, ref_model):
 def test_bounded_concurrent_load_loses_nothing(cluster, ref_model):
     model, tok = ref_model
     n, deadline_s = 8, 120
-    ps = engine.sotu_prompts(tok, [24 + 4 * i for i in range(n)], seed=7)
-    refs = [engine.generate_local(model, ids, 3) for ids in ps]
+    ps = models.sotu_prompts(tok, [24 + 4 * i for i in range(n)], seed=7)
+    refs = [models.generate_local(model, ids, 3) for ids in ps]
     modes = ["bf16", "bf16-enec"]
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=n) as ex:

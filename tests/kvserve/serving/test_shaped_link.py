@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from kvserve.serving import linktest
+sys.path.insert(0, str(Path(__file__).parent))
+import linktest  # noqa: E402  (test scaffolding beside this file)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from kvserve import KVServeError
-from kvserve import transport as tp
+from kvserve.serving import transport as tp
 
 SECRET = b"0123456789abcdef-test-secret"
 
@@ -191,9 +191,9 @@ def test_bandwidth_estimator():
 
 def test_retry_after_dropped_connection():
     """A relay that kills the first connection mid-transfer: the client reconnects and succeeds."""
-    from kvserve.serving.faults import DroppingRelay
+    from kvserve_servers import Relay
 
-    with tp.FrameServer(echo, SECRET) as srv, DroppingRelay(srv.address, drop_after=20_000, drops=1) as relay:
+    with tp.FrameServer(echo, SECRET) as srv, Relay(srv.address, drop_after=20_000, drops=1) as relay:
         with tp.FrameClient(relay.address, SECRET, retries=2) as c:
             assert c.request(1, b"y" * 100_000) == (1, b"y" * 100_000)
             assert c.stats.attempts == 2 and c.stats.errors

@@ -1,4 +1,5 @@
-"""The vLLM KV connector (src/kvserve/serving/vllm_connector.py) on the real SmolLM2-135M.
+"""The vLLM KV connector (src/kvserve/serving/vllm_connector.py, with serving/paged.py,
+serving/push.py and serving/store.py) on the real SmolLM2-135M.
 
 vLLM lives in its own environment (``scripts/setup_vllm.sh`` builds ``.venv-vllm``), so the
 vLLM part runs in a subprocess with that environment's python, or with this interpreter when
@@ -43,6 +44,7 @@ PROMPTS = [
 ]
 MAX_TOKENS = 12
 BLOCK_SIZE = 32
+SECRET = "kvserve-test-secret-0123456789abcdef"  # the deployment secret both instances share
 
 
 # ------------------------------------------------------------------------- subprocess side
@@ -92,7 +94,9 @@ def _pd(out: str, model: str, work: str) -> None:
     from vllm import SamplingParams
 
     import kvserve
+    from kvserve.serving import push
     from kvserve.serving import vllm_connector as vc
+    from kvserve.serving.store import FileStore
 
     work = Path(work)
     store = work / "store"
@@ -124,13 +128,13 @@ def _pd(out: str, model: str, work: str) -> None:
     # when kvserve.controller and its profile library are there, else a fixed profile
     default: object = {"mode": "controller", "bandwidth_mbps": 100, "min_quality": 97, "seed": 0}
     try:
-        vc._Chooser(default)
+        push.controller_from_settings(push.resolve_compression(default)[1])
     except Exception as exc:
         res["controller_unavailable"] = f"{type(exc).__name__}: {exc}"
         default = "cachegen"
     res["default_compression"] = default
     llm = _llm(model, {**base, "kv_role": "kv_producer",
-                       "kv_connector_extra_config": {"store": str(store), "compression": default}})
+                       "kv_connector_extra_config": {"store": str(store), "compression": default, "secret": SECRET}})
     before = dict(vc.STATS)
     prod = [(name, prompt, params) for name, prompt, params in cases if name != "missing-2"]
     res["producer"] = {}
@@ -143,29 +147,32 @@ def _pd(out: str, model: str, work: str) -> None:
     _close(llm)
     res["timing"]["producer_s"] = time.perf_counter() - t0
 
-    files = {p.name.split(".")[0]: p for p in store.glob("*.kvsv")}
+    # store keys are "u<client key>.<rank>" and "p<prompt hash>.<rank>"; entries are sealed
+    fs = FileStore(store, SECRET)
+    files = {p.name.split(".")[0][1:]: p.name[:-len(".kvsv")] for p in store.glob("*.kvsv")}
     res["bundles"] = {}
-    for key, path in files.items():
-        kv, meta = kvserve.decode(path.read_bytes())
+    for key, skey in files.items():
+        data = fs.get(skey)
+        kv, meta = kvserve.decode(data)
         raw = sum(k.numel() * 2 + v.numel() * 2 for k, v in kv)
-        header, _ = kvserve.pipeline.parse_header(path.read_bytes())
-        res["bundles"][key] = {"bytes": path.stat().st_size, "raw_bytes": raw, "profile": header["profile"]["name"],
+        header, _ = kvserve.pipeline.parse_header(data)
+        res["bundles"][key] = {"bytes": len(data), "raw_bytes": raw, "profile": header["profile"]["name"],
                                "tokens": meta["seq_len"], "layers": len(kv), "shape": list(kv[0][0].shape)}
     # damage the stored bundles of two cases
-    c = files["corruptx1"]
+    c = fs.path(files["corruptx1"])  # one flipped byte in the file: the seal fails
     data = bytearray(c.read_bytes())
     data[len(data) // 2] ^= 0x55
     c.write_bytes(bytes(data))
-    m = files["misfitx2"]  # well-formed, right layer names, wrong head count
-    kv, meta = kvserve.decode(m.read_bytes())
+    m = files["misfitx2"]  # well-formed, sealed, right layer names and binding, wrong head count
+    kv, meta = kvserve.decode(fs.get(m))
     bad = [(torch.zeros(1, k.shape[1] + 1, k.shape[2], k.shape[3], dtype=torch.bfloat16),) * 2 for k, _ in kv]
-    m.write_bytes(kvserve.encode(bad, "bf16", meta=meta))
+    fs.put(m, kvserve.encode(bad, "bf16", meta=meta))
     z = files["zerosx0"]  # fits the model but holds zeros: the consumer must get it wrong
-    kv, meta = kvserve.decode(z.read_bytes())
-    z.write_bytes(kvserve.encode([(torch.zeros_like(k), torch.zeros_like(v)) for k, v in kv], "bf16", meta=meta))
+    kv, meta = kvserve.decode(fs.get(z))
+    fs.put(z, kvserve.encode([(torch.zeros_like(k), torch.zeros_like(v)) for k, v in kv], "bf16", meta=meta))
 
     t0 = time.perf_counter()
-    llm = _llm(model, {**base, "kv_role": "kv_consumer", "kv_connector_extra_config": {"store": str(store)}})
+    llm = _llm(model, {**base, "kv_role": "kv_consumer", "kv_connector_extra_config": {"store": str(store), "secret": SECRET}})
     before = dict(vc.STATS)
     res["consumer"] = {}
     for group in _groups(cases):
@@ -187,7 +194,9 @@ def _units(out: str, work: str) -> None:
     import torch
     from vllm import _custom_ops as ops
 
-    from kvserve.serving import vllm_connector as vc
+    from kvserve.serving import paged as vc
+    from kvserve.serving import push, store as st
+    from kvserve.serving import vllm_connector as conn
 
     res: dict = {"cpu": [], "gpu_layout": [], "errors": {}}
     torch.manual_seed(0)
@@ -226,33 +235,34 @@ def _units(out: str, work: str) -> None:
                          "k_first_on_content": torch.equal(flat[slots, :, :d], k[0].permute(1, 0, 2)),
                          "v_second_on_content": torch.equal(flat[slots, :, d:], v[0].permute(1, 0, 2))}
     # the store and the keys
-    store = vc.FileStore(Path(work) / "store")
-    store.put("abc123", "tp0-1.pp0-1", b"x" * 10)
-    res["store"] = {"get": store.get("abc123", "tp0-1.pp0-1") == b"x" * 10, "missing": store.get("nope", "tp0-1.pp0-1") is None,
+    store = st.FileStore(Path(work) / "store", SECRET)
+    store.put(conn.bundle_key("abc123", "tp0-1.pp0-1"), b"x" * 10)
+    res["store"] = {"get": store.get("abc123.tp0-1.pp0-1") == b"x" * 10, "missing": store.get("nope.tp0-1.pp0-1") is None,
                     "no_tmp_left": not list((Path(work) / "store").glob(".tmp-*")),
-                    "key_stable": vc.prompt_key([1, 2, 3]) == vc.prompt_key((1, 2, 3)) != vc.prompt_key([1, 2, 3], "m")}
-    for name, fn in {"bad_key": lambda: store.path("../etc", "tp0-1.pp0-1"),
-                     "url_store": lambda: vc.open_store("http://localhost"),
-                     "bad_profile": lambda: vc.resolve_compression("no-such-profile"),
-                     "bad_controller": lambda: vc.resolve_compression({"mode": "controller"}),
+                    "key_stable": conn.prompt_key([1, 2, 3]) == conn.prompt_key((1, 2, 3)) != conn.prompt_key([1, 2, 3], "m")}
+    for name, fn in {"bad_key": lambda: store.path("../etc.tp0-1.pp0-1"),
+                     "url_store": lambda: st.open_store("http://localhost"),
+                     "bad_profile": lambda: push.resolve_compression("no-such-profile"),
+                     "bad_controller": lambda: push.resolve_compression({"mode": "controller"}),
                      "too_big": lambda: vc.token_slots([0], 32, 32, 0, 40)}.items():
         try:
             fn()
             res["errors"][name] = None
         except Exception as exc:
             res["errors"][name] = f"{type(exc).__name__}: {exc}"
-    res["fixed"] = vc.resolve_compression("bf16")[1]["name"]
+    res["fixed"] = push.resolve_compression("bf16")[1]["name"]
     # controller mode: a decision per request when kvserve.controller and its library exist
     try:
-        chooser = vc._Chooser({"mode": "controller", "bandwidth_mbps": 100, "seed": 0})
+        mode, setting = push.resolve_compression({"mode": "controller", "bandwidth_mbps": 100, "seed": 0})
+        pusher = push.Pusher(push.controller_from_settings(setting))
         kv = [(torch.randn(1, 3, 64, 64).bfloat16(),) * 2 for _ in range(4)]
-        pipe, decision = chooser.choose(4 * 2 * 3 * 64 * 64 * 2)
-        blob = pipe.encode(kv, meta={"seq_len": 64})
-        chooser.observe(decision, 5.0)
+        sent = []
+        r = pusher.push(kv, None, {"seq_len": 64}, lambda blob, progress: sent.append(blob) or push.Sent(5.0),
+                        bandwidth_mbps=setting["bandwidth_mbps"])
         # a request's own bandwidth estimate: a slow link compresses, a very fast one does not
-        slow = chooser.choose(16 << 20, None, 10)[1]
-        fast = chooser.choose(16 << 20, None, 1e7)[1]
-        res["controller"] = {"profile": decision.profile, "pipeline": pipe.name, "bytes": len(blob),
+        slow = pusher.decide(16 << 20, 10)
+        fast = pusher.decide(16 << 20, 1e7)
+        res["controller"] = {"profile": r["profile"], "pipeline": r["decision"]["profile"], "bytes": len(sent[0]),
                              "slow": [slow.profile, slow.ratio], "fast": [fast.profile, fast.ratio]}
     except Exception as exc:
         res["controller"] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -260,10 +270,11 @@ def _units(out: str, work: str) -> None:
     try:  # the same against a real Redis server (Debian's redis-server), when there is one
         import redis  # noqa: F401
 
-        from kvserve.serving.store import RedisServer
+        sys.path.insert(0, str(ROOT / "tests" / "kvserve"))
+        from kvserve_servers import RedisServer
 
         with RedisServer() as server:
-            res["roles_redis"] = _roles(f"redis://127.0.0.1:{server.port}/0")
+            res["roles_redis"] = _roles(server.url + "/0")
     except Exception as exc:
         res["roles_redis"] = {"skipped": f"{type(exc).__name__}: {exc}"}
     Path(out).write_text(json.dumps(res, indent=1))
@@ -280,7 +291,8 @@ def _roles(store: str) -> dict:
     from vllm.config import KVTransferConfig
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
-    from kvserve.serving import vllm_connector as vc
+    from kvserve.serving import paged as vc
+    from kvserve.serving import vllm_connector as conn
 
     bs, h, d, layers = 32, 3, 64, ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
     fwd = {n: NS(attn_backend=NS(get_name=lambda: "CPU_ATTN"), head_size=d, isa="vec") for n in layers}
@@ -288,11 +300,11 @@ def _roles(store: str) -> dict:
     def make(role_name, role):
         cfg = NS(kv_transfer_config=KVTransferConfig(
                      kv_connector="KVServeConnector", kv_connector_module_path=MODULE, kv_role=role_name,
-                     kv_connector_extra_config={"store": store, "compression": "bf16"}),
+                     kv_connector_extra_config={"store": store, "compression": "bf16", "secret": SECRET}),
                  cache_config=NS(block_size=bs, cache_dtype="auto"), model_config=NS(use_mla=False),
                  parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1),
                  compilation_config=NS(static_forward_context=fwd))
-        return vc.KVServeConnector(cfg, role, NS(kv_cache_groups=[NS(layer_names=layers)]))
+        return conn.KVServeConnector(cfg, role, NS(kv_cache_groups=[NS(layer_names=layers)]))
 
     def step(new=(), cached=(), sched=None):
         c = NS(req_ids=[x[0] for x in cached], new_block_ids=[x[1] for x in cached],
@@ -332,7 +344,7 @@ def _roles(store: str) -> dict:
     worker.clear_connector_metadata()
     import kvserve
 
-    got, meta = kvserve.decode(worker._store.get(tr.key, "tp0-1.pp0-1"))
+    got, meta = kvserve.decode(worker._store.get(conn.bundle_key(tr.key, "tp0-1.pp0-1")))
     out["bundle_equals_written"] = meta["layers"] == layers and all(
         torch.equal(got[i][0], kv[n][0]) and torch.equal(got[i][1], kv[n][1]) for i, n in enumerate(layers))
 
@@ -364,10 +376,24 @@ def _roles(store: str) -> dict:
     out["loaded_equals_saved"] = bool(ok)
     out["outside_range_untouched"] = bool(untouched)
     out["load_errors"] = sorted(cworker.get_block_ids_with_load_errors())
+    # KV belongs to the tokens it encodes: r1's genuine bundle under a client key ("ushared1")
+    # is found by r1's tokens, never by another prompt naming the same key
+    worker._store.put("ushared1.tp0-1.pp0-1", worker._store.get(conn.bundle_key(tr.key, "tp0-1.pp0-1")))
+    shared = {"kvserve_key": "shared1"}
+    same = NS(request_id="c3", prompt_token_ids=prompt, kv_transfer_params=shared)
+    foreign = NS(request_id="c4", prompt_token_ids=list(range(2000, 2070)), kv_transfer_params=shared)
+    # a client key equal to r1's prompt hash is a different store key: it cannot reach r1's entry
+    # from another prompt either
+    spoof = NS(request_id="c5", prompt_token_ids=list(range(2000, 2070)),
+               kv_transfer_params={"kvserve_key": out["finished_params"]["kvserve_key"]})
+    s2 = make("kv_consumer", KVConnectorRole.SCHEDULER)
+    out["matched_same_tokens"] = list(s2.get_num_new_matched_tokens(same, 0))
+    out["matched_foreign_tokens"] = list(s2.get_num_new_matched_tokens(foreign, 0))
+    out["matched_spoofed_key"] = list(s2.get_num_new_matched_tokens(spoof, 0))
     # the same load against a corrupted bundle: no hit in the scheduler
-    data = bytearray(worker._store.get(tr.key, "tp0-1.pp0-1"))
+    data = bytearray(worker._store.get(conn.bundle_key(tr.key, "tp0-1.pp0-1")))
     data[100] ^= 1
-    worker._store.put(tr.key, "tp0-1.pp0-1", bytes(data))
+    worker._store.put(conn.bundle_key(tr.key, "tp0-1.pp0-1"), bytes(data))
     out["matched_corrupt"] = list(make("kv_consumer", KVConnectorRole.SCHEDULER).get_num_new_matched_tokens(creq, 0))
     # ... and a worker handed a plan for it reports the planned blocks
     cworker.bind_connector_metadata(m3)
@@ -444,6 +470,8 @@ def test_connector_pieces(tmp_path):
     assert roles["loaded_equals_saved"] and roles["outside_range_untouched"]
     assert roles["load_errors"] == []
     assert roles["matched_corrupt"] == [0, False]
+    assert roles["matched_same_tokens"] == [69, False]
+    assert roles["matched_foreign_tokens"] == [0, False] and roles["matched_spoofed_key"] == [0, False]
     assert roles["load_errors_corrupt"] == [3, 8]
     ctl = res["controller"]
     if "error" in ctl:  # the controller or its library is not there: a clear error, not a crash

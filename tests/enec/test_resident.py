@@ -6,7 +6,7 @@ import pytest
 
 import enec
 from enec import EnecError
-from enec.inference import CompressedWeight, make_resident
+from enec.resident import CompressedWeight, make_resident
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,8 @@
-"""``kvserve bench-serving``: TTFT and JCT of PD-disaggregated serving across link bandwidths.
+"""TTFT and JCT of PD-disaggregated serving across link bandwidths.
+
+    python benchmarks/kvserve_serving.py --requests 6 --tier-seconds 120 --max-rounds 8 \
+        --json benchmarks/results/kvserve-serving.json          # ~19 min
+    python benchmarks/kvserve_serving.py --bandwidths-mbps 5,100,1000 --requests 3 --no-prefix
 
 Real processes, real sockets: a prefill and a decode worker (SmolLM2, bf16, one torch thread
 each), the KV pushed over the authenticated channel and paced by the sender's token bucket at
@@ -17,12 +21,23 @@ behind a paced relay, against recomputing it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from pathlib import Path
+
+import torch
+
+from kvserve.models import load_model_fast, load_tokenizer, sotu_prompts
+from kvserve.serving.engine import PDCluster
+from kvserve.serving.store import PrefixCache, RedisStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kvserve"))
+from kvserve_servers import RedisServer, Relay  # noqa: E402  (test scaffolding: relays, redis-server)
 
 FIXED = ["bf16", "kivi-2", "cachegen", "kvserve"]
 MODES = FIXED + ["adaptive"]
@@ -160,14 +175,11 @@ def run_midstream(pd, ids, schedule, max_new, modes, log):
 
 
 def run_prefix(model, tok, prefix_len, suffix_len, bandwidths, repeats, log, profiles=("bf16", "kvserve")):
-    from ..transport import PacedRelay
-    from .engine import sotu_prompts
-    from .store import PrefixCache, RedisServer, RedisStore
-
     prefix, suffix = sotu_prompts(tok, [prefix_len, suffix_len], seed=11)
     rows = []
     with RedisServer() as srv:
-        direct = RedisStore(*srv.address)
+        secret = os.urandom(16).hex()
+        direct = RedisStore(srv.url, secret)
         caches = {p: PrefixCache(model, direct, p) for p in profiles}
         sizes = {p: c.put_prefix(prefix) for p, c in caches.items()}
         # warm (numba / allocator)
@@ -176,8 +188,8 @@ def run_prefix(model, tok, prefix_len, suffix_len, bandwidths, repeats, log, pro
         rec = [caches[profiles[0]].recompute(prefix + suffix) for _ in range(repeats)]
         t_rec = statistics.mean(r.ttft_ms for r in rec)
         for bw in bandwidths:
-            with PacedRelay(srv.address, bw * 1e6 / 8) as relay:
-                st = RedisStore(*relay.address)
+            with Relay(srv.address, rate_bps=bw * 1e6 / 8) as relay:
+                st = RedisStore(srv.url_at(relay.address), secret)
                 for p in profiles:
                     pc = PrefixCache(model, st, p)
                     rs = [pc.first_token(prefix, suffix) for _ in range(repeats)]
@@ -242,17 +254,10 @@ def plot(result: dict, path: str) -> None:
 
 def run(bandwidths=None, requests=3, max_new=4, lengths=None, json_out=None, png_out=None, midstream=True, prefix=True,
         threads=1, prefix_tokens=1024, log=None, tier_seconds=45.0, max_rounds=6) -> dict:
-    import torch
-
-    from .engine import PDCluster, load_model_fast, load_tokenizer, sotu_prompts
-
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     bandwidths = sorted(bandwidths or DEFAULT_BANDWIDTHS)
     lengths = lengths or DEFAULT_LENGTHS
-    from ..stages import codecs
-
     torch.set_num_threads(threads)
-    codecs.set_threads(threads)  # numba's spinning pool would otherwise starve torch here
     t_start = time.monotonic()
     tok = load_tokenizer()
     plens = [lengths[i % len(lengths)] for i in range(requests)]
@@ -314,8 +319,8 @@ def print_report(result: dict) -> None:
                   f"{r['fetch_ms']:.0f} | {r['decode_ms']:.0f} | {r['suffix_ms']:.0f} | {r['recompute_ms']:.0f} |")
 
 
-def add_parser(sub) -> None:
-    b = sub.add_parser("bench-serving", help="TTFT/JCT of PD-disaggregated serving across link bandwidths")
+def main(argv=None) -> int:
+    b = argparse.ArgumentParser(description="TTFT/JCT of PD-disaggregated serving across link bandwidths")
     b.add_argument("--bandwidths-mbps", default=",".join(map(str, DEFAULT_BANDWIDTHS)))
     b.add_argument("--requests", type=int, default=3, help="prompts per bandwidth tier (per mode and round)")
     b.add_argument("--tier-seconds", type=float, default=45.0,
@@ -329,10 +334,7 @@ def add_parser(sub) -> None:
     b.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     b.add_argument("--json", default=None)
     b.add_argument("--png", default=None, help="plot (default: beside --json)")
-    b.set_defaults(fn=cli)
-
-
-def cli(args) -> int:
+    args = b.parse_args(argv)
     bws = [float(x) for x in args.bandwidths_mbps.split(",") if x]
     png = args.png or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
     res = run(bws, args.requests, args.max_new, [int(x) for x in args.lengths.split(",")], args.json, png,
@@ -340,3 +342,7 @@ def cli(args) -> int:
               prefix_tokens=args.prefix_tokens, tier_seconds=args.tier_seconds, max_rounds=args.max_rounds)
     print_report(res)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

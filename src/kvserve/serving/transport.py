@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import KVServeError
+from ..errors import KVServeError
 
 MAGIC = b"KVTF"
 VERSION = 1
@@ -93,7 +93,8 @@ class TransferAbandoned(TransportError):
         self.sent, self.seconds = sent, seconds
 
 
-def _secret(secret: bytes | str | None) -> bytes:
+def shared_secret(secret: bytes | str | None = None) -> bytes:
+    """The channel's shared secret: ``secret``, else ``KVSERVE_SECRET``; at least 16 bytes."""
     if secret is None:
         secret = os.environ.get("KVSERVE_SECRET", "")
     if isinstance(secret, str):
@@ -342,7 +343,7 @@ class FrameServer:
 
     def __init__(self, handler: Handler, secret: bytes | str | None = None, host: str = "127.0.0.1",
                  port: int = 0, max_frame: int = DEFAULT_MAX_FRAME, io_timeout: float = 60.0):
-        self.handler, self.secret, self.max_frame, self.io_timeout = handler, _secret(secret), max_frame, io_timeout
+        self.handler, self.secret, self.max_frame, self.io_timeout = handler, shared_secret(secret), max_frame, io_timeout
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.sock.settimeout(0.2)
         self.address = self.sock.getsockname()[:2]
@@ -449,7 +450,7 @@ def connect(address, secret: bytes | str | None = None, timeout: float = 30.0,
     except TransportError:
         sock.close()
         raise
-    return Channel(sock, _secret(secret), nonce, is_client=True, max_frame=max_frame)
+    return Channel(sock, shared_secret(secret), nonce, is_client=True, max_frame=max_frame)
 
 
 class FrameClient:
@@ -464,7 +465,7 @@ class FrameClient:
 
     def __init__(self, address, secret: bytes | str | None = None, retries: int = 2, timeout: float = 30.0,
                  backoff: float = 0.05, max_frame: int = DEFAULT_MAX_FRAME):
-        self.address, self.secret = tuple(address), _secret(secret)
+        self.address, self.secret = tuple(address), shared_secret(secret)
         self.retries, self.timeout, self.backoff, self.max_frame = retries, timeout, backoff, max_frame
         self.ch: Channel | None = None
         self.stats = TransferStats()
@@ -529,78 +530,3 @@ class FrameClient:
         """``request`` with a JSON+blob message each way (see :func:`pack_message`)."""
         _, payload = self.request(ftype, pack_message(meta, blob), pacer, progress)
         return unpack_message(payload)
-
-
-# ------------------------------------------------------------------ a paced TCP relay
-
-
-class PacedRelay:
-    """Loopback TCP relay that paces the server->client direction with a token bucket.
-
-    Puts a bandwidth limit in front of any TCP service (e.g. a Redis prefix store) without
-    touching the service or its client. ``rate_bps`` can be changed while it runs.
-    """
-
-    def __init__(self, target, rate_bps: float, host: str = "127.0.0.1"):
-        self.target, self.rate = tuple(target), rate_bps
-        self.sock = socket.create_server((host, 0))
-        self.sock.settimeout(0.2)
-        self.address = self.sock.getsockname()[:2]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def start(self):
-        self._thread.start()
-        return self
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.sock.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def _loop(self):
-        while not self._stop.is_set():
-            try:
-                c, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-            try:
-                s = socket.create_connection(self.target, timeout=10)
-            except OSError:
-                c.close()
-                continue
-            for sk in (c, s):
-                sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._pump, args=(c, s, None), daemon=True).start()
-            threading.Thread(target=self._pump, args=(s, c, self), daemon=True).start()
-
-    def _pump(self, src, dst, paced):
-        bucket = TokenBucket(paced.rate) if paced else None
-        try:
-            while not self._stop.is_set():
-                if bucket is not None and bucket.rate != paced.rate:
-                    bucket.set_rate(paced.rate)
-                n = bucket.chunk_size() if bucket else 1 << 16
-                data = src.recv(n)
-                if not data:
-                    break
-                if bucket is not None:
-                    bucket.consume(len(data))
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sk in (src, dst):
-                try:
-                    sk.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sk.close()

@@ -3,12 +3,12 @@
 ``compare(rate_mbps)`` builds two network namespaces joined by a veth pair whose sending side
 is shaped by ``tc tbf`` at ``rate_mbps``, runs a KV-channel receiver in one namespace and an
 unpaced sender in the other (kernel-shaped throughput), then sends the same frames over
-loopback paced by :class:`kvserve.transport.TokenBucket` at the same rate, and returns both
+loopback paced by :class:`kvserve.serving.transport.TokenBucket` at the same rate, and returns both
 throughputs. Needs root (``ip netns add``); the namespaces get unique names and are deleted
 in ``finally``. Addresses exist only inside them (10.77.0.1/24 and 10.77.0.2/24).
 
-``python -m kvserve.serving.linktest {serve,send,compare}``; the secret comes from
-``KVSERVE_SECRET``.
+``python tests/kvserve/serving/linktest.py {serve,send,compare}``; the secret comes from
+``KVSERVE_SECRET``. Test scaffolding (tests/kvserve/serving/test_shaped_link.py), not library code.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from .. import transport as tp
+from kvserve.serving import transport as tp
 
 T_DATA, T_BYE = 1, 2
 
@@ -79,7 +79,7 @@ def compare(rate_mbps: float = 40.0, nbytes: int = 4_000_000, repeats: int = 2) 
     va, vb = f"kvsa{tag}", f"kvsb{tag}"
     secret = tp.new_secret().decode()
     env = dict(os.environ, KVSERVE_SECRET=secret)
-    py = [sys.executable, "-m", "kvserve.serving.linktest"]
+    py = [sys.executable, os.path.abspath(__file__)]
     server = None
     try:
         _run(["ip", "netns", "add", ns_a])
@@ -117,7 +117,7 @@ def compare(rate_mbps: float = 40.0, nbytes: int = 4_000_000, repeats: int = 2) 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvserve.serving.linktest")
+    p = argparse.ArgumentParser(prog="linktest.py")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--host", default="127.0.0.1")

@@ -31,6 +31,10 @@ Between calls a managed parameter is a zero-stride placeholder of the right shap
 and device (so ``model.device``, ``model.dtype`` and parameter counts stay right); do not
 cast or move a resident model, and use :meth:`ResidentModel.restore` to get ordinary
 weights back.
+
+A compressed folder loads straight into this form with :func:`enec.hf.load_resident`
+(``enec.from_pretrained(path, resident=True)``); what this module shares with its GPU twin
+(:mod:`enec.gpu_resident`) lives in :mod:`enec.resident_base`.
 """
 
 from __future__ import annotations
@@ -44,10 +48,10 @@ import numpy as np
 
 from .codec import Prepared, compress
 from .errors import EnecError
+from .resident_base import DEFAULT_MIN_NUMEL, compress_in_place, managed_weights, other_bytes, restore_weights
 
 DEFAULT_BUFFER_BYTES = 8 << 20
 DEFAULT_CHUNK_BYTES = 2 << 20
-DEFAULT_MIN_NUMEL = 1 << 16
 # BLAS libraries may pick another kernel (another summation order) for an odd number of output
 # columns; chunks of a multiple of 256 rows gave results identical to the full product for
 # every bf16 and fp32 shape we tried (the tests check the real models), odd sizes did not.
@@ -297,15 +301,7 @@ class ResidentModel:
 
     def _other_bytes(self) -> int:
         """Bytes of the model's parameters and buffers that are not managed weights."""
-        managed = set(self.weights)
-        other = 0
-        seen = set()
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            if id(t) in managed or id(t) in seen:
-                continue
-            seen.add(id(t))
-            other += t.numel() * t.element_size()
-        return other
+        return other_bytes(self.model, self.weights)
 
     # -- scheduling
 
@@ -530,34 +526,9 @@ class ResidentModel:
         self.restore()
 
 
-def restore_weights(model, weights: dict, decode) -> None:
-    """Put ordinary parameters back for the managed weights: ``weights`` maps ``id`` of each
-    placeholder parameter to its compressed form, ``decode(form)`` gives the tensor. A weight
-    shared by several modules (tied) is decoded once and shared again."""
-    torch = _torch()
-    real = {}
-    for m in model.modules():
-        p = m._parameters.get("weight")
-        if p is not None and id(p) in weights:
-            if id(p) not in real:
-                real[id(p)] = torch.nn.Parameter(decode(weights[id(p)]), requires_grad=False)
-            m._parameters["weight"] = real[id(p)]
-
-
 def _check_budget(budget) -> None:
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
         raise EnecError(f"memory_budget must be a positive number of bytes, got {budget!r}")
-
-
-def _managed(model, min_numel: int):
-    """(module, parameter) pairs make_resident compresses: float Linear/Embedding weights."""
-    torch = _torch()
-    floats = (torch.bfloat16, torch.float16, torch.float32)
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
-            p = m._parameters.get("weight")
-            if p is not None and p.dtype in floats and p.numel() >= min_numel and p.device.type == "cpu":
-                yield m, p
 
 
 def auto_prefetch() -> bool:
@@ -593,8 +564,6 @@ def make_resident(model, *, min_numel: int = DEFAULT_MIN_NUMEL, buffer_bytes: in
     (streams kept on the GPU, decoded by the Triton kernels; ``buffer_bytes``,
     ``chunk_bytes`` and ``threads`` do not apply there).
     """
-    from tqdm import tqdm
-
     if any(p.device.type == "cuda" for p in model.parameters()):
         from .gpu_resident import make_resident_gpu
 
@@ -602,19 +571,11 @@ def make_resident(model, *, min_numel: int = DEFAULT_MIN_NUMEL, buffer_bytes: in
             raise EnecError("memory_budget applies to CPU models only (a CUDA model keeps every stream on the GPU)")
         return make_resident_gpu(model, min_numel=min_numel, prefetch=prefetch is not False, progress=progress)
     _check_budget(memory_budget)
-    pairs = list(_managed(model, min_numel))
+    pairs = managed_weights(model, min_numel, lambda device: device.type == "cpu")
     if not pairs:
         raise EnecError(f"no float Linear/Embedding weight with at least {min_numel} elements on the CPU")
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    placeholders: dict[int, object] = {}
-    weights: dict[int, CompressedWeight] = {}
-    for m, p in tqdm(pairs, desc="compress weights", disable=not progress, leave=False):
-        if id(p) not in placeholders:
-            w = CompressedWeight.from_tensor(p, names.get(id(p), ""), threads)
-            ph = w.placeholder()
-            placeholders[id(p)] = ph
-            weights[id(ph)] = w
-        m._parameters["weight"] = placeholders[id(p)]
+    weights = compress_in_place(model, pairs, lambda p, name: CompressedWeight.from_tensor(p, name, threads),
+                                desc="compress weights", progress=progress)
     try:
         return ResidentModel(model, weights, buffer_bytes=buffer_bytes, chunk_bytes=chunk_bytes,
                              prefetch=prefetch, threads=threads, memory_budget=memory_budget)
@@ -622,77 +583,3 @@ def make_resident(model, *, min_numel: int = DEFAULT_MIN_NUMEL, buffer_bytes: in
         for m, p in pairs:  # a refused setup leaves the model as it was
             m._parameters["weight"] = p
         raise
-
-
-# ------------------------------------------------------------------------------ from a folder
-
-
-def load_resident(path, *, model_class, dtype=None, threads=None, options: dict, **kwargs):
-    """Build a model from a compressed folder keeping its large weights compressed
-    (``enec.from_pretrained(path, resident=True)``); the full model is never decoded."""
-    import torch
-    import transformers
-
-    from .hf import _attach_generation_config, _config_dtype, _skeleton, concrete_class, iter_tensors, unfilled
-
-    options = dict(options)
-    unknown = set(options) - {"min_numel", "buffer_bytes", "chunk_bytes", "prefetch", "memory_budget"}
-    if unknown:
-        raise EnecError(f"unknown resident_options {sorted(unknown)}; known: buffer_bytes, chunk_bytes, "
-                        "memory_budget, min_numel, prefetch")
-    min_numel = options.pop("min_numel", DEFAULT_MIN_NUMEL)
-    config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(str(path))
-    cls = concrete_class(model_class, config)
-    if dtype is None:
-        dtype = _config_dtype(config)
-    model = _skeleton(cls, config, dtype, **kwargs)
-    model.eval()
-    slots = dict(model.named_parameters(remove_duplicate=False))
-    floats = (torch.bfloat16, torch.float16, torch.float32)
-
-    def owner(name):
-        mod, _, attr = name.rpartition(".")
-        try:
-            return model.get_submodule(mod), attr
-        except AttributeError:
-            return None, attr
-
-    def keep(name, dt, shape):
-        m, attr = owner(name)
-        return (attr == "weight" and isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) and dt in floats
-                and math.prod(shape) >= min_numel)
-
-    weights: dict[int, CompressedWeight] = {}
-    unexpected = []
-    for name, value in iter_tensors(path, threads=threads, keep=keep):
-        m, attr = owner(name)
-        if m is None or name not in slots:
-            unexpected.append(name)
-            continue
-        if isinstance(value, torch.Tensor):
-            if attr in m._parameters:
-                want = slots[name].dtype
-                m._parameters[attr] = torch.nn.Parameter(value.to(want), requires_grad=False)
-            else:
-                m._buffers[attr] = value
-            continue
-        w = CompressedWeight(value, name)
-        if w.dtype != dtype:
-            raise EnecError(f"{name} is stored as {w.dtype}; a resident model keeps weights in their "
-                            f"stored dtype, so load it with dtype={w.dtype} (got {dtype})")
-        if tuple(slots[name].shape) != w.shape:
-            raise EnecError(f"{name}: checkpoint shape {w.shape} does not match the model's "
-                            f"{tuple(slots[name].shape)}")
-        ph = w.placeholder()
-        weights[id(ph)] = w
-        m._parameters[attr] = ph
-    model.tie_weights()
-    missing = unfilled(model)
-    if missing or unexpected:
-        raise EnecError(f"the checkpoint does not fit {cls.__name__}: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]} (resident loading needs checkpoint names equal to "
-                        "the model's parameter names; load with resident=False instead)")
-    _attach_generation_config(model, path)
-    handle = ResidentModel(model, weights, threads=threads, **options)
-    model.enec_resident = handle
-    return model

@@ -1,4 +1,4 @@
-"""Trace-driven simulation of the online controller (``kvserve simulate``).
+"""Trace-driven simulation of the online controller (driven by benchmarks/kvserve_controller.py).
 
 Each trace is a sequence of requests: a KV payload (SmolLM2, 256-2048 tokens), the true
 link bandwidth for that request and the true codec speeds. The *ground truth* latency of
@@ -17,17 +17,14 @@ profiled; at the bandwidth where staying on it would hurt most),
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-from .controller import (BF16, BF16_ENTRY, SMOLLM2_KV_BYTES_PER_TOKEN, Controller, Library, codec_ms,
-                         load_library, transfer_ms)
+from kvserve.controller import Controller
+from kvserve.latency import SMOLLM2_KV_BYTES_PER_TOKEN, codec_ms, transfer_ms
+from kvserve.library import BF16, BF16_ENTRY, Library
 
 WARMUP = 20
 
@@ -116,10 +113,9 @@ def run_trace(lib: Library, trace: Trace, min_quality: float = 97.0, epsilon: fl
         j = next(k for k, e in enumerate(cands) if e.name == d.profile)
         ctl_ms[i] = truth[i, j]
         chosen.append(d.profile)
-        # as the serving layer does: judge the choice at the bandwidth the transfer saw (a wrong
-        # estimate is the estimator's error, not the profile's residual), then use that
-        # measurement as the estimate for the next request
-        ctl.observe(dataclasses.replace(d, bandwidth_mbps=bw), ctl_ms[i])
+        # as the serving layer does: the choice is judged at the bandwidth the transfer saw,
+        # and that measurement is the estimate for the next request
+        ctl.observe(d, ctl_ms[i], bandwidth_mbps=bw)
         est = bw
     oracle = truth.min(axis=1)
     w = slice(WARMUP, n)
@@ -210,33 +206,3 @@ def plot(results: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def add_simulate_parser(sub) -> None:
-    p = sub.add_parser("simulate", help="simulate the controller on bandwidth traces vs oracle, bf16 and fixed profiles")
-    p.add_argument("--library", default=None)
-    p.add_argument("--requests", type=int, default=300)
-    p.add_argument("--min-quality", type=float, default=97.0)
-    p.add_argument("--epsilon", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
-    p.add_argument("--png", default=None)
-    p.set_defaults(fn=cli_simulate)
-
-
-def cli_simulate(args) -> int:
-    lib = load_library(args.library)
-    res = simulate(lib, args.requests, args.seed, args.min_quality, args.epsilon)
-    print(format_table(res))
-    tg = targets(res)
-    print("targets:", json.dumps(tg))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"min_quality": args.min_quality, "epsilon": args.epsilon, "targets": tg, "results": res}, f)
-    if args.png:
-        plot(res, args.png)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(__import__("kvserve.cli").cli.main(["simulate", *sys.argv[1:]]))
