@@ -114,7 +114,8 @@ def build_items(tok, split, n_qa, n_needle, qa_lengths, needle_lengths, seed, ch
 
 def run(a) -> int:
     from kvserve.models import load_model
-    from kvserve.quality import pin_threads, prefill
+    from kvserve.models import prefill
+    from kvserve.quality import pin_threads
     from tqdm import tqdm
 
     pin_threads(a.threads)
@@ -146,9 +147,9 @@ def run(a) -> int:
             by_name, comps, kls = {}, {}, {}
             for c in profiles:
                 name = c["name"]
-                comps[name] = len(real_pipes[name].encode(kv, meta=meta)) if i % a.ratio_every == 0 else None
+                comps[name] = len(real_pipes[name].encode(kv, meta=meta, threads=a.threads)) if i % a.ratio_every == 0 else None
                 if real_pipes[name].quantizer.lossy:  # lossless profiles give the reference KV bit for bit
-                    kv2 = decode(quality_pipes[name].encode(kv, meta=meta))[0]
+                    kv2 = decode(quality_pipes[name].encode(kv, meta=meta, threads=a.threads), threads=a.threads)[0]
                     lg: list = []
                     ans = tasks.greedy_answer(model, kv2, nctx, it.ids[-1], a.max_new, stop, guess=ref, logits_out=lg)
                     by_name[name] = tasks.answer_text(tok, ans, stop)

@@ -339,7 +339,7 @@ def greedy_answer(model, kv, seq_len: int, first: int, max_new: int, stop_ids, g
     shape ``(len(guess), vocab)``: the next-token distributions along the guessed answer."""
     import torch
 
-    from .quality import cache_from_kv
+    from .models import cache_from_kv
 
     stop = set(stop_ids)
     cache = cache_from_kv(model, kv, seq_len)

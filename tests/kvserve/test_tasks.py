@@ -141,7 +141,7 @@ def test_needle_items_hide_every_key_once(tok):
 @pytest.mark.slow
 def test_greedy_answer_with_a_guess_matches_plain_greedy():
     from kvserve.models import load_model
-    from kvserve.quality import prefill
+    from kvserve.models import prefill
 
     model, tok = load_model("smollm2")
     ids = tok("The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is",
