@@ -34,7 +34,7 @@ import time
 import torch
 
 from kvserve import tasks
-from kvserve.pipeline import Pipeline, decode, load_profile
+from kvserve.pipeline import Pipeline, load_profile
 
 ROPE = {"smollm2": 100000.0, "gemma3": [1e6 if i % 6 == 5 else 1e4 for i in range(18)]}
 BASELINES = ["bf16", "kivi-2", "kivi-4", "cachegen", "kvserve"]
@@ -83,10 +83,6 @@ def resolve(specs: list[str], model: str) -> list[dict]:
     return out
 
 
-def _nbytes(kv) -> int:
-    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-
-
 def _done(path: str) -> dict[str, set]:
     done: dict[str, set] = {}
     if os.path.exists(path):
@@ -100,31 +96,16 @@ def _done(path: str) -> dict[str, set]:
     return done
 
 
-def build_items(tok, split, n_qa, n_needle, qa_lengths, needle_lengths, seed, chat=True):
-    items = tasks.qa_items(tok, split, n_qa, qa_lengths, seed=seed, chat=chat) if n_qa else []
-    needles = tasks.needle_items(tok, split, n_needle, needle_lengths, seed=seed, chat=chat) if n_needle else []
-    # interleave the needle items among the QA items (a partial run then has some of each)
-    out, step = [], max(1, len(items) // max(1, len(needles)))
-    for i, it in enumerate(items):
-        out.append(it)
-        if needles and i % step == step - 1:
-            out.append(needles.pop(0))
-    return out + needles
-
-
 def run(a) -> int:
     from kvserve.models import load_model
-    from kvserve.models import prefill
     from kvserve.quality import pin_threads
     from tqdm import tqdm
 
     pin_threads(a.threads)
     model, tok = load_model(a.model)
     profiles = resolve([p for s in a.profiles for p in s.split(",") if p], a.model)
-    quality_pipes = {c["name"]: Pipeline.from_config({**c, "codec": {"id": "none"}} if c["quantizer"]["id"] != "none" else c)
-                     for c in profiles}
-    real_pipes = {c["name"]: Pipeline.from_config(c) for c in profiles}
-    items = build_items(tok, a.split, a.qa, a.needle, [int(x) for x in a.qa_lengths.split(",")],
+    pipes = {c["name"]: Pipeline.from_config(c) for c in profiles}
+    items = tasks.task_items(tok, a.split, a.qa, a.needle, [int(x) for x in a.qa_lengths.split(",")],
                         [int(x) for x in a.needle_lengths.split(",")], a.seed, chat=not a.no_chat)
     k, n = (int(x) for x in a.shard.split("/"))
     stop = tasks.stop_token_ids(tok)
@@ -136,32 +117,10 @@ def run(a) -> int:
         for i, it in tqdm(todo, desc=f"{a.split} items", unit="item", disable=not sys.stderr.isatty() and not a.progress,
                           mininterval=30):
             t0 = time.perf_counter()
-            kv = prefill(model, it.ids[:-1])
-            nctx = len(it.ids) - 1
-            t1 = time.perf_counter()
-            meta = {"seq_len": nctx}
-            ref = tasks.greedy_answer(model, kv, nctx, it.ids[-1], a.max_new, stop)
-            ref_text = tasks.answer_text(tok, ref, stop)
-            ref_logits: list = []
-            tasks.greedy_answer(model, kv, nctx, it.ids[-1], a.max_new, stop, guess=ref, logits_out=ref_logits)
-            by_name, comps, kls = {}, {}, {}
-            for c in profiles:
-                name = c["name"]
-                comps[name] = len(real_pipes[name].encode(kv, meta=meta, threads=a.threads)) if i % a.ratio_every == 0 else None
-                if real_pipes[name].quantizer.lossy:  # lossless profiles give the reference KV bit for bit
-                    kv2 = decode(quality_pipes[name].encode(kv, meta=meta, threads=a.threads), threads=a.threads)[0]
-                    lg: list = []
-                    ans = tasks.greedy_answer(model, kv2, nctx, it.ids[-1], a.max_new, stop, guess=ref, logits_out=lg)
-                    by_name[name] = tasks.answer_text(tok, ans, stop)
-                    kls[name] = round(tasks.answer_kl(ref_logits[0], lg[0]), 6)
-            row = {"uid": it.uid, "task": it.task, "length": it.length, "tokens": len(it.ids), "index": i,
-                   "answers": it.answers, "ref": {"answer": ref_text, "score": tasks.score(it, ref_text)},
-                   "raw": _nbytes(kv), "profiles": {}}
-            for c in profiles:
-                text = by_name.get(c["name"], ref_text)
-                row["profiles"][c["name"]] = {"answer": text, "score": tasks.score(it, text), "comp": comps[c["name"]],
-                                              "answer_kl": kls.get(c["name"], 0.0)}
-            row["seconds"] = [round(t1 - t0, 2), round(time.perf_counter() - t1, 2)]
+            row = tasks.run_item(model, tok, it, pipes, stop, max_new=a.max_new, threads=a.threads,
+                                 measure=i % a.ratio_every == 0)
+            row["index"] = i
+            row["seconds"] = round(time.perf_counter() - t0, 2)
             f.write(json.dumps(row) + "\n")
             f.flush()
     return 0
@@ -184,40 +143,6 @@ def load_rows(paths) -> list[dict]:
                 else:
                     rows[r["uid"]] = r
     return list(rows.values())
-
-
-def summarize(rows: list[dict], profiles: list[str] | None = None, n_boot: int = 2000) -> list[dict]:
-    names = profiles or sorted({p for r in rows for p in r["profiles"]})
-    out = []
-    for name in names:
-        have = [r for r in rows if name in r["profiles"]]
-        qa = [r for r in have if r["task"] == "qa"]
-        nd = [r for r in have if r["task"] == "needle"]
-        sized = [r for r in have if r["profiles"][name].get("comp")]
-        res = {"profile": name, "qa_items": len(qa), "needle_items": len(nd),
-               "ratio": sum(r["raw"] for r in sized) / sum(r["profiles"][name]["comp"] for r in sized) if sized else None,
-               "ratio_items": len(sized)}
-        if qa:
-            ref = [r["ref"]["score"] for r in qa]
-            new = [r["profiles"][name]["score"] for r in qa]
-            p, lo, hi = tasks.paired_bootstrap(ref, new, n_boot=n_boot)
-            res.update({"task_rel_acc": p, "task_rel_acc_ci": [lo, hi], "f1": sum(new) / len(new), "f1_bf16": sum(ref) / len(ref),
-                        "answer_agree": tasks.agreement([r["ref"]["answer"] for r in qa], [r["profiles"][name]["answer"] for r in qa])})
-            by_len = {}
-            for L in sorted({r["length"] for r in qa}):
-                sub = [r for r in qa if r["length"] == L]
-                rs, ns = sum(r["ref"]["score"] for r in sub), sum(r["profiles"][name]["score"] for r in sub)
-                by_len[str(L)] = {"items": len(sub), "rel_acc": 100 * ns / rs if rs else None,
-                                  "agree": tasks.agreement([r["ref"]["answer"] for r in sub], [r["profiles"][name]["answer"] for r in sub])}
-            res["qa_by_length"] = by_len
-            kl = [r["profiles"][name]["answer_kl"] for r in qa if "answer_kl" in r["profiles"][name]]
-            res["answer_kl"] = sum(kl) / len(kl) if kl else None
-            res["answer_kl_items"] = len(kl)
-        if nd:
-            res["needle_acc"] = sum(r["profiles"][name]["score"] for r in nd) / len(nd)
-            res["needle_acc_bf16"] = sum(r["ref"]["score"] for r in nd) / len(nd)
-        out.append(res)
-    return out
 
 
 def table(results: list[dict]) -> str:
@@ -268,7 +193,7 @@ def plot(results: list[dict], path: str, title: str) -> None:
 
 def summary(a) -> int:
     rows = load_rows(a.paths)
-    res = summarize(rows, a.profiles.split(",") if a.profiles else None)
+    res = tasks.summarize(rows, a.profiles.split(",") if a.profiles else None)
     res.sort(key=lambda r: -(r["ratio"] or 0))
     print(table(res))
     if a.png:

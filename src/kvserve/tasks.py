@@ -259,6 +259,20 @@ def needle_items(tok, split: str, n: int, lengths=(2048, 3072, 4096), needles: i
     return out
 
 
+def task_items(tok, split: str, n_qa: int, n_needle: int, qa_lengths=(1024, 2048, 4096),
+               needle_lengths=(2048, 3072, 4096), seed: int = 0, chat: bool = True) -> list[Item]:
+    """:func:`qa_items` with the :func:`needle_items` spread evenly among them (so any prefix
+    of the list, e.g. a partial run, has some of each)."""
+    items = qa_items(tok, split, n_qa, qa_lengths, seed=seed, chat=chat) if n_qa else []
+    needles = needle_items(tok, split, n_needle, needle_lengths, seed=seed, chat=chat) if n_needle else []
+    out, step = [], max(1, len(items) // max(1, len(needles)))
+    for i, it in enumerate(items):
+        out.append(it)
+        if needles and i % step == step - 1:
+            out.append(needles.pop(0))
+    return out + needles
+
+
 # ------------------------------------------------------------------ scoring
 
 
@@ -368,6 +382,116 @@ def greedy_answer(model, kv, seq_len: int, first: int, max_new: int, stop_ids, g
             if tok in stop:
                 break
     return out
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def _quality_twin(pipe):
+    """The pipeline with its lossless codec replaced by ``none`` (same decoded KV, no entropy
+    coding time); cached per profile config."""
+    from .pipeline import Pipeline
+
+    key = json.dumps(pipe.get_config(), sort_keys=True)
+    if key not in _TWINS:
+        cfg = pipe.get_config()
+        _TWINS[key] = Pipeline.from_config({**cfg, "codec": {"id": "none"}}) if pipe.quantizer.lossy else pipe
+    return _TWINS[key]
+
+
+_TWINS: dict = {}
+
+
+def run_item(model, tok, item: Item, pipes: dict, stop_ids, *, max_new: int = 12, threads: int = 1,
+             measure: bool = True) -> dict:
+    """One item for every profile, on one shared bf16 prefill. ``pipes``: name -> Pipeline.
+
+    The context is the prompt without its last token; the bf16 reference answer is decoded
+    greedily from the uncompressed cache, each lossy profile's answer from its decoded KV
+    (:func:`greedy_answer`, the reference as the guess). With ``measure`` the real bundle is
+    made (its size recorded as ``comp``) and decoded; without, the codec-free twin is used
+    for the KV (identical: codecs are lossless) and ``comp`` is None. A lossless profile
+    decodes to the reference KV bit for bit, so its answer is the reference's.
+    Returns a JSON-able row (see :func:`summarize`)."""
+    from .models import prefill
+    from .pipeline import decode
+
+    kv = prefill(model, item.ids[:-1])
+    n, first = len(item.ids) - 1, item.ids[-1]
+    ref = greedy_answer(model, kv, n, first, max_new, stop_ids)
+    ref_text = answer_text(tok, ref, stop_ids)
+    ref_logits: list = []
+    greedy_answer(model, kv, n, first, max_new, stop_ids, guess=ref, logits_out=ref_logits)
+    row = {"uid": item.uid, "task": item.task, "length": item.length, "tokens": len(item.ids),
+           "answers": item.answers, "ref": {"answer": ref_text, "score": score(item, ref_text)},
+           "raw": sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv), "profiles": {}}
+    meta = {"seq_len": n}
+    for name, pipe in pipes.items():
+        blob = (pipe if measure else _quality_twin(pipe)).encode(kv, meta=meta, threads=threads)
+        res = {"answer": ref_text, "score": row["ref"]["score"], "comp": len(blob) if measure else None,
+               "answer_kl": 0.0}
+        if pipe.quantizer.lossy:
+            lg: list = []
+            ans = greedy_answer(model, decode(blob, threads=threads)[0], n, first, max_new, stop_ids, guess=ref,
+                                logits_out=lg)
+            text = answer_text(tok, ans, stop_ids)
+            res.update(answer=text, score=score(item, text), answer_kl=round(answer_kl(ref_logits[0], lg[0]), 6))
+        row["profiles"][name] = res
+    return row
+
+
+def summarize(rows: list[dict], names: list[str] | None = None, n_boot: int = 2000) -> list[dict]:
+    """Per profile over rows of :func:`run_item`: ``ratio`` (sum bf16 KV bytes / sum bundle
+    bytes over the rows with a measured size), ``task_rel_acc`` (100 x QA F1 / bf16 F1) with
+    its paired bootstrap 95% CI ``task_rel_acc_ci``, ``answer_agree``, ``f1``/``f1_bf16``,
+    ``answer_kl``, per-length QA figures, and ``needle_acc``/``needle_acc_bf16``."""
+    names = names or sorted({p for r in rows for p in r["profiles"]})
+    out = []
+    for name in names:
+        have = [r for r in rows if name in r["profiles"]]
+        qa = [r for r in have if r["task"] == "qa"]
+        nd = [r for r in have if r["task"] == "needle"]
+        sized = [r for r in have if r["profiles"][name].get("comp")]
+        res = {"profile": name, "qa_items": len(qa), "needle_items": len(nd),
+               "ratio": sum(r["raw"] for r in sized) / sum(r["profiles"][name]["comp"] for r in sized) if sized else None,
+               "ratio_items": len(sized)}
+        if qa and sum(r["ref"]["score"] for r in qa) > 0:
+            ref = [r["ref"]["score"] for r in qa]
+            new = [r["profiles"][name]["score"] for r in qa]
+            p, lo, hi = paired_bootstrap(ref, new, n_boot=n_boot)
+            res.update({"task_rel_acc": p, "task_rel_acc_ci": [lo, hi], "f1": sum(new) / len(new),
+                        "f1_bf16": sum(ref) / len(ref),
+                        "answer_agree": agreement([r["ref"]["answer"] for r in qa], [r["profiles"][name]["answer"] for r in qa])})
+            by_len = {}
+            for length in sorted({r["length"] for r in qa}):
+                sub = [r for r in qa if r["length"] == length]
+                rs, ns = sum(r["ref"]["score"] for r in sub), sum(r["profiles"][name]["score"] for r in sub)
+                by_len[str(length)] = {"items": len(sub), "rel_acc": 100 * ns / rs if rs else None,
+                                       "agree": agreement([r["ref"]["answer"] for r in sub],
+                                                          [r["profiles"][name]["answer"] for r in sub])}
+            res["qa_by_length"] = by_len
+            kl = [r["profiles"][name]["answer_kl"] for r in qa if "answer_kl" in r["profiles"][name]]
+            res["answer_kl"] = sum(kl) / len(kl) if kl else None
+            res["answer_kl_items"] = len(kl)
+        if nd:
+            res["needle_acc"] = sum(r["profiles"][name]["score"] for r in nd) / len(nd)
+            res["needle_acc_bf16"] = sum(r["ref"]["score"] for r in nd) / len(nd)
+        out.append(res)
+    return out
+
+
+def evaluate_tasks(model, tok, pipes: dict, split: str = "test", n_qa: int = 0, n_needle: int = 0,
+                   qa_lengths=(1024, 2048, 4096), needle_lengths=(2048, 3072, 4096), *, seed: int = 0,
+                   threads: int = 1, max_new: int = 12, progress: bool = False) -> tuple[list[dict], list[dict]]:
+    """Build the split's task items and run every profile on them (ratio measured on every
+    item): ``(summaries, rows)`` (:func:`summarize`, :func:`run_item`)."""
+    from tqdm import tqdm
+
+    items = task_items(tok, split, n_qa, n_needle, qa_lengths, needle_lengths, seed=seed)
+    stop = stop_token_ids(tok)
+    rows = [run_item(model, tok, it, pipes, stop, max_new=max_new, threads=threads)
+            for it in tqdm(items, desc="task items", unit="item", leave=False, disable=not progress)]
+    return summarize(rows, list(pipes)), rows
 
 
 def answer_kl(ref_logits, logits) -> float:

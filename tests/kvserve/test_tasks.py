@@ -155,3 +155,26 @@ def test_greedy_answer_with_a_guess_matches_plain_greedy():
     wrong = plain[:1] + [tok.convert_tokens_to_ids("Ġbanana")] * 6
     assert tasks.greedy_answer(model, kv, len(ids) - 1, ids[-1], 8, stop, guess=wrong) == plain
     assert tasks.answer_text(tok, plain, stop) == tasks.answer_text(tok, plain + [0], stop)
+
+
+@needs_qa
+@needs_kjv
+@needs_model
+@pytest.mark.slow
+def test_kvserve_evaluate_reports_task_metrics(tmp_path):
+    import json
+
+    from kvserve.cli import main
+
+    out = tmp_path / "r.json"
+    tiny = ["--windows", "1", "--ctx", "48", "--cont", "8", "--gen", "2", "--longrange", "0",
+            "--qa", "3", "--needle", "1", "--qa-lengths", "320", "--needle-lengths", "320", "--threads", "1"]
+    assert main(["evaluate", "--profile", "bf16,kivi-2", "--json", str(out)] + tiny) == 0
+    doc = json.loads(out.read_text())
+    bf16, kivi2 = doc["results"]
+    assert doc["method"]["tasks"]["qa_items"] == 3
+    assert bf16["answer_agree"] == 1.0 and bf16["needle_acc"] in (0.0, 1.0)
+    assert bf16["extra"]["tasks"]["qa_items"] == 3 and bf16["extra"]["tasks"]["needle_items"] == 1
+    assert 0.0 <= kivi2["answer_agree"] <= 1.0 and kivi2["extra"]["tasks"]["ratio"] > 1.5
+    if bf16["task_rel_acc"] is not None:  # defined when bf16 scored anything on the 3 items
+        assert bf16["task_rel_acc"] == 100.0 and bf16["task_rel_acc_ci"] == [100.0, 100.0]
