@@ -6,7 +6,7 @@ Texts (kvserve.tasks): the first 8 kB of each King James Bible book of the split
 300 kB of the Wikipedia prose of the split's HotpotQA paragraphs; ``--windows`` windows of 512 + 64 tokens from each (seed 0 on
 tune, 1 on test), evaluated by :class:`kvserve.quality.Evaluator` (rel_ppl, top-1 agreement,
 KL(bf16 || compressed)), threads pinned to 1. Profiles: packaged names, JSON files, or the
-candidate names of benchmarks/kvserve_tasks.py and :func:`candidates` below.
+candidate names of benchmarks/kvserve_tasks.py (the `kvserve` variants: set ``ppl``).
 """
 from __future__ import annotations
 
@@ -17,34 +17,10 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kvserve_tasks import kvq, resolve  # noqa: E402
+from kvserve_tasks import resolve  # noqa: E402
 
 from kvserve import tasks  # noqa: E402
 from kvserve.quality import EvalConfig, Evaluator  # noqa: E402
-
-T3A = [[0.3, 5, 3], [0.75, 7, 5], [1.0, 10, 6]]
-
-
-def candidates(model: str) -> list[dict]:
-    """Variants of the packaged `kvserve` (ratio first)."""
-    return [
-        kvq("kvs-t3a", model, 8, 8, key_group=0, tiers=T3A, kind_scores=True),  # = packaged kvserve
-        kvq("kvs-t3a-joint", model, 8, 8, key_group=0, tiers=T3A),
-        kvq("kvs-t3a-g128", model, 8, 8, key_group=128, tiers=T3A, kind_scores=True),
-        kvq("kvs-t3a-r16", model, 8, 8, key_group=0, tiers=T3A, kind_scores=True, recent=16),
-        kvq("kvs-k6v4", model, 6, 4, key_group=0),
-        kvq("kvs-k8v4", model, 8, 4, key_group=0),
-        kvq("kvs-k7v4-th", model, 7, 4, key_group=0, value_axis="token_head"),
-        kvq("kvs-t3-k6", model, 8, 8, key_group=0, tiers=[[0.3, 6, 3], [0.75, 7, 4], [1.0, 10, 6]], kind_scores=True),
-        kvq("kvs-t3-v4", model, 8, 8, key_group=0, tiers=[[0.2, 5, 3], [0.7, 7, 4], [1.0, 9, 6]], kind_scores=True),
-        # second round, around the best of the first (kvs-t3-v4)
-        kvq("kvs-t3-v4-joint", model, 8, 8, key_group=0, tiers=[[0.2, 5, 3], [0.7, 7, 4], [1.0, 9, 6]]),
-        kvq("kvs-t3-v4b", model, 8, 8, key_group=0, tiers=[[0.2, 5, 3], [0.7, 7, 4], [1.0, 10, 6]], kind_scores=True),
-        kvq("kvs-t3-v4c", model, 8, 8, key_group=0, tiers=[[0.25, 5, 3], [0.7, 7, 4], [1.0, 10, 7]], kind_scores=True),
-        kvq("kvs-t4", model, 8, 8, key_group=0, tiers=[[0.15, 4, 3], [0.5, 6, 4], [0.85, 8, 5], [1.0, 12, 8]],
-            kind_scores=True),
-    ]
-
 
 def texts_file(split: str, which: str) -> str:
     path = os.path.join(tempfile.gettempdir(), f"kvserve-text-{split}-{which}.txt")
@@ -66,9 +42,7 @@ def main() -> int:
     ap.add_argument("--texts", default="kjv,wiki")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    extra = {c["name"]: c for c in candidates(a.model)}
-    names = [p for p in a.profiles.split(",") if p]
-    configs = [extra[n] if n in extra else resolve([n], a.model)[0] for n in names]
+    configs = resolve([p for p in a.profiles.split(",") if p], a.model)
     out = {"method": {}, "results": {}}
     for which in a.texts.split(","):
         ev = Evaluator(EvalConfig(model=a.model, windows=a.windows, ctx=512, cont=64, gen=0, longrange=0,

@@ -54,6 +54,30 @@ def kvq(name, model, key_levels, value_levels, *, key_group=32, sinks=1, recent=
     return {"name": name, "transform": tr, "quantizer": q, "codec": codec}
 
 
+T3A = [[0.3, 5, 3], [0.75, 7, 5], [1.0, 10, 6]]
+
+
+def ppl_candidates(model: str) -> list[dict]:
+    """Variants of the packaged `kvserve` (ratio first), tuned on perplexity (kvserve_ppl_levers.py)."""
+    return [
+        kvq("kvs-t3a", model, 8, 8, key_group=0, tiers=T3A, kind_scores=True),  # = packaged kvserve
+        kvq("kvs-t3a-joint", model, 8, 8, key_group=0, tiers=T3A),
+        kvq("kvs-t3a-g128", model, 8, 8, key_group=128, tiers=T3A, kind_scores=True),
+        kvq("kvs-t3a-r16", model, 8, 8, key_group=0, tiers=T3A, kind_scores=True, recent=16),
+        kvq("kvs-k6v4", model, 6, 4, key_group=0),
+        kvq("kvs-k8v4", model, 8, 4, key_group=0),
+        kvq("kvs-k7v4-th", model, 7, 4, key_group=0, value_axis="token_head"),
+        kvq("kvs-t3-k6", model, 8, 8, key_group=0, tiers=[[0.3, 6, 3], [0.75, 7, 4], [1.0, 10, 6]], kind_scores=True),
+        kvq("kvs-t3-v4", model, 8, 8, key_group=0, tiers=[[0.2, 5, 3], [0.7, 7, 4], [1.0, 9, 6]], kind_scores=True),
+        # second round, around the best of the first (kvs-t3-v4)
+        kvq("kvs-t3-v4-joint", model, 8, 8, key_group=0, tiers=[[0.2, 5, 3], [0.7, 7, 4], [1.0, 9, 6]]),
+        kvq("kvs-t3-v4b", model, 8, 8, key_group=0, tiers=[[0.2, 5, 3], [0.7, 7, 4], [1.0, 10, 6]], kind_scores=True),
+        kvq("kvs-t3-v4c", model, 8, 8, key_group=0, tiers=[[0.25, 5, 3], [0.7, 7, 4], [1.0, 10, 7]], kind_scores=True),
+        kvq("kvs-t4", model, 8, 8, key_group=0, tiers=[[0.15, 4, 3], [0.5, 6, 4], [0.85, 8, 5], [1.0, 12, 8]],
+            kind_scores=True),
+    ]
+
+
 def candidate_sets(model: str) -> dict[str, list[dict]]:
     """Named lists of profiles (``--profiles`` takes set names, packaged names or JSON files)."""
     lv = [  # first round (tune split): key groups, levels, recent window, pre-RoPE, tiers
@@ -68,7 +92,7 @@ def candidate_sets(model: str) -> dict[str, list[dict]]:
         kvq("k12v6-g32", model, 12, 6),
         kvq("k16v8-g64", model, 16, 8, key_group=64),
     ]
-    return {"baselines": [load_profile(p) for p in BASELINES], "levers": lv}
+    return {"baselines": [load_profile(p) for p in BASELINES], "levers": lv, "ppl": ppl_candidates(model)}
 
 
 def resolve(specs: list[str], model: str) -> list[dict]:
@@ -98,10 +122,11 @@ def _done(path: str) -> dict[str, set]:
 
 def run(a) -> int:
     from kvserve.models import load_model
-    from kvserve.quality import pin_threads
     from tqdm import tqdm
 
-    pin_threads(a.threads)
+    # torch threads only, no CPU affinity: quality.pin_threads pins to the first cores, which
+    # puts every shard of a run (and every other pinned job) on core 0
+    torch.set_num_threads(a.threads)
     model, tok = load_model(a.model)
     profiles = resolve([p for s in a.profiles for p in s.split(",") if p], a.model)
     pipes = {c["name"]: Pipeline.from_config(c) for c in profiles}
@@ -205,6 +230,40 @@ def summary(a) -> int:
     return 0
 
 
+def speed(a) -> int:
+    """Encode / decode MB/s (bf16 KV bytes per second) of profiles on the KV of one real
+    prompt, best of ``--repeats`` after a warm-up, ``--threads`` codec and torch threads,
+    the profiles interleaved per repeat."""
+    from kvserve.models import load_model, prefill
+    from kvserve.pipeline import decode
+
+    torch.set_num_threads(a.threads)
+    model, tok = load_model(a.model)
+    item = tasks.qa_items(tok, "test", 1, (a.tokens,))[0]
+    kv = prefill(model, item.ids[:-1])
+    raw = sum(k.numel() * 2 + v.numel() * 2 for k, v in kv)
+    pipes = {c["name"]: Pipeline.from_config(c) for c in resolve(a.profiles.split(","), a.model)}
+    best = {n: [0.0, 0.0, 0.0] for n in pipes}
+    for n, p in pipes.items():
+        decode(p.encode(kv, threads=a.threads), threads=a.threads)
+    for _ in range(a.repeats):
+        for n, p in pipes.items():
+            t0 = time.perf_counter()
+            blob = p.encode(kv, threads=a.threads)
+            t1 = time.perf_counter()
+            decode(blob, threads=a.threads)
+            t2 = time.perf_counter()
+            b = best[n]
+            best[n] = [raw / len(blob), max(b[1], raw / (t1 - t0) / 1e6), max(b[2], raw / (t2 - t1) / 1e6)]
+    load = os.getloadavg()
+    print(f"KV of a {len(item.ids)}-token prompt ({raw / 1e6:.1f} MB bf16), {a.threads} threads, best of {a.repeats}, "
+          f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    print("| profile | ratio | encode MB/s | decode MB/s |\n|---|---|---|---|")
+    for n, (r, e, d) in best.items():
+        print(f"| {n} | {r:.2f} | {e:.0f} | {d:.0f} |")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -233,6 +292,13 @@ def main(argv=None) -> int:
     s.add_argument("--png", default=None)
     s.add_argument("--title", default="SmolLM2-135M, HotpotQA (RULER-style)")
     s.set_defaults(fn=summary)
+    sp = sub.add_parser("speed")
+    sp.add_argument("--model", default="smollm2", choices=sorted(ROPE))
+    sp.add_argument("--profiles", default="kivi-4,cachegen,kvserve,k12v8-g32")
+    sp.add_argument("--tokens", type=int, default=1024)
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.set_defaults(fn=speed)
     a = ap.parse_args(argv)
     return a.fn(a)
 
