@@ -92,6 +92,19 @@ def candidate_sets(model: str) -> dict[str, list[dict]]:
         kvq("k12v6-g32", model, 12, 6),
         kvq("k16v8-g64", model, 16, 8, key_group=64),
     ]
+    kivi = {"id": "kivi", "group_size": 32, "keep_recent": 0, "keep_sinks": 1}
+    had = {"id": "hadamard", "seed": 0, "key_rope_theta": ROPE[model]}
+    lv += [  # second round (answer-KL screen): value precision, recent window, KIVI statistics + rANS
+        kvq("k16v16-g32", model, 16, 16),
+        kvq("k12v12-g32", model, 12, 12),
+        kvq("k16v12-g32", model, 16, 12),
+        kvq("k16v8-g32-r32", model, 16, 8, recent=32),
+        {"name": "kivi3-rans", "transform": {"id": "identity"}, "quantizer": {**kivi, "bits": 3}, "codec": RANS},
+        {"name": "kivi4-g64-rans", "transform": {"id": "identity"}, "quantizer": {**kivi, "bits": 4, "group_size": 64},
+         "codec": RANS},
+        {"name": "H-kivi4-g64-rans", "transform": had, "quantizer": {**kivi, "bits": 4, "group_size": 64}, "codec": RANS},
+        {"name": "H-kivi3-rans", "transform": had, "quantizer": {**kivi, "bits": 3}, "codec": RANS},
+    ]
     return {"baselines": [load_profile(p) for p in BASELINES], "levers": lv, "ppl": ppl_candidates(model)}
 
 
@@ -230,6 +243,49 @@ def summary(a) -> int:
     return 0
 
 
+def kl_screen(a) -> int:
+    """Cheap screen (no generation): per item, the bf16 answer is decoded once; every profile
+    only gets the teacher-forced pass along it: ``answer_kl`` and ``exact`` (every argmax
+    along the answer equals bf16's, i.e. the profile's greedy answer is the same)."""
+    from kvserve.models import load_model, prefill
+    from kvserve.pipeline import decode
+
+    torch.set_num_threads(a.threads)
+    model, tok = load_model(a.model)
+    profiles = resolve([p for s in a.profiles for p in s.split(",") if p], a.model)
+    pipes = {c["name"]: Pipeline.from_config(c) for c in profiles}
+    items = tasks.qa_items(tok, a.split, a.qa, [int(x) for x in a.qa_lengths.split(",")], seed=a.seed)
+    stop = tasks.stop_token_ids(tok)
+    acc = {n: {"kl": 0.0, "exact": 0, "raw": 0, "comp": 0} for n in pipes}
+    for it in items:
+        kv = prefill(model, it.ids[:-1])
+        n, first = len(it.ids) - 1, it.ids[-1]
+        ref = tasks.greedy_answer(model, kv, n, first, a.max_new, stop)
+        rl: list = []
+        tasks.greedy_answer(model, kv, n, first, a.max_new, stop, guess=ref, logits_out=rl)
+        raw = sum(k.numel() * 2 + v.numel() * 2 for k, v in kv)
+        for name, p in pipes.items():
+            blob = p.encode(kv, meta={"seq_len": n}, threads=a.threads)
+            lg: list = []
+            ans = tasks.greedy_answer(model, decode(blob, threads=a.threads)[0], n, first, len(ref), stop, guess=ref,
+                                      logits_out=lg)
+            r = acc[name]
+            r["kl"] += tasks.answer_kl(rl[0], lg[0])
+            r["exact"] += int(ans == ref)
+            r["raw"] += raw
+            r["comp"] += len(blob)
+        print(f"item {it.uid}: done", file=sys.stderr, flush=True)
+    res = [{"profile": k, "ratio": v["raw"] / v["comp"], "answer_kl": v["kl"] / len(items), "exact": v["exact"] / len(items),
+            "items": len(items)} for k, v in acc.items()]
+    print("| profile | ratio | answer KL | exact answer |\n|---|---|---|---|")
+    for r in sorted(res, key=lambda r: -r["ratio"]):
+        print(f"| {r['profile']} | {r['ratio']:.2f} | {r['answer_kl']:.4f} | {r['exact']:.3f} |")
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump({"method": kl_screen.__doc__, "split": a.split, "lengths": a.qa_lengths, "results": res}, f, indent=1)
+    return 0
+
+
 def speed(a) -> int:
     """Encode / decode MB/s (bf16 KV bytes per second) of profiles on the KV of one real
     prompt, best of ``--repeats`` after a warm-up, ``--threads`` codec and torch threads,
@@ -292,6 +348,17 @@ def main(argv=None) -> int:
     s.add_argument("--png", default=None)
     s.add_argument("--title", default="SmolLM2-135M, HotpotQA (RULER-style)")
     s.set_defaults(fn=summary)
+    k = sub.add_parser("kl")
+    k.add_argument("--model", default="smollm2", choices=sorted(ROPE))
+    k.add_argument("--split", default="tune", choices=["tune", "test"])
+    k.add_argument("--qa", type=int, default=40)
+    k.add_argument("--qa-lengths", default="1024")
+    k.add_argument("--profiles", action="append", default=[])
+    k.add_argument("--threads", type=int, default=1)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--max-new", type=int, default=12)
+    k.add_argument("--json", default=None)
+    k.set_defaults(fn=kl_screen)
     sp = sub.add_parser("speed")
     sp.add_argument("--model", default="smollm2", choices=sorted(ROPE))
     sp.add_argument("--profiles", default="kivi-4,cachegen,kvserve,k12v8-g32")
