@@ -3,6 +3,8 @@
     python benchmarks/kvserve_tasks.py run --split tune --qa 500 --needle 96 \
         --profiles baselines,levers --out /work/tmp-kvq/tune.jsonl [--shard 0/2]
     python benchmarks/kvserve_tasks.py summary /work/tmp-kvq/tune*.jsonl --json OUT.json [--png OUT.png]
+    python benchmarks/kvserve_tasks.py kl --split tune --qa 40 --profiles kivi-4,k16v16-g32   # cheap screen
+    python benchmarks/kvserve_tasks.py speed --profiles kvserve,k16v8-g32 --threads 2
 
 Method (kvserve.tasks builds the items; fixed seeds): per item, prefill the whole prompt
 but its last token in bf16 once (SmolLM2 via kvserve.models.load_model) and decode the
