@@ -276,15 +276,17 @@ def kl_screen(a) -> int:
             r["exact"] += int(ans == ref)
             r["raw"] += raw
             r["comp"] += len(blob)
-        print(f"item {it.uid}: done", file=sys.stderr, flush=True)
-    res = [{"profile": k, "ratio": v["raw"] / v["comp"], "answer_kl": v["kl"] / len(items), "exact": v["exact"] / len(items),
-            "items": len(items)} for k, v in acc.items()]
+        done = items.index(it) + 1
+        res = [{"profile": k, "ratio": v["raw"] / v["comp"], "answer_kl": v["kl"] / done, "exact": v["exact"] / done,
+                "items": done} for k, v in acc.items()]
+        if a.json:  # rewritten after every item: a stopped screen keeps what it measured
+            with open(a.json + ".part", "w", encoding="utf-8") as f:
+                json.dump({"method": kl_screen.__doc__, "split": a.split, "lengths": a.qa_lengths, "results": res}, f, indent=1)
+            os.replace(a.json + ".part", a.json)
+        print(f"item {done}/{len(items)} {it.uid}: done", file=sys.stderr, flush=True)
     print("| profile | ratio | answer KL | exact answer |\n|---|---|---|---|")
     for r in sorted(res, key=lambda r: -r["ratio"]):
         print(f"| {r['profile']} | {r['ratio']:.2f} | {r['answer_kl']:.4f} | {r['exact']:.3f} |")
-    if a.json:
-        with open(a.json, "w", encoding="utf-8") as f:
-            json.dump({"method": kl_screen.__doc__, "split": a.split, "lengths": a.qa_lengths, "results": res}, f, indent=1)
     return 0
 
 
