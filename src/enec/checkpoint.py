@@ -85,7 +85,7 @@ def parse_safetensors_header(buf, size: int, what: str = "file") -> STLayout:
         raise EnecError(f"not a safetensors {what}: header length {hlen} does not fit")
     try:
         header = json.loads(bytes(buf[8 : 8 + hlen]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise EnecError(f"not a safetensors {what}: header is not JSON ({exc})") from None
     if not isinstance(header, dict):
         raise EnecError(f"not a safetensors {what}: header is not a JSON object")
@@ -333,7 +333,7 @@ def read_checkpoint(buf, size: int, what: str = "checkpoint") -> Ckpt:
         source_size = int(src["size"])
         name = str(src["name"])
         sha = src.get("sha256")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise EnecError(f"corrupted ENEC checkpoint ({what}): bad table ({exc})") from None
     for e in [CkptEntry("<header>", "raw", hoff, hlen)] + entries:
         if e.codec not in ("enec", "raw") or e.offset < 0 or e.length < 0 or e.offset + e.length > size:
@@ -356,7 +356,7 @@ def _st_data_bytes(st: bytes) -> int:
     try:
         header = json.loads(st[8:].decode("utf-8"))
         return max([0] + [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"])
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise EnecError("corrupted ENEC checkpoint: embedded safetensors header is invalid") from None
 
 

@@ -176,7 +176,7 @@ def _head_end(head) -> int | None:
     try:
         hoff, hlen = json.loads(bytes(head[PREFIX.size : end]))["source"]["safetensors_header"]
         end = int(hoff) + int(hlen)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None  # read_checkpoint reports the damage
     return end if len(head) < end else None
 

@@ -140,6 +140,36 @@ def cache_from_kv(model, kv, seq_len: int):
     return cache
 
 
+def kv_shapes(model, tokens: int) -> list[tuple[tuple, tuple]]:
+    """Per-layer ``((1, H, T, D), (1, H, T, D))`` shapes of the KV ``model``'s ``DynamicCache``
+    holds after a prefill of ``tokens`` tokens (batch 1): what :func:`kvserve.decode` must
+    give a receiver running this model. Sliding-window layers keep their last
+    ``window - 1`` tokens."""
+    from transformers import DynamicCache
+
+    cfg = model.config.get_text_config()
+    heads = cfg.num_key_value_heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    out = []
+    for layer in DynamicCache(config=model.config).layers:
+        t = min(tokens, layer.sliding_window - 1) if getattr(layer, "is_sliding", False) else tokens
+        out.append(((1, heads, t, dim), (1, heads, t, dim)))
+    return out
+
+
+def check_kv_fits(model, shapes, tokens: int) -> None:
+    """Raise :class:`KVServeError` unless per-layer ``shapes`` (a bundle's layer table) are
+    the KV ``model`` holds after ``tokens`` tokens (see :func:`kv_shapes`)."""
+    want = kv_shapes(model, tokens)
+    got = [(tuple(k), tuple(v)) for k, v in shapes]
+    if len(got) != len(want):
+        raise KVServeError(f"KV of {len(got)} layers does not fit this model ({len(want)} layers)")
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            raise KVServeError(f"KV does not fit this model at {tokens} tokens: layer {i} is {list(g)}, "
+                               f"expected {list(w)}")
+
+
 @torch.no_grad()
 def prefill_first(model, ids: list[int]):
     """Prefill ``ids`` in one forward pass: ``(per-layer KV, first generated token)``."""

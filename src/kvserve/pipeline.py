@@ -22,6 +22,7 @@ import torch
 
 from .errors import KVServeError
 from .stages import codecs as _codecs  # noqa: F401  (registers stages)
+from .stages import gpu as _gpu
 from .stages import quantizers as _quantizers  # noqa: F401
 from .stages import transforms as _transforms  # noqa: F401
 from .stages.base import get_stage
@@ -35,6 +36,7 @@ CRC_SIZE = 4
 MAX_HEADER = 4 << 20
 MAX_LAYERS = 4096
 MAX_ELEMENTS = 1 << 34
+DEFAULT_MAX_BYTES = 1 << 30  # decode's default bound on the decoded KV (bf16 bytes)
 _SIDE_DTYPES = {"float16", "float32", "int64", "uint8", "uint16", "bfloat16"}
 _PROFILE_KEYS = {"name", "transform", "quantizer", "codec"}
 
@@ -97,20 +99,29 @@ class Pipeline:
         threads = resolve_threads(threads)
         layers = kv_from_cache(kv) if not isinstance(kv, (list, tuple)) else list(kv)
         shapes = _check_kv(layers)
+        layers = [(k.detach(), v.detach()) for k, v in layers]  # KV of a forward pass with autograd on
+        dev = _gpu.for_kv(layers)  # on a GPU every stage runs there (kvserve.stages.gpu)
         geometry = (len(layers), shapes[0][0][1]) if layers else (0, 0)
         header_parts: list[list] = []
-        chunks: list[bytes] = []
+        chunks: list = []
         for w, which in enumerate("kv"):
             for gi, ids in enumerate(_groups([s[w] for s in shapes])):
                 x = torch.stack([layers[i][w] for i in ids]).to(torch.float32)
-                x = self.transform.forward(x, ids, which)
-                for part in self.quantizer.encode(x, ids, which, geometry):
+                x = _gpu.transform_forward(self.transform, x, ids, which) if dev else \
+                    self.transform.forward(x, ids, which)
+                parts = _gpu.quantizer_encode(self.quantizer, x, ids, which, geometry) if dev else \
+                    self.quantizer.encode(x, ids, which, geometry)
+                for part in parts:
                     if part.bits is not None:
-                        blob = self.codec.encode(part.array, part.bits, threads)
+                        blob = _gpu.codec_encode(self.codec, part.array, part.bits, threads) if dev else \
+                            self.codec.encode(part.array, part.bits, threads)
                     else:
-                        blob = bytes(memoryview(np.ascontiguousarray(part.array)).cast("B"))
-                    header_parts.append([f"{which}{gi}.{part.name}", part.dtype, int(part.array.size), part.bits, len(blob)])
+                        blob = _gpu.side_bytes(part.array)
+                    count = part.array.numel() if isinstance(part.array, torch.Tensor) else part.array.size
+                    header_parts.append([f"{which}{gi}.{part.name}", part.dtype, int(count), part.bits, len(blob)])
                     chunks.append(blob)
+        if dev:
+            chunks = [_gpu.gather(chunks)]
         header = {"profile": self.get_config(), "dtype": "bfloat16",
                   "layers": [[list(k), list(v)] for k, v in shapes], "parts": header_parts,
                   "meta": meta if meta is not None else {}}
@@ -183,11 +194,25 @@ def parse_header(data: bytes) -> tuple[dict, memoryview]:
         raise KVServeError("bundle checksum mismatch (corrupted)")
     try:
         header = json.loads(bytes(mv[FIXED_SIZE:FIXED_SIZE + hlen]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise KVServeError("bundle header is not valid JSON") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise KVServeError("bundle header is not valid JSON (or nested too deeply)") from None
     if not isinstance(header, dict):
         raise KVServeError("bundle header must be an object")
     return header, mv[FIXED_SIZE + hlen:FIXED_SIZE + hlen + plen]
+
+
+def bundle_length(head) -> int:
+    """Total length of the bundle that starts with ``head`` (at least its first 20 bytes), from
+    its fixed header: for bundles stored in larger buffers. Raises :class:`KVServeError`."""
+    mv = memoryview(head).cast("B")
+    if len(mv) < FIXED_SIZE:
+        raise KVServeError("bundle truncated")
+    magic, version, flags, reserved, hlen, plen = _FIXED.unpack_from(mv, 0)
+    if magic != MAGIC or version != VERSION:
+        raise KVServeError("not a KVServe bundle (bad magic or version)")
+    if hlen > MAX_HEADER:
+        raise KVServeError("bundle header too large")
+    return FIXED_SIZE + hlen + plen + CRC_SIZE
 
 
 def _int(x, lo, hi, what):
@@ -223,29 +248,66 @@ def _check_shapes(shapes):
             raise KVServeError("bundle: inconsistent layer shapes")
 
 
-def decode(data: bytes, *, threads: int | None = None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict]:
+def kv_nbytes(shapes) -> int:
+    """bf16 bytes of KV with per-layer ``[((B, H, T, Dk), (B, H, T, Dv)), ...]`` shapes: the
+    ``max_bytes`` a receiver that knows its geometry passes to :func:`decode`."""
+    return 2 * sum(math.prod(k) + math.prod(v) for k, v in shapes)
+
+
+def decode(data: bytes, max_bytes: int | None = DEFAULT_MAX_BYTES, expect=None, *, device=None,
+           threads: int | None = None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict]:
     """Bundle -> (per-layer ``(k, v)`` bf16 tensors, meta dict). Raises only :class:`KVServeError`.
-    ``threads``: the codec's threads (default: every core)."""
+
+    ``max_bytes`` bounds the decoded KV (bf16 bytes, :func:`kv_nbytes` of the layer table):
+    a bundle claiming more is refused before anything is decoded, however small it is (a
+    few KB of entropy-coded constants can claim gigabytes). The default,
+    :data:`DEFAULT_MAX_BYTES` (1 GiB), suits contexts up to about 45k tokens of SmolLM2; a
+    receiver that knows the geometry it expects passes exactly that size, ``None`` removes
+    the bound (trusted input only). Decoding needs up to about 4x the decoded size at its
+    peak (float32 work arrays of a layer group; 2.4-3.9x measured for the packaged profiles).
+    ``expect(shapes, meta)``, if given, is called with the validated layer table
+    ``[((B, H, T, Dk), (B, H, T, Dv)), ...]`` and the bundle's meta before any part is
+    decoded, and raises :class:`KVServeError` to refuse KV the caller cannot use (another
+    model's geometry, a token count that disagrees with the request).
+    ``device`` (e.g. ``"cuda"``): decode there (:mod:`kvserve.stages.gpu`; the same bits as
+    on the CPU); default: on the CPU. ``threads``: the host codecs' threads (default: every
+    core).
+    """
+    if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0):
+        raise KVServeError("max_bytes must be a non-negative int or None")
     threads = resolve_threads(threads)
     header, payload = parse_header(data)
     try:
-        return _decode(header, payload, threads)
+        return _decode(header, payload, threads, max_bytes, expect, device)
     except KVServeError:
         raise
     except Exception as exc:  # defensive: no IndexError/RuntimeError escapes for bad input
         raise KVServeError(f"malformed bundle ({type(exc).__name__}: {exc})") from exc
 
 
-def _decode(header: dict, payload: memoryview, threads: int):
+def _decode(header: dict, payload: memoryview, threads: int, max_bytes: int | None = None, expect=None,
+            device=None):
     if set(header) != {"profile", "dtype", "layers", "parts", "meta"}:
         raise KVServeError("bundle: unexpected header keys")
     if header["dtype"] != "bfloat16":
         raise KVServeError("bundle: unsupported dtype")
     pipe = Pipeline.from_config(header["profile"])
+    dev = _gpu.is_device(device)
+    if dev:
+        _gpu.require()
+    if getattr(pipe.codec, "device_only", False) and not dev:
+        raise KVServeError(f"bundle codec {pipe.codec.stage_id!r} runs only on a CUDA device: "
+                           "decode with kvserve.decode(data, device='cuda') on a GPU machine")
     shapes = _parse_layers(header["layers"])
     meta = header["meta"]
     if not isinstance(meta, dict):
         raise KVServeError("bundle: meta must be an object")
+    size = kv_nbytes(shapes)
+    if max_bytes is not None and size > max_bytes:
+        raise KVServeError(f"bundle: decoded KV would take {size} bytes, over the receiver's limit of "
+                           f"{max_bytes} (max_bytes)")
+    if expect is not None:
+        expect(shapes, meta)
     table = header["parts"]
     if not isinstance(table, list) or len(table) > 1 << 16:
         raise KVServeError("bundle: bad part table")
@@ -271,8 +333,13 @@ def _decode(header: dict, payload: memoryview, threads: int):
         off += nbytes
     if off != len(payload):
         raise KVServeError("bundle: part table does not cover the payload")
-    geometry_layers = len(shapes)
-    del geometry_layers
+    # a codec allocates its part's symbol count: bound it by the geometry, before decoding
+    for w, which in enumerate("kv"):
+        for gi, ids in enumerate(_groups([s[w] for s in shapes])):
+            prefix = f"{which}{gi}."
+            symbols = sum(c for n, (_, c, b, _) in parts.items() if b is not None and n.startswith(prefix))
+            if symbols > len(ids) * math.prod(shapes[ids[0]][w]):
+                raise KVServeError(f"bundle: group {prefix[:-1]} claims more symbols than its layers hold")
     out: list[list] = [[None, None] for _ in shapes]
     for w, which in enumerate("kv"):
         for gi, ids in enumerate(_groups([s[w] for s in shapes])):
@@ -285,17 +352,21 @@ def _decode(header: dict, payload: memoryview, threads: int):
                     npdt = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
                     arrays[name[len(prefix):]] = np.frombuffer(blob, dtype=npdt).copy()
                 else:
-                    a = pipe.codec.decode(blob, count, bits, threads)
-                    if a.size != count:
+                    a = _gpu.codec_decode(pipe.codec, blob, count, bits, device, threads) if dev else \
+                        pipe.codec.decode(blob, count, bits, threads)
+                    size = a.numel() if dev else a.size
+                    if size != count:
                         raise KVServeError(f"bundle: part {name!r} decoded to the wrong size")
-                    if bits <= 8 and a.size and int(a.max()) >= 1 << bits:
+                    if bits <= 8 and size and int(a.max()) >= 1 << bits:
                         raise KVServeError(f"bundle: part {name!r} has out-of-range symbols")
                     arrays[name[len(prefix):]] = a
             shape = (len(ids),) + tuple(shapes[ids[0]][w])
-            x = pipe.quantizer.decode(arrays, shape, ids, which)
+            x = _gpu.quantizer_decode(pipe.quantizer, arrays, shape, ids, which, device) if dev else \
+                pipe.quantizer.decode(arrays, shape, ids, which)
             if tuple(x.shape) != shape:
                 raise KVServeError("bundle: decoded group has the wrong shape")
-            x = pipe.transform.inverse(x, ids, which).to(torch.bfloat16)
+            x = (_gpu.transform_inverse(pipe.transform, x, ids, which) if dev else
+                 pipe.transform.inverse(x, ids, which)).to(torch.bfloat16)
             for j, li in enumerate(ids):
                 out[li][w] = x[j]
     return [(k, v) for k, v in out], meta
@@ -320,7 +391,7 @@ def profile_names() -> list[str]:
 def load_profile(name_or_file: str) -> dict:
     """Profile config from a packaged name (``kivi-2``) or a JSON file path."""
     if os.path.isfile(name_or_file):
-        with open(name_or_file, encoding="utf-8") as f:
+        with open(name_or_file, "rb") as f:  # bytes: bad UTF-8 is a JSON error below
             text = f.read()
     else:
         if name_or_file not in profile_names():
@@ -328,8 +399,8 @@ def load_profile(name_or_file: str) -> dict:
         text = resources.files("kvserve").joinpath("profiles", name_or_file + ".json").read_text()
     try:
         cfg = json.loads(text)
-    except ValueError as exc:
-        raise KVServeError(f"profile {name_or_file!r} is not valid JSON") from exc
+    except (ValueError, RecursionError):
+        raise KVServeError(f"profile {name_or_file!r} is not valid JSON (or nested too deeply)") from None
     Pipeline.from_config(cfg)  # validate
     return cfg
 

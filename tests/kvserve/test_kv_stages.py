@@ -15,6 +15,8 @@ STAGES = [
     ("transform", {"id": "hadamard", "seed": 12345}),
     ("transform", {"id": "hadamard", "seed": 3, "key_rope_theta": 10000.0}),
     ("transform", {"id": "hadamard", "seed": 0, "key_rope_theta": [1e4, 1e6, 1e4, 1e6, 10.0, 500000]}),
+    ("transform", {"id": "hadamard", "seed": 5, "portable": True}),
+    ("transform", {"id": "hadamard", "seed": 0, "key_rope_theta": [1e4, 1e6, 1e4, 1e6, 10.0, 500000], "portable": True}),
     ("quantizer", {"id": "none"}),
     ("quantizer", {"id": "kvserve"}),
     ("quantizer", {"id": "kvserve", "low_fraction": 0.5, "split": "layer", "key_group": 8, "keep_sinks": 2, "keep_recent": 5}),
@@ -41,12 +43,14 @@ STAGES = [
     ("codec", {"id": "ans", "pair": False}),
     ("codec", {"id": "rans", "pair": True}),
     ("codec", {"id": "rans", "pair": False}),
+    ("codec", {"id": "irans", "pair": True}),
+    ("codec", {"id": "irans", "pair": False}),
 ]
 IDS = [f"{k}-{c['id']}-{i}" for i, (k, c) in enumerate(STAGES)]
 
 
 def test_every_registered_stage_is_covered():
-    covered = {(k, c["id"]) for k, c in STAGES} | {("codec", "enec")}
+    covered = {(k, c["id"]) for k, c in STAGES} | {("codec", "enec"), ("codec", "nvcomp")}  # nvcomp: test_kv_gpu
     assert {(c.kind, c.stage_id) for c in registered()} == covered
 
 

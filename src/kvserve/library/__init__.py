@@ -151,13 +151,13 @@ def load_library(path: str | None = None) -> Library:
     else:
         if not os.path.isfile(path):
             raise KVServeError(f"profile library {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # bytes: bad UTF-8 is a JSON error below
             text = f.read()
         source = path
     try:
         obj = json.loads(text)
-    except ValueError as exc:
-        raise KVServeError(f"{source}: not valid JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise KVServeError(f"{source}: not valid JSON ({type(exc).__name__}: {exc})") from None
     return library_from_json(obj, source)
 
 

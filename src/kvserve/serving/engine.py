@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass, field
 from ..controller import Controller
 from ..errors import KVServeError
 from ..library import load_library
-from ..models import ensure_model_cache, greedy, load_model_fast, prefill_first
-from ..pipeline import decode
+from ..models import check_kv_fits, ensure_model_cache, greedy, kv_shapes, load_model_fast, prefill_first
+from ..pipeline import decode, kv_nbytes
 from . import transport as tp
 from .push import Pusher, SendFailed, Sent
 
@@ -140,6 +140,24 @@ class DecodeWorker:
         self.lock = threading.Lock()
         self.model_lock = threading.Lock()
         self.fallbacks = 0
+        cfg = model.config.get_text_config()
+        self.max_tokens, self.vocab = int(cfg.max_position_embeddings), int(cfg.vocab_size)
+        self.max_kv_bytes = kv_nbytes(kv_shapes(model, self.max_tokens))  # no bundle decodes to more
+
+    def _expect(self, rid):
+        """Checks a bundle's layer table and meta before anything is decoded: it must be the
+        announced request's KV, for this model's geometry at its ``seq_len`` tokens."""
+
+        def expect(shapes, meta):
+            if not isinstance(rid, str) or meta.get("rid") != rid:
+                raise KVServeError("KV bundle does not belong to the announced request")
+            n, first = meta.get("seq_len"), meta.get("first_token")
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (n, first)) \
+                    or not 1 <= n <= self.max_tokens or not 0 <= first < self.vocab:
+                raise KVServeError("KV bundle: bad seq_len or first_token")
+            check_kv_fits(self.model, shapes, n)
+
+        return expect
 
     def handle(self, ftype, payload, info):
         if ftype == T_PING:
@@ -152,9 +170,10 @@ class DecodeWorker:
         if ftype == T_KV:
             meta, blob = tp.unpack_message(payload)
             t0 = time.monotonic()
-            kv, bmeta = decode(blob, threads=self.threads)  # KVServeError on a bad bundle -> error frame to the sender
-            if bmeta.get("rid") != meta.get("rid"):
-                raise KVServeError("KV bundle does not belong to the announced request")
+            # KVServeError on a bad or foreign bundle -> error frame to the sender (the request
+            # then recomputes its prefill here)
+            kv, bmeta = decode(blob, max_bytes=self.max_kv_bytes, expect=self._expect(meta.get("rid")),
+                               threads=self.threads)
             dt = time.monotonic() - t0
             recv_s = info["channel"].last_recv_s
             with self.lock:
@@ -180,7 +199,16 @@ class DecodeWorker:
             else:
                 kv, _, first = entry
             t_first = time.monotonic()
-            rest = greedy(self.model, kv, len(ids), first, max_new - 1)
+            try:
+                rest = greedy(self.model, kv, len(ids), first, max_new - 1)
+            except Exception:  # stored KV that passed the checks still unusable: recompute
+                if fallback:
+                    raise
+                fallback = True
+                self.fallbacks += 1
+                kv, first = prefill_first(self.model, ids)
+                t_first = time.monotonic()
+                rest = greedy(self.model, kv, len(ids), first, max_new - 1)
         return {"rid": rid, "tokens": [first] + rest, "fallback": fallback, "t_first": t_first,
                 "recompute_ms": _ms(t_first - t0) if fallback else 0.0, "gen_ms": _ms(time.monotonic() - t_first)}
 

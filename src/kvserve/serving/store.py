@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from ..errors import KVServeError
-from ..models import cache_from_kv, prefill
-from ..pipeline import decode, parse_header, profile_from_config
+from ..models import cache_from_kv, check_kv_fits, kv_shapes, prefill
+from ..pipeline import decode, kv_nbytes, parse_header, profile_from_config
 from .transport import shared_secret
 
 SUFFIX = ".kvsv"
@@ -192,9 +192,10 @@ class FileStore(Store):
             return None
         except OSError as exc:  # a symlink (ELOOP) or otherwise unreadable entry
             raise KVServeError(f"store entry {key!r} cannot be read: {exc}") from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise KVServeError(f"store entry {key!r} is not a regular file")
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise KVServeError(f"store entry {key!r} is not a regular file")
             return f.read()
 
     def _put(self, key: str, value: bytes) -> None:
@@ -312,16 +313,21 @@ class PrefixCache:
 
     def _usable(self, blob: bytes, prefix_ids: list[int]):
         """The decoded KV of a fetched bundle, or None when it is unusable: it must carry this
-        cache's own profile and be bound to this model and exactly these tokens (checked
-        before anything is decoded) and decode to the prefix's length."""
+        cache's own profile, be bound to this model and exactly these tokens and have this
+        model's geometry at the prefix's length, all checked before anything is decoded (so a
+        stored decompression bomb costs nothing)."""
+        def expect(shapes, meta):  # this prefix's KV for this model, checked before decoding
+            if meta.get("seq_len") != len(prefix_ids):
+                raise KVServeError("stored prefix has the wrong length")
+            check_binding(meta, self.model_name, prefix_ids)
+            check_kv_fits(self.model, shapes, len(prefix_ids))
+
         try:
             header, _ = parse_header(blob)
             if header.get("profile") != self.config:
                 raise KVServeError("stored prefix was written with another profile")
-            check_binding(header.get("meta"), self.model_name, prefix_ids)
-            kv, meta = decode(blob, threads=self.threads)
-            if meta.get("seq_len") != len(prefix_ids):
-                raise KVServeError("stored prefix has the wrong length")
+            kv, _ = decode(blob, max_bytes=kv_nbytes(kv_shapes(self.model, len(prefix_ids))), expect=expect,
+                           threads=self.threads)
             return kv
         except KVServeError:
             return None

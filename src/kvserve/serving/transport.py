@@ -1,35 +1,55 @@
 """Authenticated, paced, length-prefixed frames over TCP (the KV channel of kvserve.serving).
 
-Wire format (all integers little-endian). On accept the server sends a 16-byte random
-*session nonce* in the clear. After that both directions carry frames::
+Wire format version 2 (all integers little-endian); see docs/KVSERVE.md for the byte-level
+spec and the security model. A connection starts with a mutual handshake in which both ends
+contribute freshness::
+
+    client -> server   hello_c = b"KVTH" | u8 version=2 | u8 role b"C" | u16 flags=0 | 16-byte nonce
+    server -> client   hello_s = b"KVTH" | u8 version=2 | u8 role b"S" | u16 flags=0 | 16-byte nonce
+    client -> server   HMAC-SHA256(secret, b"kvserve-kv-channel/2 client" || hello_c || hello_s)
+    server -> client   HMAC-SHA256(secret, b"kvserve-kv-channel/2 server" || hello_c || hello_s)
+
+Both hellos go out at once (one round trip); each end verifies the other's proof before it
+accepts anything else, so a peer without the secret costs the server 56 bytes of reads and
+one short-lived thread, never a frame. The session key is
+``K = HMAC-SHA256(secret, b"kvserve-kv-channel/2 key" || hello_c || hello_s)``. Then both
+directions carry frames::
 
     offset size  field
     0      4     magic b"KVTF"
-    4      1     version = 1
+    4      1     version = 2
     5      1     type (application defined, 1..255)
     6      2     flags = 0
     8      8     seq: 0, 1, 2, ... per direction and connection
     16     8     payload length (at most the receiver's ``max_frame``)
     24     len   payload
-    24+len 32    tag = HMAC-SHA256(secret, nonce || dir || header || payload)
+    24+len 32    tag = HMAC-SHA256(K, dir || header || payload)
 
-``dir`` is ``b"C"`` for client->server frames and ``b"S"`` for replies. Because the tag
-covers the per-connection nonce and the sequence number, a frame recorded on one connection
-cannot be replayed on another (different nonce) nor reordered or repeated on the same one
-(the receiver requires ``seq`` to be exactly the next one). The tag is a trailer so a large
-payload can be streamed (and paced) without buffering twice; the receiver checks the length
-against ``max_frame`` *before* reading the payload and the tag before handing it over.
+``dir`` is ``b"C"`` for client->server frames and ``b"S"`` for replies. The key depends on
+both nonces, so a frame recorded on one connection authenticates on no other, in either
+direction (a fake server replaying a recorded reply to a client fails, as does a client
+replaying requests); the sequence number stops repeats and reordering within a connection.
+The tag is a trailer so a large payload can be streamed (and paced) without buffering
+twice; the receiver checks the length against ``max_frame`` before reading the payload,
+buffers only what has arrived (never the announced length up front) and checks the tag
+before handing the payload over. A whole frame has a deadline (``frame_timeout + length /
+min_rate_bps`` from its first byte), a handshake has ``handshake_timeout``: a peer sending
+one byte a second cannot hold a connection. A :class:`FrameServer` caps its connections
+(``max_connections``) and its connections still in the handshake (``max_pending``; the
+oldest is dropped for a new one). A version-1 peer is refused with :class:`VersionError`.
 
 Every protocol failure raises a :class:`TransportError` subclass (a
 :class:`kvserve.KVServeError`): :class:`FrameTooLarge`, :class:`MalformedFrame`,
-:class:`AuthError`, :class:`ConnectionLost`. A :class:`FrameServer` answers a bad frame with
-an error frame when it can, closes that connection, counts it in ``server.rejected`` and
-keeps serving everybody else.
+:class:`VersionError`, :class:`AuthError`, :class:`ConnectionLost`,
+:class:`DeadlineExceeded`. A :class:`FrameServer` answers a bad frame with an error frame
+when it can, closes that connection, counts it in ``server.rejected`` and keeps serving
+everybody else.
 
 Pacing: :class:`TokenBucket` (any rate, ``inf`` = unpaced) gates the sender's writes in
 small chunks. :class:`BandwidthEstimator` keeps an EWMA of observed transfer throughput,
 which the controller reads as its bandwidth input.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,19 +61,31 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import KVServeError
 
 MAGIC = b"KVTF"
-VERSION = 1
+VERSION = 2
 _HDR = struct.Struct("<4sBBHQQ")
 HEADER_SIZE = _HDR.size  # 24
 TAG_SIZE = 32
 NONCE_SIZE = 16
+HELLO_MAGIC = b"KVTH"
+_HELLO = struct.Struct("<4sBcH16s")  # magic, version, role (b"C" / b"S"), flags, nonce
+HELLO_SIZE = _HELLO.size  # 24
+_LABEL = b"kvserve-kv-channel/2 "
 DEFAULT_MAX_FRAME = 256 << 20
 CHUNK = 64 << 10
+RECV_STEP = 1 << 20  # the receive buffer grows by at most this much per read
+
+# limits of a server (all overridable per FrameServer)
+HANDSHAKE_TIMEOUT = 5.0  # seconds for the whole handshake
+MAX_PENDING = 16  # connections still in the handshake (unauthenticated)
+MAX_CONNECTIONS = 64  # all connections
+MIN_RATE_BPS = 16 << 10  # a frame may take frame_timeout + length / MIN_RATE_BPS seconds
 
 # frame types used by the serving layer (the transport itself only reserves ERROR)
 T_ERROR = 255
@@ -67,6 +99,11 @@ class MalformedFrame(TransportError):
     """Bad magic, version, flags, sequence number or truncated frame."""
 
 
+class VersionError(MalformedFrame):
+    """The peer speaks another version of the KV channel (e.g. version 1, before the
+    mutual handshake): upgrade it."""
+
+
 class FrameTooLarge(MalformedFrame):
     """Declared payload length above the receiver's ``max_frame``."""
 
@@ -77,6 +114,10 @@ class AuthError(TransportError):
 
 class ConnectionLost(TransportError):
     """The peer closed or reset the connection, or an I/O timeout expired."""
+
+
+class DeadlineExceeded(ConnectionLost):
+    """A handshake or a whole frame took longer than its deadline (a peer trickling bytes)."""
 
 
 class RemoteError(TransportError):
@@ -94,7 +135,7 @@ class TransferAbandoned(TransportError):
 
 
 def shared_secret(secret: bytes | str | None = None) -> bytes:
-    """The channel's shared secret: ``secret``, else ``KVSERVE_SECRET``; at least 16 bytes."""
+    """The deployment's shared secret: ``secret``, else ``KVSERVE_SECRET``; at least 16 bytes."""
     if secret is None:
         secret = os.environ.get("KVSERVE_SECRET", "")
     if isinstance(secret, str):
@@ -190,23 +231,39 @@ class BandwidthEstimator:
 # ------------------------------------------------------------------ framing
 
 
-def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
+def _recv_exact(sock: socket.socket, n: int, what: str, deadline: float | None = None) -> bytes:
+    """Read exactly ``n`` bytes. The buffer grows with the bytes that arrive (at most
+    :data:`RECV_STEP` ahead of them), never to an announced length up front. With a
+    ``deadline`` (``time.monotonic()``), all ``n`` bytes must be in by then."""
+    parts: list[bytearray] = []
     got = 0
     while got < n:
-        try:
-            k = sock.recv_into(view[got:], n - got)
-        except socket.timeout as exc:
-            raise ConnectionLost(f"timed out reading {what}") from exc
-        except OSError as exc:
-            raise ConnectionLost(f"connection error reading {what}: {exc}") from exc
-        if k == 0:
-            if got == 0 and what == "frame header":
-                raise ConnectionLost("connection closed by peer")
-            raise MalformedFrame(f"connection closed mid-frame ({what}: {got}/{n} bytes)")
-        got += k
-    return bytes(buf)
+        step = min(n - got, RECV_STEP)
+        buf = bytearray(step)
+        view = memoryview(buf)
+        filled = 0
+        while filled < step:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceeded(f"deadline exceeded reading {what} ({got + filled}/{n} bytes)")
+                sock.settimeout(left)
+            try:
+                k = sock.recv_into(view[filled:], step - filled)
+            except socket.timeout as exc:
+                if deadline is not None and deadline <= time.monotonic():
+                    raise DeadlineExceeded(f"deadline exceeded reading {what} ({got + filled}/{n} bytes)") from exc
+                raise ConnectionLost(f"timed out reading {what}") from exc
+            except OSError as exc:
+                raise ConnectionLost(f"connection error reading {what}: {exc}") from exc
+            if k == 0:
+                if got + filled == 0 and what in ("frame header", "handshake"):
+                    raise ConnectionLost("connection closed by peer")
+                raise MalformedFrame(f"connection closed mid-frame ({what}: {got + filled}/{n} bytes)")
+            filled += k
+        parts.append(buf)
+        got += step
+    return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
 
 def pack_message(meta: dict, blob: bytes | memoryview = b"") -> list:
@@ -224,19 +281,82 @@ def unpack_message(payload: bytes) -> tuple[dict, memoryview]:
         raise MalformedFrame("message JSON length exceeds the payload")
     try:
         meta = json.loads(bytes(mv[4:4 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise MalformedFrame("message metadata is not valid JSON") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MalformedFrame("message metadata is not valid JSON (or nested too deeply)") from exc
     if not isinstance(meta, dict):
         raise MalformedFrame("message metadata must be a JSON object")
     return meta, mv[4 + n:]
 
 
-class Channel:
-    """One authenticated connection (either end). Not thread-safe: one user at a time."""
+# ------------------------------------------------------------------ handshake
 
-    def __init__(self, sock: socket.socket, secret: bytes, nonce: bytes, is_client: bool,
-                 max_frame: int = DEFAULT_MAX_FRAME):
-        self.sock, self.secret, self.nonce, self.max_frame = sock, secret, nonce, max_frame
+
+def _hello(role: bytes) -> bytes:
+    return _HELLO.pack(HELLO_MAGIC, VERSION, role, 0, os.urandom(NONCE_SIZE))
+
+
+def _check_hello(data: bytes, role: bytes) -> None:
+    """Validate the peer's hello (``role``: what the peer must be)."""
+    if data[:4] == MAGIC and data[4] == 1:  # a version-1 client: it sent a frame header
+        raise VersionError(f"peer speaks KV channel version 1; this end speaks version {VERSION} "
+                           "(mutual handshake): upgrade the peer")
+    if data[:4] != HELLO_MAGIC and data[16:21] == MAGIC + b"\x01":
+        # a version-1 server: its 16-byte nonce, then an error frame about our hello
+        raise VersionError(f"peer is a KV channel version 1 server; this end speaks version {VERSION} "
+                           "(mutual handshake): upgrade the peer")
+    magic, version, got_role, flags, _ = _HELLO.unpack(data)
+    if magic != HELLO_MAGIC:
+        raise MalformedFrame("bad handshake magic (not a kvserve KV channel peer)")
+    if version != VERSION:
+        raise VersionError(f"peer speaks KV channel version {version}; this end speaks version {VERSION}")
+    if got_role != role or flags:
+        raise MalformedFrame("bad handshake (role or flags)")
+
+
+def _session(secret: bytes, hello_c: bytes, hello_s: bytes) -> tuple[bytes, bytes, bytes]:
+    """(client proof, server proof, session key) of a handshake transcript."""
+    t = hello_c + hello_s
+
+    def prf(label: bytes) -> bytes:
+        return hmac.new(secret, _LABEL + label + t, hashlib.sha256).digest()
+
+    return prf(b"client"), prf(b"server"), prf(b"key")
+
+
+def handshake(sock: socket.socket, secret: bytes, deadline: float, is_client: bool) -> bytes:
+    """One end of the handshake on a fresh connection; returns the session key once the peer
+    proved it holds the secret for this connection's two nonces. Reads at most
+    ``HELLO_SIZE + TAG_SIZE`` bytes before that."""
+    me, peer = (b"C", b"S") if is_client else (b"S", b"C")
+    mine = _hello(me)
+    try:
+        sock.sendall(mine)
+        theirs = _recv_exact(sock, HELLO_SIZE, "handshake", deadline)
+        _check_hello(theirs, peer)
+        client_proof, server_proof, key = _session(secret, *((mine, theirs) if is_client else (theirs, mine)))
+        sock.sendall(client_proof if is_client else server_proof)
+    except OSError as exc:
+        raise ConnectionLost(f"connection error in the handshake: {exc}") from exc
+    got = _recv_exact(sock, TAG_SIZE, "handshake proof", deadline)
+    if not hmac.compare_digest(got, server_proof if is_client else client_proof):
+        who = "server's handshake proof does not verify (wrong secret, or not a server holding it)" if is_client \
+            else "client's handshake proof does not verify (wrong secret)"
+        raise AuthError(f"KV channel authentication failed: the {who}")
+    return key
+
+
+class Channel:
+    """One authenticated connection (either end), after the handshake. Not thread-safe.
+
+    ``key`` is the session key from the handshake. The socket's timeout is the idle limit
+    while waiting for a frame to begin; from a frame's first byte the whole frame must be in
+    within ``frame_timeout + length / min_rate_bps`` seconds."""
+
+    def __init__(self, sock: socket.socket, key: bytes, is_client: bool, max_frame: int = DEFAULT_MAX_FRAME,
+                 frame_timeout: float = 60.0, min_rate_bps: float = MIN_RATE_BPS):
+        self.sock, self.key, self.max_frame = sock, key, max_frame
+        self.frame_timeout, self.min_rate_bps = frame_timeout, min_rate_bps
+        self.idle_timeout = sock.gettimeout()
         self.out_dir, self.in_dir = (b"C", b"S") if is_client else (b"S", b"C")
         self.send_seq = 0
         self.recv_seq = 0
@@ -244,7 +364,7 @@ class Channel:
         self.last_recv_s = 0.0
 
     def _mac(self, direction: bytes):
-        return hmac.new(self.secret, self.nonce + direction, hashlib.sha256)
+        return hmac.new(self.key, direction, hashlib.sha256)
 
     def send(self, ftype: int, parts, pacer: TokenBucket | None = None,
              progress: Callable[[int, float], None] | None = None) -> int:
@@ -290,19 +410,26 @@ class Channel:
 
     def recv(self) -> tuple[int, bytes]:
         """Receive one frame; returns ``(type, payload)``. Raises TransportError subclasses."""
-        header = _recv_exact(self.sock, HEADER_SIZE, "frame header")
-        magic, version, ftype, flags, seq, length = _HDR.unpack(header)
-        if magic != MAGIC:
-            raise MalformedFrame("bad frame magic (not a kvserve KV channel peer)")
-        if version != VERSION:
-            raise MalformedFrame(f"unsupported frame version {version}")
-        if flags:
-            raise MalformedFrame("unsupported frame flags")
-        if length > self.max_frame:
-            raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
-        t0 = time.perf_counter()
-        payload = _recv_exact(self.sock, length, "frame payload")
-        tag = _recv_exact(self.sock, TAG_SIZE, "frame tag")
+        self.sock.settimeout(self.idle_timeout)
+        first = _recv_exact(self.sock, 1, "frame header")  # idle wait: the socket's timeout
+        deadline = time.monotonic() + self.frame_timeout
+        try:
+            header = first + _recv_exact(self.sock, HEADER_SIZE - 1, "frame header", deadline)
+            magic, version, ftype, flags, seq, length = _HDR.unpack(header)
+            if magic != MAGIC:
+                raise MalformedFrame("bad frame magic (not a kvserve KV channel peer)")
+            if version != VERSION:
+                raise VersionError(f"unsupported frame version {version} (this end speaks {VERSION})")
+            if flags:
+                raise MalformedFrame("unsupported frame flags")
+            if length > self.max_frame:
+                raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
+            deadline += length / self.min_rate_bps
+            t0 = time.perf_counter()
+            payload = _recv_exact(self.sock, length, "frame payload", deadline)
+            tag = _recv_exact(self.sock, TAG_SIZE, "frame tag", deadline)
+        finally:
+            self.sock.settimeout(self.idle_timeout)
         # header complete -> tag complete: how fast the payload arrived (the link rate for
         # a frame larger than a few chunks, without connect, ack or processing overheads)
         self.last_recv_s = time.perf_counter() - t0
@@ -333,25 +460,47 @@ Handler = Callable[[int, bytes, dict], tuple[int, object]]
 
 
 class FrameServer:
-    """Threaded TCP server: each connection gets a nonce, then request frames -> ``handler``.
+    """Threaded TCP server: each connection does the handshake, then request frames -> ``handler``.
 
     ``handler(ftype, payload, info) -> (reply_type, reply_parts)``; an exception that is a
     :class:`KVServeError` is answered with an error frame and the connection stays open; a
     protocol error (bad frame) closes that connection only. ``info`` carries the peer address
     and the ``Channel`` (so a handler can time its receive). Listens on loopback by default.
+
+    Limits: ``max_connections`` connections at once (more are closed at accept,
+    ``refused`` counts them); ``max_pending`` of them still in the handshake (a new one
+    drops the oldest); ``handshake_timeout`` seconds for a whole handshake (at most
+    ``io_timeout``); ``io_timeout``
+    idle seconds between frames and, from a frame's first byte, ``io_timeout + length /
+    min_rate_bps`` for the whole frame. ``rejected`` keeps the last 1000 rejections.
     """
 
     def __init__(self, handler: Handler, secret: bytes | str | None = None, host: str = "127.0.0.1",
-                 port: int = 0, max_frame: int = DEFAULT_MAX_FRAME, io_timeout: float = 60.0):
+                 port: int = 0, max_frame: int = DEFAULT_MAX_FRAME, io_timeout: float = 60.0,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, max_connections: int = MAX_CONNECTIONS,
+                 max_pending: int = MAX_PENDING, min_rate_bps: float = MIN_RATE_BPS):
         self.handler, self.secret, self.max_frame, self.io_timeout = handler, shared_secret(secret), max_frame, io_timeout
+        self.handshake_timeout, self.min_rate_bps = handshake_timeout, min_rate_bps
+        self.max_connections, self.max_pending = max_connections, max(1, min(max_pending, max_connections))
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.sock.settimeout(0.2)
         self.address = self.sock.getsockname()[:2]
-        self.rejected: list[str] = []  # one line per rejected frame / connection
+        self.rejected: deque[str] = deque(maxlen=1000)  # one line per rejected frame / connection
         self.served = 0
+        self.refused = 0  # connections closed at accept (connection limit)
+        self.evicted = 0  # handshakes dropped for newer connections (pending limit)
+        self._active = 0
+        self._pending: dict[int, socket.socket] = {}  # insertion order = age
+        self._ids = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+
+    @property
+    def connections(self) -> int:
+        """Connections being served now (handshaking or authenticated)."""
+        with self._lock:
+            return self._active
 
     def start(self) -> "FrameServer":
         self._thread = threading.Thread(target=self._accept_loop, name="kvserve-frame-server", daemon=True)
@@ -384,22 +533,58 @@ class FrameServer:
                 continue
             except OSError:
                 break
-            threading.Thread(target=self._serve_conn, args=(conn, addr), daemon=True).start()
+            with self._lock:
+                full = self._active >= self.max_connections
+                if full:
+                    self.refused += 1
+                else:
+                    self._active += 1
+                    self._ids += 1
+                    cid = self._ids
+                    if len(self._pending) >= self.max_pending:  # drop the oldest handshake
+                        old = self._pending.pop(next(iter(self._pending)))
+                        self.evicted += 1
+                        _shutdown(old)
+                    self._pending[cid] = conn
+            if full:
+                self._reject(addr, TransportError(f"connection limit ({self.max_connections}) reached"))
+                _shutdown(conn)
+                conn.close()
+                continue
+            threading.Thread(target=self._serve_conn, args=(conn, addr, cid), daemon=True).start()
 
     def _reject(self, addr, exc):
         with self._lock:
             self.rejected.append(f"{addr[0]}:{addr[1]}: {type(exc).__name__}: {exc}")
 
-    def _serve_conn(self, conn: socket.socket, addr):
-        conn.settimeout(self.io_timeout)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        nonce = os.urandom(NONCE_SIZE)
-        ch = Channel(conn, self.secret, nonce, is_client=False, max_frame=self.max_frame)
+    def _serve_conn(self, conn: socket.socket, addr, cid: int):
         try:
-            conn.sendall(nonce)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            limit = min(self.handshake_timeout, self.io_timeout)
+            conn.settimeout(limit)
+            key = handshake(conn, self.secret, time.monotonic() + limit, is_client=False)
+        except (TransportError, OSError) as exc:
+            with self._lock:
+                evicted = self._pending.pop(cid, None) is None
+                self._active -= 1
+            if not (isinstance(exc, ConnectionLost) and not isinstance(exc, DeadlineExceeded)):
+                self._reject(addr, exc)
+            elif evicted:
+                self._reject(addr, DeadlineExceeded("handshake dropped for a newer connection (pending limit)"))
+            conn.close()
+            return
+        with self._lock:
+            self._pending.pop(cid, None)
+        conn.settimeout(self.io_timeout)
+        ch = Channel(conn, key, is_client=False, max_frame=self.max_frame, frame_timeout=self.io_timeout,
+                     min_rate_bps=self.min_rate_bps)
+        try:
             while not self._stop.is_set():
                 try:
                     ftype, payload = ch.recv()
+                except DeadlineExceeded as exc:
+                    self._reject(addr, exc)
+                    break
                 except ConnectionLost:
                     break
                 except TransportError as exc:  # bad frame: tell the peer if possible, drop the connection
@@ -427,6 +612,15 @@ class FrameServer:
             pass
         finally:
             ch.close()
+            with self._lock:
+                self._active -= 1
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 # ------------------------------------------------------------------ client
@@ -442,15 +636,21 @@ class TransferStats:
 
 
 def connect(address, secret: bytes | str | None = None, timeout: float = 30.0,
-            max_frame: int = DEFAULT_MAX_FRAME) -> Channel:
-    sock = socket.create_connection(tuple(address), timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            max_frame: int = DEFAULT_MAX_FRAME, min_rate_bps: float = MIN_RATE_BPS) -> Channel:
+    """Connect and run the handshake (within ``timeout``); returns the client's Channel."""
+    secret = shared_secret(secret)
     try:
-        nonce = _recv_exact(sock, NONCE_SIZE, "session nonce")
-    except TransportError:
+        sock = socket.create_connection(tuple(address), timeout=timeout)
+    except OSError as exc:
+        raise ConnectionLost(f"cannot connect to {address[0]}:{address[1]}: {exc}") from exc
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        key = handshake(sock, secret, time.monotonic() + timeout, is_client=True)
+        sock.settimeout(timeout)
+    except BaseException:
         sock.close()
         raise
-    return Channel(sock, shared_secret(secret), nonce, is_client=True, max_frame=max_frame)
+    return Channel(sock, key, is_client=True, max_frame=max_frame, frame_timeout=timeout, min_rate_bps=min_rate_bps)
 
 
 class FrameClient:
@@ -459,8 +659,9 @@ class FrameClient:
     ``request(type, parts, pacer)`` sends one frame and waits for the reply frame. On a
     dropped connection or I/O timeout it reconnects and resends, up to ``retries`` more
     times with exponential backoff, then raises :class:`ConnectionLost`. A
-    :class:`RemoteError` (the server rejected the request) or an :class:`AuthError` (the
-    reply does not authenticate: wrong secret) is not retried.
+    :class:`RemoteError` (the server rejected the request), an :class:`AuthError` (the
+    handshake or the reply does not authenticate: wrong secret) or a :class:`VersionError`
+    is not retried.
     """
 
     def __init__(self, address, secret: bytes | str | None = None, retries: int = 2, timeout: float = 30.0,
@@ -501,7 +702,7 @@ class FrameClient:
                 reply = self.ch.recv()
                 st.send_s, st.total_s = t1 - t0, time.perf_counter() - t0
                 return reply
-            except (RemoteError, AuthError, TransferAbandoned):
+            except (RemoteError, AuthError, VersionError, TransferAbandoned):
                 self.close()
                 raise
             except (TransportError, OSError) as exc:
@@ -518,6 +719,7 @@ class FrameClient:
         was too large), raise that instead of a bare broken pipe."""
         try:
             self.ch.sock.settimeout(0.5)
+            self.ch.idle_timeout = 0.5
             self.ch.recv()
         except RemoteError:
             self.close()

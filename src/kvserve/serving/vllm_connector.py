@@ -337,16 +337,19 @@ class KVServeConnector(KVConnectorBase_V1):
         if data is None:
             raise KVServeConnectorError(f"bundle {tr.key}.{self._tag()} is missing from the store")
         self._check_header(parse_header(data)[0], tr.tokens)
-        kv, meta = decode(data)
-        names = meta.get("layers")
-        if not isinstance(names, list) or len(names) != len(kv):
-            raise KVServeConnectorError("bundle meta has no layer names")
-        by_name = dict(zip(names, kv))
         if not self._kv_caches and forward_context is not None:
             for name, layer in forward_context.no_compile_layers.items():
                 cache = getattr(layer, "kv_cache", None)
                 if isinstance(cache, torch.Tensor):
                     self._kv_caches[name] = cache
+        # the prompt's KV for these caches (len(prompt) = tr.end + 1 tokens) bounds the decode
+        views = [self._layer(name)[:2] for name in self._kv_caches]
+        limit = 2 * (tr.end + 1) * sum(k.shape[1] * k.shape[3] + v.shape[1] * v.shape[3] for k, v in views)
+        kv, meta = decode(data, max_bytes=limit)
+        names = meta.get("layers")
+        if not isinstance(names, list) or len(names) != len(kv):
+            raise KVServeConnectorError("bundle meta has no layer names")
+        by_name = dict(zip(names, kv))
         missing = [n for n in self._kv_caches if n not in by_name]
         if missing:
             raise KVServeConnectorError(f"bundle lacks layer(s) {missing[:3]}")
@@ -483,7 +486,7 @@ class KVServeConnector(KVConnectorBase_V1):
                     raise KVServeConnectorError(f"bundle holds {n} tokens, the prompt has {len(prompt)}")
                 d = token_digest(prompt[:n])
                 self._check_header(header, d)
-            except (KVServeError, KeyError, TypeError, ValueError) as exc:
+            except (KVServeError, KeyError, TypeError, ValueError, OverflowError) as exc:
                 _count(corrupt=1)
                 logger.warning("kvserve: bundle %s.%s is unusable (%s); the prefill is computed instead", key, tag, exc)
                 return 0, ""

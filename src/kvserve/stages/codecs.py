@@ -303,6 +303,19 @@ class _PairingCodec(Codec):
     def accepts(self, bits):
         return 1 <= bits <= 8
 
+    def _table(self, arr, bits):
+        """``(paired, alphabet, symbols, 12-bit frequencies)`` of ``arr`` as ``rans``/``irans`` code it."""
+        from . import rans
+
+        if not 1 <= bits <= 8:
+            raise KVServeError(f"{self.stage_id}: needs quantized symbols (bits <= 8)")
+        paired = self.pair and 2 * bits <= 8
+        alpha = 1 << (2 * bits if paired else bits)
+        sym, counts = rans.symbols_and_counts(arr, bits if paired else 0, alpha)
+        if counts[-1]:
+            raise KVServeError(f"{self.stage_id}: symbol out of range")
+        return paired, alpha, sym, rans.quantize_freqs(counts[:-1])
+
 
 def _pair_symbols(arr: np.ndarray, bits: int) -> np.ndarray:
     """uint8 symbols ``(x[2i] << bits) | x[2i+1]``, the odd tail padded with a zero."""
@@ -438,15 +451,8 @@ class RANS(_PairingCodec):
     def encode(self, arr, bits, threads=1):
         from . import rans
 
-        if not 1 <= bits <= 8:
-            raise KVServeError("rans: needs quantized symbols (bits <= 8)")
-        paired = self.pair and 2 * bits <= 8
-        alpha = 1 << (2 * bits if paired else bits)
         with numba_threads(threads):
-            sym, counts = rans.symbols_and_counts(arr, bits if paired else 0, alpha)
-            if counts[-1]:
-                raise KVServeError("rans: symbol out of range")
-            freq = rans.quantize_freqs(counts[:-1])
+            paired, alpha, sym, freq = self._table(arr, bits)
             lens, stream = rans.encode(sym, freq)
         head = struct.pack("<BH", int(paired), alpha) + freq.astype(np.uint16).tobytes()
         return head + struct.pack("<I", lens.size) + lens.astype(np.uint32).tobytes() + stream.tobytes()

@@ -117,26 +117,39 @@ def _minmax_compact(x: torch.Tensor, dims, levels, parts: list, prefix: str) -> 
     zero) the part falls back to fp16 stats. ``x`` is ``(n, ...)`` with dim 0 not reduced."""
     mn = x.amin(dim=dims, keepdim=True)
     rg = x.amax(dim=dims, keepdim=True) - mn
-    if rg.numel() == 0 or 0 in dims:
+    got = None if 0 in dims else _compact_codes(mn, rg, prefix)
+    if got is None:
         return _minmax(x, dims, levels, parts, prefix)
-    rmax = rg.reshape(rg.shape[0], -1).amax(1).to(torch.float32)
-    if not bool(torch.isfinite(rmax).all() and (rmax > 0).all()):
-        return _minmax(x, dims, levels, parts, prefix)
-    rmax = rmax.reshape((-1,) + (1,) * (rg.dim() - 1))
-    rc = torch.ceil(torch.log2(torch.maximum(rg, rmax * 2.0 ** -7.9) / rmax) * _RC - 1e-6).clamp_(-255, 0) + 255
-    rhat = rmax * torch.exp2((rc - 255) / _RC)
-    mc = torch.round(mn / (rhat / _MC))
-    if bool((mc < -128).any() or (mc > 127).any()):
-        return _minmax(x, dims, levels, parts, prefix)
-    parts += [Part(prefix + "rmax", rmax.numpy().reshape(-1).copy()),
-              Part(prefix + "rcode", rc.to(torch.uint8).numpy().reshape(-1)),
-              Part(prefix + "mcode", mc.to(torch.int8).numpy().reshape(-1).view(np.uint8))]
-    mn, rg = _compact_stats(rc, mc, rmax)
+    codes, mn, rg = got
+    parts += codes
     lv = levels - 1 if isinstance(levels, int) else (levels - 1).to(torch.float32)
     inv = lv / rg
     q = (x - mn).mul_(inv).round_().clamp_(min=0)
     q = q.clamp_(max=lv)
     return q.to(torch.uint8)
+
+
+def _compact_codes(mn: torch.Tensor, rg: torch.Tensor, prefix: str):
+    """The compact code parts (``rmax``, ``rcode``, ``mcode``) of CPU stats ``mn``, ``rg`` (dim 0
+    = layers) and the (min, range) they decode to, or None when they do not fit (the caller
+    falls back to fp16 stats). The GPU path calls this on the host: ``log2``/``exp2`` are
+    libm functions whose float32 results differ between devices (and, on the CPU, between
+    vectorised and scalar loops), so both paths must compute them here."""
+    if rg.numel() == 0:
+        return None
+    rmax = rg.reshape(rg.shape[0], -1).amax(1).to(torch.float32)
+    if not bool(torch.isfinite(rmax).all() and (rmax > 0).all()):
+        return None
+    rmax = rmax.reshape((-1,) + (1,) * (rg.dim() - 1))
+    rc = torch.ceil(torch.log2(torch.maximum(rg, rmax * 2.0 ** -7.9) / rmax) * _RC - 1e-6).clamp_(-255, 0) + 255
+    rhat = rmax * torch.exp2((rc - 255) / _RC)
+    mc = torch.round(mn / (rhat / _MC))
+    if bool((mc < -128).any() or (mc > 127).any()):
+        return None
+    codes = [Part(prefix + "rmax", rmax.numpy().reshape(-1).copy()),
+             Part(prefix + "rcode", rc.to(torch.uint8).numpy().reshape(-1)),
+             Part(prefix + "mcode", mc.to(torch.int8).numpy().reshape(-1).view(np.uint8))]
+    return (codes, *_compact_stats(rc, mc, rmax))
 
 
 def _compact_stats(rc: torch.Tensor, mc: torch.Tensor, rmax):
@@ -433,6 +446,17 @@ class KVServeQuant(_Windowed):
         """Keys with token-grouped channel stats (``key_group``)?"""
         return which == "k" and self._axis("k") == "channel" and bool(self.key_group)
 
+    def _stat_layout(self, q, lv, which, n, b, h, tm, d):
+        """``(q, stat_shape, lv)`` for dequantising the middle ``tm`` tokens: ``q`` and the level
+        tensor reshaped for token-grouped channel statistics when ``key_group`` is set."""
+        if self._grouped(which):
+            g = self.key_group
+            if tm % g:
+                raise KVServeError("kvserve: token split not a multiple of key_group")
+            return q.reshape(n, b, h, tm // g, g, d), (n, b, h, tm // g, 1, d), lv[..., None]
+        dims = self._stat_dims(which)
+        return q, tuple(1 if i in dims else sz for i, sz in enumerate((n, b, h, tm, d))), lv
+
     def _tier_levels(self, which):
         return [r[1] if which == "k" else r[2] for r in self._tiers]
 
@@ -511,16 +535,7 @@ class KVServeQuant(_Windowed):
                     q[sel] = torch.from_numpy(a).reshape(cnt, b, tm, d)
             q = q.transpose(1, 2)
             lv = torch.tensor(tl, dtype=torch.float32)[tier_t][:, None, :, None, None]
-            if self._grouped(which):
-                g = self.key_group
-                if tm % g:
-                    raise KVServeError("kvserve: token split not a multiple of key_group")
-                q = q.reshape(n, b, h, tm // g, g, d)
-                stat = (n, b, h, tm // g, 1, d)
-                lv = lv[..., None]
-            else:
-                dims = self._stat_dims(which)
-                stat = tuple(1 if i in dims else sz for i, sz in enumerate((n, b, h, tm, d)))
+            q, stat, lv = self._stat_layout(q, lv, which, n, b, h, tm, d)
             out[..., s:e, :] = _deminmax(q, parts, "", stat, lv).reshape(n, b, h, tm, d)
         return out
 
@@ -551,6 +566,14 @@ class KIVIQuant(_Windowed):
         e = s + (e - s) // g * g
         gd = g if d % g == 0 else d  # value channel groups; whole head_dim if it does not divide
         return s, e, gd
+
+    def _group_shapes(self, which, n, b, h, tm, d, gd):
+        """``(symbol shape, statistic shape)`` of the quantized middle: keys in token groups,
+        values in channel groups."""
+        g = self.group_size
+        if which == "k":
+            return (n, b, h, tm // g, g, d), (n, b, h, tm // g, 1, d)
+        return (n, b, h, tm, d // gd, gd), (n, b, h, tm, d // gd, 1)
 
     def encode(self, x, layer_ids, which, geometry):
         n, b, h, t, d = x.shape

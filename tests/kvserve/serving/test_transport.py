@@ -42,34 +42,32 @@ def test_handler_error_is_reported_and_connection_survives(server):
 
 
 def _raw(server):
-    s = socket.create_connection(server.address, timeout=5)
-    nonce = tp._recv_exact(s, tp.NONCE_SIZE, "nonce")
-    return s, nonce
+    """An authenticated connection whose frames the test writes by hand (``ch.key``)."""
+    return tp.connect(server.address, SECRET, timeout=5)
 
 
-def _frame(secret, nonce, ftype, seq, payload, direction=b"C", length=None):
+def _frame(key, ftype, seq, payload, direction=b"C", length=None):
     import hashlib
     import hmac
 
     hdr = tp._HDR.pack(tp.MAGIC, tp.VERSION, ftype, 0, seq, len(payload) if length is None else length)
-    tag = hmac.new(secret, nonce + direction + hdr + payload, hashlib.sha256).digest()
+    tag = hmac.new(key, direction + hdr + payload, hashlib.sha256).digest()
     return hdr + payload + tag
 
 
 def _expect_rejected(server, data, match):
-    s, nonce = _raw(server)
-    s.sendall(data(nonce) if callable(data) else data)
-    ch = tp.Channel(s, SECRET, nonce, is_client=True)
+    ch = _raw(server)
+    ch.sock.sendall(data(ch.key) if callable(data) else data)
     with pytest.raises(tp.RemoteError, match=match):
         ch.recv()
-    s.close()
+    ch.close()
     # the server keeps serving
     with tp.FrameClient(server.address, SECRET) as c:
         assert c.request(1, b"ok") == (1, b"ok")
 
 
 def test_wrong_secret_rejected(server):
-    _expect_rejected(server, lambda n: _frame(b"another-secret-of-16+", n, 1, 0, b"hi"), "authentication failed")
+    _expect_rejected(server, lambda k: _frame(b"another-key-of-32-bytes-.......!", 1, 0, b"hi"), "authentication failed")
     assert any("AuthError" in r for r in server.rejected)
 
 
@@ -78,36 +76,38 @@ def test_client_with_wrong_secret_gets_clear_error(server):
         # the server's error frame does not authenticate under the wrong secret either
         with pytest.raises(tp.AuthError, match="authentication failed"):
             c.request(1, b"x")
+    deadline = time.monotonic() + 2  # the server notes it on its own thread
+    while not any("AuthError" in r for r in server.rejected) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert any("AuthError" in r for r in server.rejected)
 
 
 def test_tampered_payload_rejected(server):
-    def data(n):
-        f = bytearray(_frame(SECRET, n, 1, 0, b"payload"))
+    def data(k):
+        f = bytearray(_frame(k, 1, 0, b"payload"))
         f[tp.HEADER_SIZE] ^= 1
         return bytes(f)
     _expect_rejected(server, data, "authentication failed")
 
 
 def test_replay_on_new_connection_rejected(server):
-    s, nonce = _raw(server)
-    f = _frame(SECRET, nonce, 1, 0, b"once")
-    s.sendall(f)
-    ch = tp.Channel(s, SECRET, nonce, is_client=True)
+    ch = _raw(server)
+    f = _frame(ch.key, 1, 0, b"once")
+    ch.sock.sendall(f)
     assert ch.recv() == (1, b"once")
     # same bytes again on the same connection: sequence check
-    s.sendall(f)
+    ch.sock.sendall(f)
     with pytest.raises(tp.RemoteError, match="out of sequence"):
         ch.recv()
-    s.close()
-    # same bytes on a new connection: new nonce -> tag mismatch
+    ch.close()
+    # same bytes on a new connection: new nonces, new session key -> tag mismatch
     _expect_rejected(server, f, "authentication failed")
 
 
 def test_oversize_rejected_before_payload(server):
     # declares 2 MiB against a 1 MiB limit and sends no payload at all: rejected at once
     t0 = time.perf_counter()
-    _expect_rejected(server, lambda n: tp._HDR.pack(tp.MAGIC, tp.VERSION, 1, 0, 0, 2 << 20), "exceeds the limit")
+    _expect_rejected(server, lambda k: tp._HDR.pack(tp.MAGIC, tp.VERSION, 1, 0, 0, 2 << 20), "exceeds the limit")
     assert time.perf_counter() - t0 < 3
     assert any("FrameTooLarge" in r for r in server.rejected)
 
@@ -122,10 +122,10 @@ def test_malformed_rejected(server, data, match):
 
 
 def test_truncated_frame_then_server_alive(server):
-    s, nonce = _raw(server)
-    f = _frame(SECRET, nonce, 1, 0, b"x" * 5000)
-    s.sendall(f[:3000])
-    s.close()
+    ch = _raw(server)
+    f = _frame(ch.key, 1, 0, b"x" * 5000)
+    ch.sock.sendall(f[:3000])
+    ch.close()
     time.sleep(0.1)
     with tp.FrameClient(server.address, SECRET) as c:
         assert c.request(1, b"ok") == (1, b"ok")
@@ -137,7 +137,7 @@ def test_garbage_fuzz_does_not_stop_server(server):
 
     rng = random.Random(0)
     for i in range(30):
-        s, nonce = _raw(server)
+        s = socket.create_connection(server.address, timeout=5)
         n = rng.randint(1, 200)
         s.sendall(bytes(rng.getrandbits(8) for _ in range(n)))
         s.close()

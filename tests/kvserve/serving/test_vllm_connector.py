@@ -237,7 +237,23 @@ def _units(out: str, work: str) -> None:
     # the store and the keys
     store = st.FileStore(Path(work) / "store", SECRET)
     store.put(conn.bundle_key("abc123", "tp0-1.pp0-1"), b"x" * 10)
+    import os
+    import threading
+
+    os.mkfifo(store.path("fifo1.tp0-1.pp0-1"))  # a FIFO planted under a key is never read (no blocking)
+    fifo: list = []
+
+    def read_fifo():
+        try:
+            fifo.append(store.get("fifo1.tp0-1.pp0-1"))
+        except Exception as exc:
+            fifo.append(type(exc).__name__)
+
+    reader = threading.Thread(target=read_fifo, daemon=True)
+    reader.start()
+    reader.join(5)
     res["store"] = {"get": store.get("abc123.tp0-1.pp0-1") == b"x" * 10, "missing": store.get("nope.tp0-1.pp0-1") is None,
+                    "fifo_skipped": fifo == ["KVServeError"],
                     "no_tmp_left": not list((Path(work) / "store").glob(".tmp-*")),
                     "key_stable": conn.prompt_key([1, 2, 3]) == conn.prompt_key((1, 2, 3)) != conn.prompt_key([1, 2, 3], "m")}
     for name, fn in {"bad_key": lambda: store.path("../etc.tp0-1.pp0-1"),
@@ -399,6 +415,20 @@ def _roles(store: str) -> dict:
     cworker.bind_connector_metadata(m3)
     cworker.start_load_kv(None)
     out["load_errors_corrupt"] = sorted(cworker.get_block_ids_with_load_errors())
+    # hostile bundles under the key (issue 16), even sealed with the right secret: the scheduler
+    # reports no hit (no RecursionError escapes its hook), the worker refuses them before decoding
+    import time
+
+    adv = Path(__file__).parents[1] / "data" / "adversarial"
+    out["hostile"] = {}
+    for name in ("nested-meta.kvsv", "bomb-3.6GB.kvsv"):
+        worker._store.put(conn.bundle_key(tr.key, "tp0-1.pp0-1"), (adv / name).read_bytes())
+        matched = list(make("kv_consumer", KVConnectorRole.SCHEDULER).get_num_new_matched_tokens(creq, 0))
+        cworker.bind_connector_metadata(m3)
+        t0 = time.perf_counter()
+        cworker.start_load_kv(None)
+        out["hostile"][name] = {"matched": matched, "load_errors": sorted(cworker.get_block_ids_with_load_errors()),
+                                "fast": time.perf_counter() - t0 < 5}
     return out
 
 
@@ -473,6 +503,8 @@ def test_connector_pieces(tmp_path):
     assert roles["matched_same_tokens"] == [69, False]
     assert roles["matched_foreign_tokens"] == [0, False] and roles["matched_spoofed_key"] == [0, False]
     assert roles["load_errors_corrupt"] == [3, 8]
+    for name, got in roles["hostile"].items():
+        assert got == {"matched": [0, False], "load_errors": [3, 8], "fast": True}, (name, got)
     ctl = res["controller"]
     if "error" in ctl:  # the controller or its library is not there: a clear error, not a crash
         assert "kvserve.controller" in ctl["error"] or "library" in ctl["error"], ctl

@@ -1,0 +1,692 @@
+"""Fuzz kvserve's edges (issue 16; not in CI): bundles, the profile library, the KV channel.
+
+    python benchmarks/fuzz_kvserve.py [--bundles 100000] [--library 5000] [--channel 20000]
+        [--workers 2] [--seed 0] [--max-bytes 67108864] [--hang-s 20] [--out benchmarks/results]
+
+Every input is generated deterministically from ``(seed, target, index)`` by mutating seeds:
+
+* ``bundle``: packaged-profile bundles of small synthetic KV (every profile plus other codecs,
+  quantizers and a sliding-window layout), the golden bundles and the hostile files of
+  ``tests/kvserve/data/adversarial/``. Mutations: bit flips, overwrites, truncation and
+  extension as they are (the CRC must catch them), and, with lengths and CRC made right
+  again so the deeper parsers are reached: payload edits, fixed-header fields, JSON header
+  edits (any value anywhere: huge, negative, fractional, NaN, nested, wrong types, keys
+  removed or added), part-table and layer-table edits, raw JSON-text edits and splices of
+  two seeds. Each goes to ``kvserve.decode(blob, max_bytes=--max-bytes)``.
+* ``library``: the packaged profile library with JSON edits or text edits, loaded with
+  ``kvserve.controller.load_library(path)``.
+* ``channel``: a :class:`kvserve.serving.transport.FrameServer` in the worker whose handler decodes
+  type-2 bundles (as the decode worker does) and echoes other frames. Inputs are bytes from
+  a peer without the secret (garbage, edited hellos, version-1 frames, forged proofs), and
+  frames from an authenticated peer: valid, with flipped bits, with edited header fields
+  re-tagged, with bad JSON or edited bundles re-tagged, truncated. Every 500 inputs a
+  genuine request must still be served.
+
+Outcomes: ``rejected`` (the package's own error: KVServeError / a TransportError, or the
+server closing the connection), ``accepted`` (decoded / answered consistently with what the
+input itself claims, e.g. a re-checksummed bundle decoding to the shapes its header
+declares), ``silently_wrong`` (accepted though it must not be: a bundle whose bytes changed
+without a new CRC, output that contradicts its header, an echo of a frame whose tag was
+broken, server bytes beyond the handshake to a peer without the secret), ``foreign`` (any
+other exception, or a server-side handler failure), ``crash`` (the worker process died),
+``hang`` (one input took over ``--hang-s`` seconds). Peak memory is each worker's VmHWM.
+Writes ``<out>/fuzz_kvserve.json`` (counts, findings, method) and prints a table; inputs of
+every finding that is not rejected/accepted are saved under ``<out>/fuzz_kvserve_findings/``.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import hmac
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import socket
+import struct
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "kvserve" / "data"
+CATS = ["tried", "rejected", "accepted", "silently_wrong", "foreign", "crash", "hang"]
+TARGETS = ["bundle", "library", "channel"]
+INTERESTING = [0, 1, -1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 64, 255, 256, 4095, 4096, 65535, 65536,
+               2 ** 20, 2 ** 30, 2 ** 31 - 1, 2 ** 31, 2 ** 32, 2 ** 34, 2 ** 40, 2 ** 53, 2 ** 63 - 1, 2 ** 63, 2 ** 64,
+               10 ** 30, -2 ** 31, -2 ** 63, 0.5, -0.0, 1e-300, 1e308, float("inf"), float("-inf"), float("nan"),
+               True, False, None, "", "x", "k0.x", "bfloat16", "uint8", "float32", "rans", "zstd", "none",
+               [], {}, [0], [1, 2], {"id": "none"}, "\udcff"]
+
+
+# ------------------------------------------------------------------ seeds
+
+
+def _kv(layers, heads, tokens, dim, seed, tokens_per_layer=None):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(layers):
+        t = tokens_per_layer[i] if tokens_per_layer else tokens
+        k = torch.randn(1, heads, t, dim, generator=g) * (1 + i)
+        v = torch.randn(1, heads, t, dim, generator=g)
+        out.append((k.bfloat16(), v.bfloat16()))
+    return out
+
+
+def build_seeds() -> list[bytes]:
+    """Deterministic seed bundles (a few KB to ~100 KB each)."""
+    import kvserve
+
+    kv = _kv(3, 2, 40, 32, 0)
+    slid = _kv(4, 2, 40, 64, 1, tokens_per_layer=[40, 16, 40, 16])
+    seeds = []
+    for name in kvserve.profile_names():
+        seeds.append(kvserve.encode(kv, name, meta={"seq_len": 40}))
+    seeds.append(kvserve.encode(slid, "kvserve", meta={"seq_len": 40, "rid": "r1", "first_token": 5}))
+    base = kvserve.load_profile("kvserve")
+    for codec in ({"id": "zstd", "level": 1, "pack": True}, {"id": "lz4", "pack": True}, {"id": "ans"},
+                  {"id": "bitpack"}, {"id": "rans", "pair": False}):
+        seeds.append(kvserve.encode(kv, dict(base, codec=codec), meta={"seq_len": 40}))
+    for codec in ({"id": "zstd", "level": 3, "pack": False}, {"id": "none"}):
+        seeds.append(kvserve.encode(slid, dict(kvserve.load_profile("bf16"), codec=codec)))
+    seeds.append(kvserve.encode(slid, dict(kvserve.load_profile("cachegen"), codec={"id": "ans"})))
+    for p in sorted(DATA.glob("golden-*.kvsv")) + sorted((DATA / "adversarial").glob("*.kvsv")):
+        seeds.append(p.read_bytes())
+    return seeds
+
+
+# ------------------------------------------------------------------ bundle mutation
+
+
+def split_bundle(b: bytes):
+    """(fixed fields, header bytes, payload) without validation (None if the frame is too short)."""
+    from kvserve.pipeline import _FIXED, FIXED_SIZE
+
+    if len(b) < FIXED_SIZE + 4:
+        return None
+    fields = list(_FIXED.unpack_from(b, 0))
+    hlen = min(fields[4], len(b) - FIXED_SIZE - 4)
+    return fields, b[FIXED_SIZE:FIXED_SIZE + hlen], b[FIXED_SIZE + hlen:len(b) - 4]
+
+
+def refit(fields, header: bytes, payload: bytes, fix_lengths: bool = True) -> bytes:
+    """Reframe with right lengths (unless told otherwise) and a right CRC."""
+    from kvserve.pipeline import _FIXED
+
+    f = list(fields)
+    if fix_lengths:
+        f[4], f[5] = len(header), len(payload)
+    f = [f[0], f[1] & 0xFF, f[2] & 0xFF, f[3] & 0xFFFF, f[4] & 0xFFFFFFFF, f[5] & (2 ** 64 - 1)]
+    out = _FIXED.pack(*f) + header + payload
+    return out + struct.pack("<I", zlib.crc32(out) & 0xFFFFFFFF)
+
+
+def _value(rng: random.Random, old=None):
+    r = rng.random()
+    if r < 0.45:
+        return rng.choice(INTERESTING)
+    if r < 0.6 and isinstance(old, (int, float)) and not isinstance(old, bool) and math.isfinite(old):
+        return rng.choice([old + 1, old - 1, old * 2, -old, old // 2 if isinstance(old, int) else old / 2,
+                           old + rng.randint(-1000, 1000), int(old) * 2 ** rng.randint(1, 40)])
+    if r < 0.7:  # nested lists (built without recursion; deeper nesting: the "deep" text edit)
+        out: list = []
+        for _ in range(rng.choice([2, 10, 100])):
+            out = [out]
+        return out
+    if r < 0.8:
+        return rng.randint(-2 ** 64, 2 ** 64)
+    if r < 0.9:
+        return "".join(rng.choice("abcxyz.0129-\u00e9\u4e2d") for _ in range(rng.randint(0, 12)))
+    return [_value(rng) for _ in range(rng.randint(0, 4))]
+
+
+def _paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, prefix + (i,))
+
+
+def _get(obj, path):
+    for p in path:
+        obj = obj[p]
+    return obj
+
+
+def mutate_json(obj, rng: random.Random, focus: tuple = ()):
+    """Edit one place of a JSON document (under ``focus`` if it exists): replace a value,
+    delete or add a key, shorten or grow a list. Returns the edited copy."""
+    obj = json.loads(json.dumps(obj))
+    try:
+        root = _get(obj, focus)
+    except (KeyError, IndexError, TypeError):
+        root, focus = obj, ()
+    paths = list(_paths(root))
+    path = focus + rng.choice(paths)
+    if not path:
+        return _value(rng) if rng.random() < 0.2 else obj
+    parent, key = _get(obj, path[:-1]), path[-1]
+    op = rng.random()
+    if op < 0.7:
+        parent[key] = _value(rng, parent[key])
+    elif op < 0.8:
+        del parent[key]
+    elif op < 0.9 and isinstance(parent, dict):
+        parent[rng.choice(["extra", "profile", "meta", "dtype", "layers", "parts", "x"])] = _value(rng)
+    elif isinstance(parent, list):
+        if rng.random() < 0.5:
+            parent.append(json.loads(json.dumps(parent[key])))
+        else:
+            parent.insert(rng.randint(0, len(parent)), _value(rng))
+    else:
+        parent[key] = _value(rng)
+    return obj
+
+
+def _dumps(obj) -> bytes:
+    try:
+        return json.dumps(obj, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    except (ValueError, RecursionError):
+        return b"{}"
+
+
+def _deep_text(text: bytes, rng: random.Random) -> bytes:
+    """Replace one JSON value (after a ``:`` or ``[``) with arrays nested 1,000-100,000 deep."""
+    spots = [i + 1 for i, c in enumerate(text) if c in b":["] or [0]
+    i = rng.choice(spots)
+    depth = rng.choice([1000, 5000, 100_000])
+    return text[:i] + b"[" * depth + b"]" * depth + b"," + text[i:]
+
+
+def _bytes_edit(b: bytes, rng: random.Random) -> bytes:
+    b = bytearray(b)
+    op = rng.random()
+    if not b:
+        return bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 16)))
+    if op < 0.35:
+        for _ in range(rng.randint(1, 8)):
+            i = rng.randrange(len(b))
+            b[i] ^= 1 << rng.randrange(8)
+    elif op < 0.6:
+        i = rng.randrange(len(b))
+        n = rng.randint(1, 64)
+        fill = rng.choice([b"\x00", b"\xff", None])
+        b[i:i + n] = (fill * n) if fill else bytes(rng.getrandbits(8) for _ in range(n))
+    elif op < 0.75:
+        del b[rng.randrange(len(b)):]
+    elif op < 0.85:
+        b += bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64)))
+    else:
+        i, j = sorted(rng.randrange(len(b) + 1) for _ in range(2))
+        k = rng.randrange(len(b) + 1)
+        b[k:k] = b[i:j]
+    return bytes(b)
+
+
+def mutate_bundle(seeds: list[bytes], rng: random.Random) -> tuple[str, bytes, bytes, bool]:
+    """-> (mutation kind, input, its seed, refit: whether lengths/CRC were made right again)."""
+    seed = rng.choice(seeds)
+    kind = rng.choice(["flip", "bytes", "payload", "fixed", "header", "table", "table", "layers", "profile", "meta",
+                       "text", "deep", "splice", "stack"])
+    if kind == "flip":
+        b = bytearray(seed)
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(b))
+            b[i] ^= 1 << rng.randrange(8)
+        return kind, bytes(b), seed, False
+    if kind == "bytes":
+        return kind, _bytes_edit(seed, rng), seed, False
+    parts = split_bundle(seed)
+    fields, hbytes, payload = parts
+    try:
+        header = json.loads(hbytes)
+    except (ValueError, RecursionError):  # the nested hostile seed
+        header = None
+    for _ in range(rng.randint(2, 4) if kind == "stack" else 1):
+        k = rng.choice(["payload", "fixed", "header", "table", "layers", "profile", "text"]) if kind == "stack" else kind
+        if k == "payload":
+            payload = _bytes_edit(payload, rng)
+        elif k == "fixed":
+            i = rng.choice([1, 2, 3, 4, 5])
+            fields[i] = rng.choice([0, 1, 2, 255, fields[i] + 1, max(0, fields[i] - 1), 2 ** 32 - 1, rng.getrandbits(32)])
+            return kind, refit(fields, hbytes, payload, fix_lengths=i < 4), seed, True
+        elif k == "text":
+            hbytes = _bytes_edit(hbytes, rng)
+            header = None
+        elif k == "deep":
+            hbytes = _deep_text(hbytes, rng)
+            header = None
+        elif k == "splice":
+            other = split_bundle(rng.choice(seeds))
+            payload = other[2] if rng.random() < 0.5 else payload
+            hbytes = other[1] if payload is not other[2] else hbytes
+            header = None
+        elif header is not None:
+            focus = {"header": (), "table": ("parts",), "layers": ("layers",), "profile": ("profile",),
+                     "meta": ("meta",)}[k]
+            header = mutate_json(header, rng, focus)
+            hbytes = _dumps(header)
+    return kind, refit(fields, hbytes, payload), seed, True
+
+
+def classify_decode(blob: bytes, seed: bytes, refitted: bool, max_bytes: int) -> tuple[str, str]:
+    import kvserve
+    from kvserve.pipeline import parse_header
+
+    try:
+        kv, meta = kvserve.decode(blob, max_bytes=max_bytes)
+    except kvserve.KVServeError as exc:
+        return "rejected", str(exc)[:120]
+    except Exception as exc:  # noqa: BLE001 - what the fuzzer is looking for
+        return "foreign", f"{type(exc).__name__}: {str(exc)[:200]}"
+    if not refitted and blob != seed:
+        return "silently_wrong", "bytes changed without a new CRC but the bundle decoded"
+    header, _ = parse_header(blob)
+    want = [tuple(map(tuple, pair)) for pair in header["layers"]]
+    got = [(tuple(k.shape), tuple(v.shape)) for k, v in kv]
+    if got != want or any(t.dtype.__repr__() != "torch.bfloat16" for pair in kv for t in pair):
+        return "silently_wrong", f"decoded shapes {got[:2]} differ from the header's {want[:2]}"
+    if not isinstance(meta, dict) or meta != header["meta"]:
+        return "silently_wrong", "meta differs from the header's"
+    return "accepted", ""
+
+
+# ------------------------------------------------------------------ library
+
+
+def mutate_library(lib: dict, text: str, rng: random.Random) -> bytes:
+    if rng.random() < 0.25:
+        return _bytes_edit(text.encode(), rng)
+    if rng.random() < 0.1:
+        return _deep_text(text.encode(), rng)
+    focus = rng.choice([(), ("entries",), ("entries", rng.randrange(len(lib["entries"]))), ("intervals",),
+                        ("entries", 0, "config"), ("entries", 0, "optimal_mbps")])
+    out = lib
+    for _ in range(rng.randint(1, 3)):
+        out = mutate_json(out, rng, focus)
+    return _dumps(out)
+
+
+def classify_library(data: bytes, path: str) -> tuple[str, str]:
+    import kvserve
+    from kvserve.library import load_library
+
+    with open(path, "wb") as f:
+        f.write(data)
+    try:
+        lib = load_library(path)
+    except kvserve.KVServeError as exc:
+        return "rejected", str(exc)[:120]
+    except Exception as exc:  # noqa: BLE001
+        return "foreign", f"{type(exc).__name__}: {str(exc)[:200]}"
+    bad = [e.name for e in lib.entries if not (e.ratio > 0 and math.isfinite(e.ratio) and math.isfinite(e.quality))]
+    if bad:
+        return "silently_wrong", f"entries with impossible numbers accepted: {bad[:3]}"
+    return "accepted", ""
+
+
+# ------------------------------------------------------------------ channel
+
+
+SECRET = b"fuzz-secret-0123456789abcdef"
+KNOWN_REJECTIONS = {"MalformedFrame", "VersionError", "FrameTooLarge", "AuthError", "ConnectionLost",
+                    "DeadlineExceeded", "RemoteError", "TransportError", "KVServeError"}
+
+
+def channel_server(max_bytes: int):
+    import kvserve
+    from kvserve.serving import transport as tp
+
+    def handler(ftype, payload, info):
+        meta, blob = tp.unpack_message(payload)
+        if ftype == 2:
+            kv, m = kvserve.decode(blob, max_bytes=max_bytes)
+            return 2, tp.pack_message({"layers": len(kv), "meta": m})
+        return ftype, payload  # echo what was received
+
+    return tp.FrameServer(handler, SECRET, io_timeout=2.0, handshake_timeout=1.0).start()
+
+
+def _recv_all(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
+    """Everything the peer sends until it closes (True) or ``timeout`` passes (False)."""
+    got = bytearray()
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return bytes(got), False
+        sock.settimeout(left)
+        try:
+            d = sock.recv(1 << 16)
+        except socket.timeout:
+            return bytes(got), False
+        except OSError:
+            return bytes(got), True
+        if not d:
+            return bytes(got), True
+        got += d
+
+
+def channel_input(seeds: list[bytes], rng: random.Random) -> tuple[str, dict]:
+    """A description of one channel input (bytes are made against the live session)."""
+    from kvserve.serving import transport as tp
+
+    if rng.random() < 0.35:  # a peer without the secret
+        kind = rng.choice(["garbage", "hello", "v1", "proof"])
+        if kind == "garbage":
+            data = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300)))
+        elif kind == "hello":
+            data = _bytes_edit(tp._HELLO.pack(tp.HELLO_MAGIC, tp.VERSION, b"C", 0, os.urandom(16)), rng)
+        elif kind == "v1":
+            data = struct.pack("<4sBBHQQ", b"KVTF", 1, rng.randint(0, 255), 0, 0, rng.choice([0, 10, 2 ** 28, 2 ** 63]))
+        else:
+            data = tp._HELLO.pack(tp.HELLO_MAGIC, tp.VERSION, b"C", 0, os.urandom(16)) + os.urandom(32) + \
+                struct.pack("<4sBBHQQ", b"KVTF", 2, 2, 0, 0, rng.choice([16, 2 ** 28]))
+        return "preauth-" + kind, {"data": data}
+    kind = rng.choice(["valid", "flip", "field", "json", "deep", "bundle", "bundle", "truncate", "seq"])
+    meta = mutate_json({"rid": "r", "n": rng.randint(0, 9)}, rng) if kind == "json" else {"rid": "r"}
+    blob = rng.choice(seeds) if kind in ("bundle", "valid", "flip", "truncate") and rng.random() < 0.7 else b""
+    ftype = 2 if blob else rng.choice([1, 3, 4, 9])
+    if kind == "bundle":
+        blob = mutate_bundle(seeds, rng)[1]
+    if kind == "deep" or (kind == "json" and rng.random() < 0.5):
+        text = json.dumps(meta).encode()
+        text = _deep_text(text, rng) if kind == "deep" else _bytes_edit(text, rng)
+        payload = struct.pack("<I", len(text)) + text
+    else:
+        payload = b"".join(bytes(p) for p in tp.pack_message(meta if isinstance(meta, dict) else {"m": 1}, blob)) \
+            if isinstance(meta, dict) else struct.pack("<I", 2) + b"[]"
+    return "auth-" + kind, {"ftype": ftype, "payload": payload, "field": rng.randrange(6), "value": rng.getrandbits(16),
+                            "flips": [rng.getrandbits(32) for _ in range(rng.randint(1, 4))], "cut": rng.random()}
+
+
+def classify_channel(srv, kind: str, spec: dict) -> tuple[str, str]:
+    from kvserve.serving import transport as tp
+
+    if kind.startswith("preauth"):
+        s = socket.create_connection(srv.address, timeout=5)
+        try:
+            s.sendall(spec["data"])
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        got, closed = _recv_all(s, 5.0)
+        s.close()
+        if not closed:
+            return "hang", "the server kept a peer without the secret connected"
+        if len(got) > tp.HELLO_SIZE + tp.TAG_SIZE:
+            return "silently_wrong", f"{len(got)} bytes sent to a peer without the secret"
+        return "rejected", ""
+    ch = tp.connect(srv.address, SECRET, timeout=5)
+    try:
+        hdr = tp._HDR.pack(tp.MAGIC, tp.VERSION, spec["ftype"], 0, 0, len(spec["payload"]))
+        tag_ok = True
+        if kind == "auth-field":  # edit a header field, re-tag
+            f = list(tp._HDR.unpack(hdr))
+            i = spec["field"]
+            f[i] = {0: b"KVTX", 1: spec["value"] & 0xFF, 2: spec["value"] & 0xFF, 3: spec["value"],
+                    4: spec["value"], 5: spec["value"] * 1000}[i]
+            hdr = tp._HDR.pack(*f)
+        if kind == "auth-seq":
+            hdr = tp._HDR.pack(tp.MAGIC, tp.VERSION, spec["ftype"], 0, 1 + spec["value"] % 5, len(spec["payload"]))
+        frame = bytearray(hdr + spec["payload"] + hmac.new(ch.key, b"C" + hdr + spec["payload"], hashlib.sha256).digest())
+        original = bytes(frame)
+        if kind == "auth-flip":
+            for r in spec["flips"]:
+                frame[r % len(frame)] ^= 1 << (r % 8)
+            tag_ok = bytes(frame) == original  # flips that cancelled out
+        if kind == "auth-truncate":
+            frame = frame[:int(len(frame) * spec["cut"])]
+        try:
+            ch.sock.sendall(frame)
+            ch.sock.shutdown(socket.SHUT_WR)  # nothing more comes: a verdict, not a wait
+        except OSError:
+            pass
+        ch.idle_timeout = 10.0
+        try:
+            ftype, reply = ch.recv()
+        except tp.RemoteError as exc:
+            if "internal error" in str(exc):
+                return "foreign", str(exc)[:200]
+            return "rejected", str(exc)[:120]
+        except tp.ConnectionLost as exc:
+            if "timed out" in str(exc):
+                return "hang", "no reply and no close within 10 s"
+            return "rejected", str(exc)[:120]
+        except tp.TransportError as exc:
+            return "rejected", str(exc)[:120]
+        except Exception as exc:  # noqa: BLE001
+            return "foreign", f"client: {type(exc).__name__}: {exc}"[:200]
+        if not tag_ok:
+            return "silently_wrong", "a frame with broken bits was answered"
+        sent_type = tp._HDR.unpack(hdr)[2]
+        if ftype != sent_type or (sent_type != 2 and reply != spec["payload"]):
+            return "silently_wrong", "the reply differs from the request"
+        return "accepted", ""
+    finally:
+        ch.close()
+
+
+def healthy(srv) -> bool:
+    from kvserve.serving import transport as tp
+
+    try:
+        with tp.FrameClient(srv.address, SECRET, retries=1, timeout=10) as c:
+            return c.call(4, {"ping": 1}, b"x")[0] == {"ping": 1}
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# ------------------------------------------------------------------ workers
+
+
+def worker(wid: int, target: str, seed: int, start: int, end: int, counts, progress, out_dir: str, max_bytes: int,
+           selftest: bool = False):
+    """Runs inputs ``start..end-1`` of ``target``; counts go to the shared array ``counts``,
+    the current index and its start time to ``progress`` (the parent's watchdog). With
+    ``selftest``, input 3 kills the process (SIGABRT) and input 7 sleeps: the watchdog
+    must count one crash and one hang."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    import numba
+
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)  # codec threads are per call; this bounds numba's own default
+    seeds = build_seeds()
+    findings = open(Path(out_dir) / f"findings-{target}-{wid}.jsonl", "a")
+    lib_text = (ROOT / "src" / "kvserve" / "library" / "smollm2.json").read_text()
+    lib = json.loads(lib_text)
+    tmp = tempfile.NamedTemporaryFile(prefix="fuzz-lib-", suffix=".json", delete=False, dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    tmp.close()
+    srv = channel_server(max_bytes) if target == "channel" else None
+    by_kind: dict[str, dict[str, int]] = {}
+    for i in range(start, end):
+        progress[0], progress[1] = i, time.time()
+        rng = random.Random(f"{seed}-{target}-{i}")
+        if selftest and i == 3:
+            os.abort()
+        if selftest and i == 7:
+            time.sleep(3600)
+        try:
+            if target == "bundle":
+                kind, blob, s, refitted = mutate_bundle(seeds, rng)
+                cat, why = classify_decode(blob, s, refitted, max_bytes)
+                data = blob
+            elif target == "library":
+                kind, data = "library", mutate_library(lib, lib_text, rng)
+                cat, why = classify_library(data, tmp.name)
+            else:
+                kind, spec = channel_input(seeds, rng)
+                cat, why = classify_channel(srv, kind, spec)
+                data = spec.get("data") or spec.get("payload", b"")
+                if (i + 1) % 500 == 0 and not healthy(srv):
+                    cat, why = "hang", "the server stopped serving genuine requests"
+        except Exception as exc:  # noqa: BLE001 - the harness itself must not die silently
+            kind, cat, why, data = "harness", "foreign", f"harness: {type(exc).__name__}: {exc}", b""
+        counts[CATS.index("tried")] += 1
+        counts[CATS.index(cat)] += 1
+        k = by_kind.setdefault(kind, {})
+        k[cat] = k.get(cat, 0) + 1
+        if cat not in ("rejected", "accepted"):
+            name = f"{target}-{i}.bin"
+            (Path(out_dir) / "fuzz_kvserve_findings").mkdir(exist_ok=True)
+            (Path(out_dir) / "fuzz_kvserve_findings" / name).write_bytes(data)
+            findings.write(json.dumps({"target": target, "index": i, "kind": kind, "outcome": cat, "why": why}) + "\n")
+            findings.flush()
+    (Path(out_dir) / f"kinds-{target}-{wid}-{start}.json").write_text(json.dumps(by_kind))
+    progress[0], progress[1] = end, time.time()
+    os.unlink(tmp.name)
+    if srv is not None:
+        srv.stop()
+        lines = list(srv.rejected)
+        odd = [r for r in lines if r.split(": ")[1] not in KNOWN_REJECTIONS]
+        for r in odd:
+            findings.write(json.dumps({"target": target, "index": -1, "kind": "server-log", "outcome": "foreign",
+                                       "why": r[:300]}) + "\n")
+        counts[CATS.index("foreign")] += len(odd)
+    findings.close()
+
+
+def vm_hwm_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def run_target(target: str, n: int, args, out_dir: str) -> dict:
+    ctx = mp.get_context("spawn")
+    per = -(-n // args.workers)
+    ranges = [(w * per, min(n, (w + 1) * per)) for w in range(args.workers) if w * per < n]
+    slots = []
+    for wid, (a, b) in enumerate(ranges):
+        counts = ctx.Array(ctypes.c_longlong, len(CATS), lock=False)
+        progress = ctx.Array(ctypes.c_double, 2, lock=False)
+        slots.append({"wid": wid, "next": a, "end": b, "counts": counts, "progress": progress, "proc": None,
+                      "peak_mb": 0.0, "restarts": 0})
+    t0 = time.time()
+
+    def launch(s):
+        s["progress"][0], s["progress"][1] = s["next"], 0.0  # 0: starting up (imports, seeds), not timed
+        p = ctx.Process(target=worker, args=(s["wid"], target, args.seed, s["next"], s["end"], s["counts"],
+                                             s["progress"], out_dir, args.max_bytes, args.selftest), daemon=True)
+        p.start()
+        s["proc"] = p
+
+    for s in slots:
+        launch(s)
+    last_print = 0.0
+    while any(s["proc"] is not None for s in slots):
+        time.sleep(0.5)
+        for s in slots:
+            p = s["proc"]
+            if p is None:
+                continue
+            s["peak_mb"] = max(s["peak_mb"], vm_hwm_mb(p.pid))
+            i, since = int(s["progress"][0]), s["progress"][1]
+            if not p.is_alive():
+                p.join()
+                if p.exitcode == 0 and i >= s["end"]:
+                    s["proc"] = None
+                    continue
+                outcome, why = "crash", f"worker exit code {p.exitcode}"
+            elif i < s["end"] and since and time.time() - since > args.hang_s and i >= s["next"]:
+                p.kill()
+                p.join()
+                outcome, why = "hang", f"input still running after {args.hang_s} s"
+            else:
+                continue
+            # input i ended its worker: count it and go on after it in a fresh one
+            s["counts"][CATS.index("tried")] += 1
+            s["counts"][CATS.index(outcome)] += 1
+            _note(out_dir, target, i, outcome, why)
+            s["next"], s["restarts"] = i + 1, s["restarts"] + 1
+            s["proc"] = None
+            if s["next"] < s["end"]:
+                launch(s)
+        if time.time() - last_print > 30:
+            last_print = time.time()
+            done = sum(s["counts"][0] for s in slots)
+            print(f"  {target}: {done}/{n} in {time.time() - t0:.0f} s", flush=True)
+    totals = {c: int(sum(s["counts"][k] for s in slots)) for k, c in enumerate(CATS)}
+    by_kind: dict[str, dict[str, int]] = {}
+    for p in Path(out_dir).glob(f"kinds-{target}-*.json"):
+        for kind, cats in json.loads(p.read_text()).items():
+            for c, v in cats.items():
+                by_kind.setdefault(kind, {}).setdefault(c, 0)
+                by_kind[kind][c] += v
+    return {"target": target, **totals, "by_kind": by_kind, "seconds": round(time.time() - t0, 1),
+            "peak_mb_per_worker": [round(s["peak_mb"], 1) for s in slots],
+            "worker_restarts": sum(s["restarts"] for s in slots)}
+
+
+def _note(out_dir, target, i, outcome, why):
+    with open(Path(out_dir) / f"findings-{target}-parent.jsonl", "a") as f:
+        f.write(json.dumps({"target": target, "index": i, "kind": "?", "outcome": outcome, "why": why}) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bundles", type=int, default=100_000)
+    ap.add_argument("--library", type=int, default=5_000)
+    ap.add_argument("--channel", type=int, default=20_000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-bytes", type=int, default=64 << 20, help="decode's max_bytes for bundles (default 64 MiB)")
+    ap.add_argument("--hang-s", type=float, default=20.0)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--selftest", action="store_true", help="inject a crash (input 3) and a hang (input 7)")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="fuzz-kvserve-")
+    rows = []
+    for target, n in (("bundle", args.bundles), ("library", args.library), ("channel", args.channel)):
+        if n > 0:
+            print(f"{target}: {n} inputs, {args.workers} worker(s)", flush=True)
+            rows.append(run_target(target, n, args, work))
+    findings = []
+    for p in sorted(Path(work).glob("findings-*.jsonl")):
+        findings += [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    saved = Path(work) / "fuzz_kvserve_findings"
+    if saved.is_dir():
+        dst = Path(args.out) / "fuzz_kvserve_findings"
+        dst.mkdir(exist_ok=True)
+        for f in saved.iterdir():
+            (dst / f.name).write_bytes(f.read_bytes())
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "seed": args.seed, "max_bytes": args.max_bytes,
+           "hang_s": args.hang_s, "workers": args.workers, "loadavg": load, "results": rows,
+           "findings": findings[:500], "method": __doc__.split("\n\n", 2)[2][:3000]}
+    Path(args.out, "fuzz_kvserve.json").write_text(json.dumps(res, indent=1))
+    print(format_table(rows))
+    print(f"findings: {len(findings)} (written to {args.out}/fuzz_kvserve.json)")
+    return 0
+
+
+def format_table(rows) -> str:
+    head = "| target | " + " | ".join(CATS) + " | peak MB / worker | seconds |"
+    lines = [head, "|" + "---|" * (len(CATS) + 3)]
+    for r in rows:
+        lines.append(f"| {r['target']} | " + " | ".join(str(r[c]) for c in CATS)
+                     + f" | {max(r['peak_mb_per_worker'] or [0]):.0f} | {r['seconds']:.0f} |")
+    tot = {c: sum(r[c] for r in rows) for c in CATS}
+    lines.append("| **all** | " + " | ".join(str(tot[c]) for c in CATS) + " | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
