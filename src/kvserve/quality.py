@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -65,16 +64,20 @@ class Result:
     encode_MBps: float
     decode_MBps: float
     extra: dict = field(default_factory=dict)
+    # task metrics (kvserve.tasks; None unless task items were run): relative QA accuracy
+    # 100 x F1 / F1(bf16) with its paired bootstrap 95% CI, QA answer agreement with bf16,
+    # multi-key needle accuracy
+    task_rel_acc: float | None = None
+    task_rel_acc_ci: list | None = None
+    answer_agree: float | None = None
+    needle_acc: float | None = None
 
 
 def pin_threads(n: int) -> None:
-    """Use ``n`` torch threads and pin the process to ``n`` cores (the codecs are given
-    their thread count per call)."""
+    """Use ``n`` torch threads (the codecs are given their thread count per call). The
+    process is not tied to particular cores: pinning every process to the first ``n`` cores
+    put concurrent evaluations on the same core."""
     torch.set_num_threads(n)
-    if hasattr(os, "sched_setaffinity"):
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) > n:
-            os.sched_setaffinity(0, cpus[:n])
 
 
 def _nbytes(kv) -> int:
@@ -222,12 +225,21 @@ def nll(logits: torch.Tensor, target: list[int]) -> float:
 COLUMNS = ["profile", "ratio", "rel_ppl", "top1_agree", "gen_agree", "longrange_acc", "encode_MBps", "decode_MBps"]
 
 
+TASK_COLUMNS = ["task_rel_acc [95% CI]", "answer_agree", "needle_acc"]
+
+
 def format_table(results: list[Result]) -> str:
-    rows = [COLUMNS]
+    tasks = any(r.task_rel_acc is not None or r.needle_acc is not None for r in results)
+    rows = [COLUMNS + (TASK_COLUMNS if tasks else [])]
     for r in results:
         rows.append([r.profile, f"{r.ratio:.2f}", f"{r.rel_ppl:.2f}", f"{r.top1_agree:.3f}", f"{r.gen_agree:.3f}",
                      f"{r.longrange_acc:.3f}", f"{r.encode_MBps:.0f}", f"{r.decode_MBps:.0f}"])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+        if tasks:
+            ci = r.task_rel_acc_ci
+            rows[-1] += [f"{r.task_rel_acc:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]" if r.task_rel_acc is not None else "-",
+                         f"{r.answer_agree:.3f}" if r.answer_agree is not None else "-",
+                         f"{r.needle_acc:.3f}" if r.needle_acc is not None else "-"]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
