@@ -242,6 +242,21 @@ def plan_blocks(hist, counts, ebits, w1, b1, w2, b2, rbytes, rplanes, itemsize):
     return modes, n1s, n2s, offsets
 
 
+def _specialised(name: str, **options):
+    """``njit(cache=True, **options)`` for a kernel a factory builds per specialisation. The
+    function is renamed ``name`` (unique to its dtype and code width) before numba sees it, so
+    every specialisation has its own cache index on disk and its own symbol: with the
+    factory's shared name, two specialisations compiled and cached by different processes
+    got the same mangled name, and one process loading both from the cache could call the
+    wrong one's environment."""
+
+    def wrap(fn):
+        fn.__name__ = fn.__qualname__ = name
+        return njit(cache=True, **options)(fn)
+
+    return wrap
+
+
 _LOCK = threading.Lock()
 _HIST: dict = {}
 _ENC: dict = {}
@@ -257,7 +272,7 @@ def histogram_kernel(fmt: FloatFormat):
         K = 1 << fmt.ebits
         EM = K - 1
 
-        @njit(parallel=True, cache=True)
+        @_specialised(f"block_histograms_{fmt.name}", parallel=True, nogil=True)
         def block_histograms(src, numel, blog2):
             nb = (numel + (1 << blog2) - 1) >> blog2
             hist = np.zeros((nb, K), np.int64)
@@ -303,7 +318,7 @@ def encode_kernel(fmt: FloatFormat, w1: int):
             return _ENC[key]
         POS, EB, K, EM, PM, HPOS, RB, RP, ISZ, W1, ESC1 = _constants(fmt, w1)
 
-        @njit(parallel=True, cache=True)
+        @_specialised(f"encode_blocks_{fmt.name}_w{w1}", parallel=True, nogil=True)
         def encode_blocks(src, srcb, numel, blog2, b1, w2, b2, modes, n1s, n2s, offsets,
                           out, out64, out32, checks):
             nb = modes.size
@@ -430,7 +445,7 @@ def decode_kernel(fmt: FloatFormat, w1: int):
             return _DEC[key]
         POS, EB, K, EM, PM, HPOS, RB, RP, ISZ, W1, ESC1 = _constants(fmt, w1)
 
-        @njit(parallel=True, cache=True, nogil=True)
+        @_specialised(f"decode_blocks_{fmt.name}_w{w1}", parallel=True, nogil=True)
         def decode_blocks(buf, buf64, buf32, offsets, checksums, blocks, numel, blog2, base,
                           verify, out, outb, status):
             for bi in prange(blocks.size):
