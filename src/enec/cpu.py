@@ -257,7 +257,7 @@ def histogram_kernel(fmt: FloatFormat):
         K = 1 << fmt.ebits
         EM = K - 1
 
-        @njit(parallel=True, cache=True)
+        @njit(parallel=True, cache=True, nogil=True)
         def block_histograms(src, numel, blog2):
             nb = (numel + (1 << blog2) - 1) >> blog2
             hist = np.zeros((nb, K), np.int64)
@@ -303,7 +303,7 @@ def encode_kernel(fmt: FloatFormat, w1: int):
             return _ENC[key]
         POS, EB, K, EM, PM, HPOS, RB, RP, ISZ, W1, ESC1 = _constants(fmt, w1)
 
-        @njit(parallel=True, cache=True)
+        @njit(parallel=True, cache=True, nogil=True)
         def encode_blocks(src, srcb, numel, blog2, b1, w2, b2, modes, n1s, n2s, offsets,
                           out, out64, out32, checks):
             nb = modes.size
