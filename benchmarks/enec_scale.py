@@ -13,14 +13,14 @@ zstd -1's window, so neither tool can exploit them.
 Method: each measurement is a fresh process (`python -m enec.cli ... -t <n>` or
 `zstd -T<n> -1`; `zstd -d` decompresses on one thread whatever -T says), timed from spawn
 to exit (wall clock, so enec's Python start-up and kernel loading count), with its peak
-resident set from wait4 (ru_maxrss). Contenders alternate within each repeat (order flipped
+resident set as GNU time reports it (ru_maxrss of the command). Contenders alternate within each repeat (order flipped
 every repeat), median of --repeats. "warm": the inputs are read once before the run, so
 they come from the page cache. "dropped": the inputs' pages are dropped before the run
 (fdatasync + posix_fadvise DONTNEED), so they come from the disk. Outputs are new files on
 the same filesystem; after every run they are deleted and the filesystem synced (untimed),
 so no run pays for an earlier run's write-back. The decompressed outputs of the first
-repeat are compared with the originals (SHA-256). enec's own codec time (--json) gives the
-codec GB/s next to the end-to-end GB/s.
+repeat are compared with the originals (SHA-256). enec's own codec time (--json: the coding
+threads' CPU time, divided by their number) gives the codec GB/s next to the end-to-end GB/s.
 
 Usage: python benchmarks/enec_scale.py [--work /work/tmp-enec] [--repeats 5] [--threads 2]
        [--cases 2GB,4GB,sharded] [--caches warm,dropped] [--keep]
@@ -167,17 +167,21 @@ def sha_tree(p: Path) -> dict:
 # ------------------------------------------------------------------------------ running
 
 
+TIME = shutil.which("time") or "/usr/bin/time"
+
+
 def run(cmd: list[str], env=None) -> dict:
+    """Wall time from spawn to exit, and the peak RSS GNU time reports for the command itself
+    (wait4 on a child forked from this process would count this process's pages)."""
+    stats = Path(os.environ.get("TMPDIR", "/tmp")) / f"enec-scale-time-{os.getpid()}"
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    out = p.stdout.read()
-    err = p.stderr.read()
-    _, status, usage = os.wait4(p.pid, 0)
+    p = subprocess.run([TIME, "-f", "%M", "-o", str(stats)] + cmd, capture_output=True, env=env)
     seconds = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode:
-        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({p.returncode}): {err.decode()[-2000:]}")
-    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": out.decode()}
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({p.returncode}): {p.stderr.decode()[-2000:]}")
+    rss_kb = int(stats.read_text().split()[-1])
+    stats.unlink()
+    return {"seconds": seconds, "peak_rss_mb": rss_kb / 1024, "stdout": p.stdout.decode()}
 
 
 def drop(path: Path) -> None:
@@ -264,7 +268,7 @@ def measure(case: str, src: Path, work: Path, caches: list[str], repeats: int, t
                     r["load"] = os.getloadavg()[0]
                     if contender == "enec":
                         stats = json.loads(r["stdout"])
-                        r["codec_seconds"] = sum(s["codec_seconds"] for s in stats)
+                        r["codec_seconds"] = sum(s["codec_seconds"] / s["threads"] for s in stats)
                     if step == "decompress" and rep == 0:
                         got = sha_tree(restored_root(out, src))
                         if sorted(got.values()) != sorted(original.values()):

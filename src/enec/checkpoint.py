@@ -330,15 +330,19 @@ class _Unit:
 
 
 def _workers(threads: int | None) -> int:
-    """Coding threads: ``threads``, default every core numba may use."""
+    """Coding threads: ``threads``, default every core numba may use. Workers call the
+    kernels concurrently, which numba's OpenMP and TBB layers allow; its fallback layer
+    (workqueue) does not, and then one worker codes everything."""
     import numba
 
     limit = numba.config.NUMBA_NUM_THREADS
-    if threads is None:
-        return limit
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= limit:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= limit):
         raise EnecError(f"threads must be an integer from 1 to {limit}, got {threads!r}")
-    return threads
+    numba.get_num_threads()  # starts the threading layer, so that it can be named
+    if numba.threading_layer() == "workqueue":
+        return 1
+    return limit if threads is None else threads
 
 
 def _enec_format(st: STEntry):
@@ -471,8 +475,8 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, 
     Streams: memory holds ``buffer_bytes`` of buffers (and a large tensor's block table),
     whatever the file size; reading, coding (``threads`` threads, default all cores) and
     writing overlap. The output appears under its name only when complete, with the
-    source's permission bits. Returns a summary dict (sizes, per-dtype bytes, seconds spent
-    in the codec, summed over its threads, and in all).
+    source's permission bits. Returns a summary dict (sizes, per-dtype bytes, the codec's
+    CPU seconds summed over its ``threads``, and the wall seconds of the whole call).
     """
     import time
 
@@ -494,7 +498,7 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, 
         groups = _compress_plan(layout, slot, block_size)
         sha = hashlib.sha256(head)
         stats = {"source": str(src), "output": str(dst), "original_bytes": size,
-                 "tensors": len(layout.entries), "codec_seconds": 0.0, "by_dtype": {}}
+                 "tensors": len(layout.entries), "codec_seconds": 0.0, "threads": workers, "by_dtype": {}}
 
         def produce(pipe):
             for group in groups:
@@ -506,9 +510,9 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, 
                 yield group, buf, lo
 
         def work(item, outbuf):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             used, done = _encode_piece(item[0], item[1], item[2], outbuf, block_size)
-            return used, done, time.perf_counter() - t0, outbuf
+            return used, done, time.thread_time() - t0, outbuf
 
         with Output(dst, force=force, mode=inp.mode) as out:
             w = _ContainerWriter(out, len(layout.entries), sum(len(e.name.encode()) for e in layout.entries))
@@ -659,7 +663,7 @@ def _restore(inp: Input, ck: Ckpt, slot: int, threads, *, target=None, out: Outp
     """Decode every piece of ``inp`` (a parsed ``.enec`` file) in order, on ``threads``
     workers: into ``out`` at each piece's place in the restored file (``hasher(view)`` runs
     on its own thread over the restored bytes, in file order), or into ``target(unit)``'s
-    arrays. Returns the seconds spent decoding (summed over the workers)."""
+    arrays. Returns the CPU seconds spent decoding (summed over the workers)."""
     import time
 
     def produce(pipe):
@@ -670,9 +674,9 @@ def _restore(inp: Input, ck: Ckpt, slot: int, threads, *, target=None, out: Outp
             yield group, buf, lo
 
     def work(item, outbuf):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         _decode_piece(item[0], item[1], item[2], outbuf, target)
-        return outbuf, time.perf_counter() - t0
+        return outbuf, time.thread_time() - t0
 
     seconds = 0.0
     crc = 0
@@ -721,7 +725,7 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None
         ck = read_head(inp)
         dst = Path(dst) if dst is not None else src.with_name(ck.source_name)
         stats = {"source": str(src), "output": str(dst), "compressed_bytes": inp.size,
-                 "original_bytes": ck.source_size, "codec_seconds": 0.0}
+                 "original_bytes": ck.source_size, "codec_seconds": 0.0, "threads": workers}
         sha = hashlib.sha256() if verify_sha256 and ck.source_sha256 else None
         with Output(dst, force=force, mode=inp.mode) as out:
             stats["codec_seconds"] = _restore(inp, ck, slot_bytes(buffer_bytes, 0, workers), workers, out=out,

@@ -31,19 +31,23 @@ def _table(rows: list[list[str]], head: list[str]) -> str:
 
 
 def _summary(stats: list[dict], verb: str, seconds: float) -> str:
+    """One row per file: sizes, ratio, end-to-end GB/s (wall clock) and the codec's GB/s
+    (its CPU time spread over its threads: what reading and writing did not slow)."""
     def rate(n, t):
         return f"{n / t / 1e9:.2f}" if t else "-"
+
+    def codec(group):
+        return sum(s["codec_seconds"] / s.get("threads", 1) for s in group)
 
     rows = []
     for s in stats:
         o, c = s["original_bytes"], s["compressed_bytes"]
         rows.append([Path(s["output"]).name, _gb(o), _gb(c), f"{o / c:.4f}" if c else "-",
-                     rate(o, s.get("seconds", 0)), rate(o, s["codec_seconds"])])
+                     rate(o, s.get("seconds", 0)), rate(o, codec([s]))])
     o = sum(s["original_bytes"] for s in stats)
     c = sum(s["compressed_bytes"] for s in stats)
     if len(stats) > 1:
-        rows.append(["total", _gb(o), _gb(c), f"{o / c:.4f}" if c else "-", rate(o, seconds),
-                     rate(o, sum(s["codec_seconds"] for s in stats))])
+        rows.append(["total", _gb(o), _gb(c), f"{o / c:.4f}" if c else "-", rate(o, seconds), rate(o, codec(stats))])
     out = _table(rows, ["file", "original", "compressed", "ratio", "end-to-end GB/s", "codec GB/s"])
     return out + f"\n{verb} in {seconds:.2f} s wall ({o / max(seconds, 1e-9) / 1e9:.2f} GB/s end to end)"
 
