@@ -303,7 +303,7 @@ def _aligned(view: np.ndarray, itemsize: int, copy_in: bool = False):
 # single-threaded kernels, and the calling thread commits the results in order (file
 # offsets, the container table) and queues them for the writer thread. A piece is either a
 # run of whole small tensors (contiguous in the input) or a block range of one large tensor,
-# so no tensor size sets the memory floor: the buffers (``buffer_bytes``, default 64 MiB)
+# so no tensor size sets the memory floor: the buffers (``buffer_bytes``, at most 32 MiB by default)
 # plus, for a large tensor, its block table (12 bytes per block of 16384 elements).
 
 

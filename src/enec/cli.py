@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         if output:
             sp.add_argument("--json", action="store_true", help="print the summary as JSON")
             sp.add_argument("--buffer", type=_size, default=DEFAULT_BUFFER_BYTES, metavar="SIZE",
-                            help="memory for read and write buffers, e.g. 64M (default), 1G; the peak memory "
-                                 "is this plus a large tensor's block table, whatever the file size")
+                            help="most memory for read and write buffers (default 32M; buffers are at most "
+                                 "1.5 MiB each); the peak memory is this plus a large tensor's block table, "
+                                 "whatever the file size")
 
     c = sub.add_parser("compress", help="compress a .safetensors file or a model folder")
     c.add_argument("path")
