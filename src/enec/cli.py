@@ -168,8 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _without_scipy() -> None:
+    """numba imports SciPy when it is imported (a version check, and BLAS for np.linalg in
+    jitted code, which enec's kernels never use): 0.2 s of a file command's start-up and two
+    OpenBLAS thread pools. The `enec` program's file commands run without it (only when
+    :func:`main` is the program: called with ``argv=None``, in a process of its own)."""
+    if "scipy" not in sys.modules and "numba" not in sys.modules:
+        sys.modules["scipy"] = None  # `import scipy` now raises ImportError, which numba allows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.cmd in ("compress", "decompress", "info"):
+        _without_scipy()
     try:
         return args.func(args)
     except EnecError as exc:

@@ -38,6 +38,7 @@ SLOTS = 3  # buffers per side (reader -> codec, codec -> writer), plus one per w
 # the hasher's reads) go to DRAM: with 6.4 MiB buffers `enec decompress` of a 2 GB file spent
 # 2.7-3.3 s in the kernel, with 1-2 MiB buffers 0.5-0.9 s (2-core VM, 2 MiB L2 per core).
 MAX_SLOT = 3 << 19  # 1.5 MiB
+WRITE_CHUNK = 128 << 10  # bytes per write call (see Output.pwrite)
 ALIGN = 64  # buffers hold file bytes at the same offset mod ALIGN as in the file
 
 
@@ -207,12 +208,14 @@ class Output:
         return self
 
     def pwrite(self, data, offset: int) -> None:
-        """Write all of ``data`` at ``offset`` (short writes continue; errors are one line)."""
+        """Write all of ``data`` at ``offset`` (short writes continue; errors are one line),
+        in calls of at most :data:`WRITE_CHUNK` bytes: on ext4 a 2 GB file written in
+        1.5 MiB calls took 2.3-2.7 s of kernel time, in 128 KiB calls 0.8 s (2-core VM)."""
         mv = memoryview(data).cast("B")
         done = 0
         while done < len(mv):
             try:
-                n = os.pwrite(self.fd, mv[done:], offset + done)
+                n = os.pwrite(self.fd, mv[done : done + WRITE_CHUNK], offset + done)
             except OSError as exc:
                 raise write_error(self.path, exc) from None
             if n <= 0:
