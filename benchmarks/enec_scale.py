@@ -11,15 +11,19 @@ index and the SmolLM2 config and tokenizer. Repeats sit hundreds of MB apart, fa
 zstd -1's window, so neither tool can exploit them.
 
 Method: each measurement is a fresh process (`python -m enec.cli ... -t <n>` or
-`zstd -T<n> -1`; `zstd -d` decompresses on one thread whatever -T says), timed from spawn
+`zstd -T<n> -1`; `zstd -d`, which decodes on one thread and writes on another), timed from spawn
 to exit (wall clock, so enec's Python start-up and kernel loading count), with its peak
 resident set as GNU time reports it (ru_maxrss of the command). Contenders alternate within each repeat (order flipped
 every repeat), median of --repeats. "warm": the inputs are read once before the run, so
 they come from the page cache. "dropped": the inputs' pages are dropped before the run
 (fdatasync + posix_fadvise DONTNEED), so they come from the disk. Outputs are new files on
 the same filesystem; after every run they are deleted and the filesystem synced (untimed),
-so no run pays for an earlier run's write-back. The decompressed outputs of the first
-repeat are compared with the originals (SHA-256). enec's own codec time (--json: the coding
+so no run pays for an earlier run's write-back, and each run starts --settle seconds (2)
+later, so both tools meet the same state of free memory (on this VM, pages freed moments
+ago are much cheaper to write into than pages freed seconds ago). The decompressed outputs of the first
+repeat are compared with the originals (SHA-256). Decompression runs twice for enec: as it
+comes (it checks the restored file's SHA-256, which zstd has no counterpart of: it checks an
+XXH64) and with --no-sha256 (block checksums only). enec's own codec time (--json: the coding
 threads' CPU time, divided by their number) gives the codec GB/s next to the end-to-end GB/s.
 
 Usage: python benchmarks/enec_scale.py [--work /work/tmp-enec] [--repeats 5] [--threads 2]
@@ -227,6 +231,8 @@ def commands(case: str, src: Path, out_dir: Path, threads: int) -> dict:
                      "zstd": (src, z_c, zc)},
         "decompress": {"enec": (e_c, e_d, enec + ["decompress", str(e_c), "-o", str(e_d), "-t", str(threads), "-q",
                                                   "--json"]),
+                       "enec --no-sha256": (e_c, e_d, enec + ["decompress", str(e_c), "-o", str(e_d), "-t",
+                                                              str(threads), "-q", "--json", "--no-sha256"]),
                        "zstd": (z_c, z_d, zd)},
     }
 
@@ -239,7 +245,8 @@ def restored_root(path: Path, src: Path) -> Path:
     return hits[0] if hits else path
 
 
-def measure(case: str, src: Path, work: Path, caches: list[str], repeats: int, threads: int) -> list[dict]:
+def measure(case: str, src: Path, work: Path, caches: list[str], repeats: int, threads: int,
+            settle: float) -> list[dict]:
     out_dir = work / "out"
     out_dir.mkdir(exist_ok=True)
     cmds = commands(case, src, out_dir, threads)
@@ -254,9 +261,11 @@ def measure(case: str, src: Path, work: Path, caches: list[str], repeats: int, t
     rows = []
     for cache in caches:
         for step in ("compress", "decompress"):
-            runs: dict[str, list] = {"enec": [], "zstd": []}
+            contenders = list(cmds[step])
+            runs: dict[str, list] = {c: [] for c in contenders}
             for rep in range(repeats):
-                order = ["enec", "zstd"] if rep % 2 == 0 else ["zstd", "enec"]
+                k = rep % len(contenders)
+                order = contenders[k:] + contenders[:k]
                 for contender in order:
                     inp, out, argv = cmds[step][contender]
                     if step == "compress":
@@ -264,12 +273,13 @@ def measure(case: str, src: Path, work: Path, caches: list[str], repeats: int, t
                         argv = [str(out) if a == str(cmds[step][contender][1]) else a for a in argv]
                     remove(out)
                     (drop if cache == "dropped" else warm)(inp)
+                    time.sleep(settle)
                     r = run(argv, env)
                     r["load"] = os.getloadavg()[0]
-                    if contender == "enec":
+                    if contender.startswith("enec"):
                         stats = json.loads(r["stdout"])
                         r["codec_seconds"] = sum(s["codec_seconds"] / s["threads"] for s in stats)
-                    if step == "decompress" and rep == 0:
+                    if step == "decompress" and rep < len(contenders):
                         got = sha_tree(restored_root(out, src))
                         if sorted(got.values()) != sorted(original.values()):
                             raise SystemExit(f"{contender} {case}: restored files differ from the original")
@@ -278,15 +288,17 @@ def measure(case: str, src: Path, work: Path, caches: list[str], repeats: int, t
                     remove(out)
             nbytes = size_of(src)
             row = {"case": case, "cache": cache, "step": step, "original_bytes": nbytes,
-                   "compressed_bytes": {c: size_of(cmds["compress"][c][1]) for c in runs}}
+                   "compressed_bytes": {c: size_of(cmds["compress"][c][1]) for c in ("enec", "zstd")}}
             for c, rs in runs.items():
                 sec = statistics.median(r["seconds"] for r in rs)
                 row[c] = {"seconds": sec, "gb_s": nbytes / sec / GB,
                           "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
                           "runs": [r["seconds"] for r in rs], "load_1min": [r["load"] for r in rs]}
-                if c == "enec":
+                if c.startswith("enec"):
                     row[c]["codec_gb_s"] = nbytes / statistics.median(r["codec_seconds"] for r in rs) / GB
             row["enec_over_zstd"] = row["enec"]["seconds"] / row["zstd"]["seconds"]
+            if "enec --no-sha256" in row:
+                row["no_sha256_over_zstd"] = row["enec --no-sha256"]["seconds"] / row["zstd"]["seconds"]
             rows.append(row)
             print(fmt_row(row), flush=True)
     for contender in ("enec", "zstd"):
@@ -295,17 +307,19 @@ def measure(case: str, src: Path, work: Path, caches: list[str], repeats: int, t
 
 
 def fmt_row(r: dict) -> list[str]:
-    e, z = r["enec"], r["zstd"]
+    e, z, n = r["enec"], r["zstd"], r.get("enec --no-sha256")
     return [r["case"], r["cache"], r["step"], f"{r['original_bytes'] / GB:.2f}",
             f"{r['original_bytes'] / r['compressed_bytes']['enec']:.3f}",
             f"{r['original_bytes'] / r['compressed_bytes']['zstd']:.3f}",
             f"{e['seconds']:.2f}", f"{z['seconds']:.2f}", f"{r['enec_over_zstd']:.2f}",
+            f"{n['seconds']:.2f}" if n else "-", f"{r['no_sha256_over_zstd']:.2f}" if n else "-",
             f"{e['gb_s']:.2f}", f"{e['codec_gb_s']:.2f}", f"{z['gb_s']:.2f}",
             f"{e['peak_rss_mb']:.0f}", f"{z['peak_rss_mb']:.0f}"]
 
 
 HEAD = ["input", "cache", "step", "GB", "enec ratio", "zstd ratio", "enec s", "zstd s", "enec/zstd",
-        "enec GB/s", "enec codec GB/s", "zstd GB/s", "enec RSS MB", "zstd RSS MB"]
+        "enec no-sha256 s", "no-sha256/zstd", "enec GB/s", "enec codec GB/s", "zstd GB/s", "enec RSS MB",
+        "zstd RSS MB"]
 
 
 def table(rows: list[list[str]]) -> str:
@@ -344,6 +358,8 @@ def main() -> None:
     ap.add_argument("--cases", default="2GB,4GB,sharded")
     ap.add_argument("--caches", default="warm,dropped")
     ap.add_argument("--keep", action="store_true", help="keep the built checkpoints in --work")
+    ap.add_argument("--settle", type=float, default=2.0,
+                    help="seconds to wait before each run, after the previous output is deleted and synced")
     args = ap.parse_args()
     cases = args.cases.split(",")
     caches = args.caches.split(",")
@@ -355,7 +371,8 @@ def main() -> None:
                "rows": []}
     try:
         for case in cases:
-            results["rows"] += measure(case, inputs[case], args.work, caches, args.repeats, args.threads)
+            results["rows"] += measure(case, inputs[case], args.work, caches, args.repeats, args.threads,
+                                       args.settle)
     finally:
         if not args.keep:
             shutil.rmtree(args.work / "data", ignore_errors=True)

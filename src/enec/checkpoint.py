@@ -800,7 +800,7 @@ def compress_folder(src, dst=None, *, threads=None, force=False, progress=False,
 
 
 def decompress_folder(src, dst=None, *, threads=None, force=False, progress=False,
-                      buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> list[dict]:
+                      buffer_bytes: int = DEFAULT_BUFFER_BYTES, verify_sha256: bool = True) -> list[dict]:
     """Restore a folder made by :func:`compress_folder` byte for byte."""
     src = Path(src)
     if not src.is_dir():
@@ -811,7 +811,8 @@ def decompress_folder(src, dst=None, *, threads=None, force=False, progress=Fals
         dst = src.with_name(src.name[: -len("-enec")])
     check_shards(src, ".enec")
     return _copy_folder(src, Path(dst), force=force, suffix=".enec", convert=lambda p, q: decompress_file(
-        p, q.with_suffix(".safetensors"), threads=threads, progress=progress, buffer_bytes=buffer_bytes))
+        p, q.with_suffix(".safetensors"), threads=threads, progress=progress, buffer_bytes=buffer_bytes,
+        verify_sha256=verify_sha256))
 
 
 # ------------------------------------------------------------------------------ tensors API
