@@ -11,7 +11,11 @@ handled as their bytes arrive (ENEC: decoded; safetensors: aliased, no copy). Bo
 shipped ``enec.load_streamed``: reading starts first; the main thread builds the model
 skeleton on the meta device (no weight initialised) while the first bytes arrive, then takes
 the tensors as they come, assigns and ties them.
-Files come from the page cache, so "local" is memory speed, not a disk. Median of
+With ``--caches warm`` the files come from the page cache, so "local" is memory speed, not
+a disk. With ``--caches dropped`` (cold storage) the parent drops the checkpoint files from
+the page cache before every run (fdatasync + posix_fadvise DONTNEED), so every byte comes
+from the disk: "local" is then the disk's own speed (measured and reported as
+``disk_read_mb_s``), and the throttled rows are the link speed capped again. Median of
 ``--repeats`` runs, safetensors and enec interleaved. Peak RSS is the process's maximum
 resident set (ru_maxrss), imports included.
 
@@ -27,6 +31,7 @@ resident=True)`` and its weight memory is the compressed streams plus uncompress
 leftovers plus the peak bytes of the decode buffer pool.
 
 Usage: python benchmarks/enec_inference.py [--out benchmarks/results] [--repeats 3] [--parts load,inference]
+       [--caches warm,dropped]
 """
 
 from __future__ import annotations
@@ -220,37 +225,72 @@ def main() -> None:
     print(f"wrote {ARGS.out / 'enec-inference.json'} and .png")
 
 
+def shard_paths(folder: Path, kind: str) -> list[Path]:
+    folder = folder if kind == "safetensors" else folder.with_name(folder.name + "-enec")
+    return sorted(folder.glob("*.safetensors" if kind == "safetensors" else "*.enec"))
+
+
+def drop_files(folder: Path) -> None:
+    from enec.fileio import drop_cache
+
+    for kind in ("safetensors", "enec"):
+        for f in shard_paths(folder, kind):
+            drop_cache(f)
+
+
+def disk_read_speed(folder: Path) -> float:
+    """Bytes/s of a cold sequential read of the folder's safetensors shards."""
+    drop_files(folder)
+    n, t0 = 0, time.perf_counter()
+    for f in shard_paths(folder, "safetensors"):
+        with open(f, "rb", buffering=0) as fh:
+            buf = bytearray(8 << 20)
+            while k := fh.readinto(buf):
+                n += k
+    return n / (time.perf_counter() - t0)
+
+
 def load_part(models: dict, results: dict) -> None:
     # warm the numba cache (compiles on the very first use) and the page cache
     for name, (folder, cls) in models.items():
         run_child("load", str(folder), "enec", None, cls, ARGS.threads)
         run_child("load", str(folder), "safetensors", None, cls, ARGS.threads)
     rows = []
-    for name, (folder, cls) in models.items():
-        st_bytes = folder_bytes(folder, ".safetensors")
-        en_bytes = folder_bytes(folder.with_name(folder.name + "-enec"), ".enec")
-        for label, bw in BANDWIDTHS:
-            runs = {"safetensors": [], "enec": []}
-            for _ in range(ARGS.repeats):
-                for kind in runs:
-                    runs[kind].append(run_child("load", str(folder), kind, bw, cls, ARGS.threads))
-            crcs = {r["crc32"] for k in runs for r in runs[k]}
-            if len(crcs) != 1:
-                raise SystemExit(f"{name}: loaded weights differ between safetensors and enec")
-            med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
-            rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
-            rec = {"model": name, "bandwidth": label, "bandwidth_bytes_s": bw, "safetensors_bytes": st_bytes,
-                   "enec_bytes": en_bytes, "safetensors_s": med["safetensors"], "enec_s": med["enec"],
-                   "enec_over_safetensors": med["enec"] / med["safetensors"],
-                   "safetensors_peak_rss_mb": rss["safetensors"], "enec_peak_rss_mb": rss["enec"],
-                   "enec_kernel_warmup_s": statistics.median(r["warmup_seconds"] for r in runs["enec"]),
-                   "runs": {k: [r["seconds"] for r in v] for k, v in runs.items()}}
-            results["load"].append(rec)
-            rows.append([name, label, f"{st_bytes / 1e6:.1f}", f"{en_bytes / 1e6:.1f}",
-                         f"{med['safetensors'] * 1e3:.0f}", f"{med['enec'] * 1e3:.0f}",
-                         f"{rec['enec_over_safetensors']:.2f}", f"{rss['safetensors']:.0f}", f"{rss['enec']:.0f}"])
-            print(rows[-1], flush=True)
-    load_table = table(rows, ["model", "storage", "st MB", "enec MB", "st ms", "enec ms", "enec/st",
+    caches = ARGS.caches.split(",")
+    if set(caches) - {"warm", "dropped"}:
+        raise SystemExit(f"--caches: expected warm and/or dropped, got {ARGS.caches!r}")
+    if "dropped" in caches:
+        results["disk_read_mb_s"] = {name: disk_read_speed(folder) / 1e6 for name, (folder, _) in models.items()}
+    for cache in caches:
+        for name, (folder, cls) in models.items():
+            st_bytes = folder_bytes(folder, ".safetensors")
+            en_bytes = folder_bytes(folder.with_name(folder.name + "-enec"), ".enec")
+            for label, bw in BANDWIDTHS:
+                runs = {"safetensors": [], "enec": []}
+                for _ in range(ARGS.repeats):
+                    for kind in runs:
+                        if cache == "dropped":
+                            drop_files(folder)
+                        runs[kind].append(run_child("load", str(folder), kind, bw, cls, ARGS.threads))
+                crcs = {r["crc32"] for k in runs for r in runs[k]}
+                if len(crcs) != 1:
+                    raise SystemExit(f"{name}: loaded weights differ between safetensors and enec")
+                med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+                rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
+                rec = {"model": name, "cache": cache, "bandwidth": label, "bandwidth_bytes_s": bw,
+                       "safetensors_bytes": st_bytes, "enec_bytes": en_bytes,
+                       "safetensors_s": med["safetensors"], "enec_s": med["enec"],
+                       "enec_over_safetensors": med["enec"] / med["safetensors"],
+                       "safetensors_peak_rss_mb": rss["safetensors"], "enec_peak_rss_mb": rss["enec"],
+                       "enec_kernel_warmup_s": statistics.median(r["warmup_seconds"] for r in runs["enec"]),
+                       "load_1min": os.getloadavg()[0],
+                       "runs": {k: [r["seconds"] for r in v] for k, v in runs.items()}}
+                results["load"].append(rec)
+                rows.append([name, cache, label, f"{st_bytes / 1e6:.1f}", f"{en_bytes / 1e6:.1f}",
+                             f"{med['safetensors'] * 1e3:.0f}", f"{med['enec'] * 1e3:.0f}",
+                             f"{rec['enec_over_safetensors']:.2f}", f"{rss['safetensors']:.0f}", f"{rss['enec']:.0f}"])
+                print(rows[-1], flush=True)
+    load_table = table(rows, ["model", "cache", "storage", "st MB", "enec MB", "st ms", "enec ms", "enec/st",
                               "st RSS MB", "enec RSS MB"])
     print(load_table)
 
@@ -291,15 +331,15 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     for ax, name in zip(axes[:2], ["minilm-bf16", "smollm2-bf16"]):
         recs = [r for r in results["load"] if r["model"] == name]
         x = range(len(recs))
         ax.bar([i - 0.2 for i in x], [r["safetensors_s"] * 1e3 for r in recs], 0.4, label="safetensors")
         ax.bar([i + 0.2 for i in x], [r["enec_s"] * 1e3 for r in recs], 0.4, label="enec")
-        ax.set_xticks(list(x), [r["bandwidth"] for r in recs])
+        ax.set_xticks(list(x), [f"{r['bandwidth']}\n{r.get('cache', 'warm')}" for r in recs], fontsize=7)
         ax.set_ylabel("time to ready model (ms)")
-        ax.set_title(f"cold start: {name}")
+        ax.set_title(f"cold start: {name} (page cache warm / dropped)")
         ax.legend()
     inf = results["inference"]
     ax = axes[2]
@@ -324,6 +364,8 @@ if __name__ == "__main__":
     ap.add_argument("--work", type=Path, default=Path("/tmp/enec-inference-bench"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--caches", default="warm,dropped",
+                    help="load part: warm (files in the page cache) and/or dropped (read from the disk)")
     ap.add_argument("--parts", default="load,inference",
                     help="comma-separated: load (cold start), inference (tokens/s); a part not run "
                          "keeps its results from the existing JSON")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import struct
@@ -22,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .codec import Prepared, compress, decompress, stream_info, threads_set
+from .codec import Encoder, Prepared, compress, decompress, threads_set
 from .errors import EnecError
+from .format import FLAG_NUMPY, HEADER, format_for, header_bytes, parse_header
+from .fileio import DEFAULT_BUFFER_BYTES, Input, Output, Pipeline, lead, slot_bytes
 
 MAGIC = b"ENECCKPT"
 VERSION = 1
@@ -158,161 +159,13 @@ class Ckpt:
     size: int
 
 
-@contextmanager
-def mapped(path: Path):
-    """(read-only mmap, size) of an existing file; an empty file maps to b""."""
-    if not path.is_file():
-        raise EnecError(f"no such file: {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-        try:
-            yield mm, size
-        finally:
-            _close(mm)
-
-
-def _close(mm) -> None:
-    """Close an mmap; if views of it are still alive (a traceback holds them), let GC do it."""
-    if isinstance(mm, mmap.mmap):
-        try:
-            mm.close()
-        except BufferError:
-            pass
-
-
-def _atomic_target(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-@contextmanager
-def atomic_write(path: Path, force: bool):
-    """Yield a temporary path beside ``path``; rename it over ``path`` only on success."""
-    if path.exists() and not force:
-        raise EnecError(f"{path} exists (use --force / force=True to overwrite)")
-    tmp = _atomic_target(path)
-    try:
-        yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-class _Writer:
-    """Writes the container: a JSON table first (reserved, patched at the end), then data."""
-
-    def __init__(self, f, reserve: int):
-        self.f = f
-        self.reserve = reserve
-        self.pos = PREFIX.size + reserve
-        self.pos += -self.pos % ALIGN
-        f.seek(self.pos)
-
-    def put(self, data) -> tuple[int, int]:
-        pad = -self.pos % ALIGN
-        if pad:
-            self.f.write(b"\0" * pad)
-            self.pos += pad
-        start = self.pos
-        n = len(memoryview(data).cast("B"))
-        self.f.write(data)
-        self.pos += n
-        return start, n
-
-    def finish(self, meta: dict) -> None:
-        js = json.dumps(meta, separators=(",", ":")).encode()
-        if len(js) > self.reserve:
-            raise AssertionError("checkpoint table outgrew its reservation")
-        js += b" " * (self.reserve - len(js))
-        self.f.seek(0)
-        self.f.write(PREFIX.pack(MAGIC, VERSION, zlib.crc32(js), len(js)))
-        self.f.write(js)
-
-
-def _table_reserve(n_tensors: int, names_bytes: int) -> int:
-    return 4096 + names_bytes + 160 * n_tensors
-
-
-def _meta(source_name, source_size, sha, st_header, entries) -> dict:
-    return {
-        "format": "enec-checkpoint",
-        "version": VERSION,
-        "source": {"name": source_name, "size": source_size, "sha256": sha,
-                   "safetensors_header": list(st_header)},
-        "tensors": [
-            {"name": e.name, "codec": e.codec, "offset": e.offset, "length": e.length,
-             **({"crc32": e.crc32} if e.crc32 is not None else {})}
-            for e in entries
-        ],
-    }
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled,
-                leave=False, dynamic_ncols=True)
-
-
-def compress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *,
-                  threads: int | None = None, force: bool = False, progress: bool = False,
-                  block_size: int = 1 << 14) -> dict:
-    """Compress one ``.safetensors`` file into a ``.enec`` container (default: beside it).
-
-    Returns a summary dict (sizes, per-dtype bytes, seconds spent in the codec).
-    """
-    import time
-
-    src = Path(src)
-    dst = Path(dst) if dst is not None else src.with_suffix(".enec")
-    sha = hashlib.sha256()
-    with mapped(src) as (mm, size):
-        layout = parse_safetensors_header(mm, size, f"file ({src})")
-        names = sum(len(e.name.encode()) for e in layout.entries)
-        stats = {"source": str(src), "output": str(dst), "original_bytes": size,
-                 "tensors": len(layout.entries), "codec_seconds": 0.0, "by_dtype": {}}
-        with atomic_write(dst, force) as tmp, open(tmp, "wb") as fout:
-            w = _Writer(fout, _table_reserve(len(layout.entries), 2 * names))
-            head = w.put(mm[: layout.data_start])
-            sha.update(mm[: layout.data_start])
-            entries = []
-            bar = _progress(size, f"compress {src.name}", progress)
-            for e in layout.entries:
-                view = memoryview(mm)[e.start : e.end]
-                sha.update(view)
-                codec_dtype, itemsize, _ = ST_DTYPES[e.dtype]
-                t0 = time.perf_counter()
-                if codec_dtype is not None:
-                    arr = np.frombuffer(view, dtype=f"<u{itemsize}").reshape(e.shape)
-                    data = compress(arr, dtype=codec_dtype, threads=threads, block_size=block_size)
-                    crc = None
-                    codec = "enec"
-                else:
-                    data, crc, codec = view, zlib.crc32(view), "raw"
-                stats["codec_seconds"] += time.perf_counter() - t0
-                off, n = w.put(data)
-                d = stats["by_dtype"].setdefault(e.dtype, [0, 0])
-                d[0] += e.end - e.start
-                d[1] += n
-                entries.append(CkptEntry(e.name, codec, off, n, crc))
-                del view
-                bar.update(e.end - e.start)
-            bar.close()
-            fout.truncate(w.pos)
-            stats["compressed_bytes"] = w.pos
-            w.finish(_meta(src.name, size, sha.hexdigest(), head, entries))
-    return stats
+# ------------------------------------------------------------------------------ reading the container
 
 
 def read_checkpoint(buf, size: int, what: str = "checkpoint") -> Ckpt:
-    """Parse and validate a ``.enec`` container held in ``buf`` (bytes or mmap)."""
-    if size < PREFIX.size:
+    """Parse and validate a ``.enec`` container from ``buf``: its first bytes, at least up to
+    the end of the table and the safetensors header (:func:`head_end`); ``size`` = file size."""
+    if size < PREFIX.size or len(buf) < PREFIX.size:
         raise EnecError(f"not an ENEC checkpoint ({what}): {size} bytes")
     magic, version, crc, jlen = PREFIX.unpack_from(buf, 0)
     if magic != MAGIC:
@@ -338,8 +191,12 @@ def read_checkpoint(buf, size: int, what: str = "checkpoint") -> Ckpt:
     for e in [CkptEntry("<header>", "raw", hoff, hlen)] + entries:
         if e.codec not in ("enec", "raw") or e.offset < 0 or e.length < 0 or e.offset + e.length > size:
             raise EnecError(f"truncated or corrupted ENEC checkpoint ({what}): entry {e.name!r} out of range")
+        if e.codec == "enec" and e.offset % 8:
+            raise EnecError(f"corrupted ENEC checkpoint ({what}): stream {e.name!r} is not 8-byte aligned")
     if os.path.basename(name) != name or name in ("", ".", ".."):
         raise EnecError(f"corrupted ENEC checkpoint ({what}): bad source name {name!r}")
+    if hoff + hlen > len(buf):
+        raise EnecError(f"ENEC checkpoint ({what}): {len(buf)} bytes given, its header ends at {hoff + hlen}")
     st = bytes(buf[hoff : hoff + hlen])
     layout = parse_safetensors_header(st, hlen + _st_data_bytes(st), f"header in {what}")
     if source_size != layout.data_start + sum(e.end - e.start for e in layout.entries):
@@ -347,6 +204,43 @@ def read_checkpoint(buf, size: int, what: str = "checkpoint") -> Ckpt:
     if [e.name for e in entries] != [e.name for e in layout.entries]:
         raise EnecError(f"corrupted ENEC checkpoint ({what}): tensor table does not match the header")
     return Ckpt(name, source_size, sha, (hoff, hlen), layout, entries, size)
+
+
+MAX_HEAD = MAX_JSON + MAX_ST_HEADER  # the most bytes a valid table and safetensors header take
+
+
+def head_end(head) -> int | None:
+    """How many bytes of an ``.enec`` file hold its table and safetensors header, judged from
+    the ``head`` read so far: more bytes to read (a number larger than ``len(head)``), or
+    None once they are in or when the table cannot be read (:func:`read_checkpoint` then
+    says what is wrong)."""
+    if len(head) < PREFIX.size:
+        return PREFIX.size
+    end = PREFIX.size + struct.unpack_from("<Q", head, PREFIX.size - 8)[0]
+    if end > PREFIX.size + MAX_JSON:
+        return None
+    if len(head) < end:
+        return end
+    try:
+        hoff, hlen = json.loads(bytes(head[PREFIX.size : end]))["source"]["safetensors_header"]
+        end = int(hoff) + int(hlen)
+    except (ValueError, KeyError, TypeError, RecursionError, OverflowError):
+        return None  # read_checkpoint reports the damage
+    return end if len(head) < end <= MAX_HEAD else None
+
+
+def read_head(inp: Input) -> Ckpt:
+    """The table and safetensors header of an open ``.enec`` file (read with ``pread``)."""
+    head = b""
+    while (need := head_end(head)) is not None and len(head) < min(need, inp.size):
+        head += inp.read(len(head), min(need, inp.size) - len(head))
+    return read_checkpoint(head, inp.size, str(inp.path))
+
+
+def read_checkpoint_file(path) -> Ckpt:
+    """The table of a ``.enec`` file (nothing past its safetensors header is read)."""
+    with Input(Path(path), sequential=False) as inp:
+        return read_head(inp)
 
 
 def _st_data_bytes(st: bytes) -> int:
@@ -361,8 +255,12 @@ def _st_data_bytes(st: bytes) -> int:
 
 
 def decode_entry(buf, e: CkptEntry, st: STEntry, out: np.ndarray, threads, verify=True) -> None:
-    """Decode one tensor's bytes into ``out`` (a uint8 array of the tensor's size)."""
-    data = memoryview(buf)[e.offset : e.offset + e.length]
+    """Decode one tensor's bytes, ``buf[e.offset : e.offset + e.length]``, into ``out`` (a
+    uint8 array of the tensor's size)."""
+    _decode_whole(memoryview(buf)[e.offset : e.offset + e.length], e, st, out, threads, verify)
+
+
+def _decode_whole(data, e: CkptEntry, st: STEntry, out: np.ndarray, threads, verify=True) -> None:
     codec_dtype, itemsize, _ = ST_DTYPES[st.dtype]
     if e.codec == "raw":
         if e.length != st.end - st.start:
@@ -374,47 +272,470 @@ def decode_entry(buf, e: CkptEntry, st: STEntry, out: np.ndarray, threads, verif
     if codec_dtype is None:
         raise EnecError(f"corrupted ENEC checkpoint: tensor {e.name!r} of {st.dtype} cannot be ENEC-coded")
     prep = Prepared(data)  # parses and validates the stream header once
-    if prep.fmt.name != codec_dtype or tuple(prep.shape) != tuple(st.shape):
+    _check_stream(prep.info, e, st)
+    with _aligned(out, itemsize) as target:
+        prep.decode(target.view(f"<u{itemsize}"), threads=threads, verify=verify)
+
+
+def _check_stream(info, e: CkptEntry, st: STEntry) -> None:
+    if info.fmt.name != ST_DTYPES[st.dtype][0] or tuple(info.shape) != tuple(st.shape):
         raise EnecError(f"corrupted ENEC checkpoint: stream of {e.name!r} does not match its header")
-    decompress(prep, out=out.view(f"<u{itemsize}"), threads=threads, verify=verify)
+
+
+@contextmanager
+def _aligned(view: np.ndarray, itemsize: int, copy_in: bool = False):
+    """``view`` itself when it is aligned for ``itemsize`` elements, else an aligned scratch
+    copy (of its bytes, with ``copy_in``) that is copied back (a safetensors file may place
+    a tensor at any byte offset)."""
+    if view.ctypes.data % itemsize == 0:
+        yield view
+        return
+    scratch = view.copy() if copy_in else np.empty(view.size, np.uint8)
+    yield scratch
+    if not copy_in:
+        view[:] = scratch
+
+
+# ------------------------------------------------------------------------------ streaming files
+#
+# Both directions run on fileio.Pipeline: a reader thread preads the input in pieces of at
+# most one buffer, worker threads (``threads`` of them) code pieces in parallel, each with
+# single-threaded kernels, and the calling thread commits the results in order (file
+# offsets, the container table) and queues them for the writer thread. A piece is either a
+# run of whole small tensors (contiguous in the input) or a block range of one large tensor,
+# so no tensor size sets the memory floor: the buffers (``buffer_bytes``, at most 32 MiB by default)
+# plus, for a large tensor, its block table (12 bytes per block of 16384 elements).
+
+
+@dataclass
+class _Unit:
+    """Bytes ``lo .. hi`` of one tensor's data (``st``), coded in one piece."""
+
+    st: STEntry
+    lo: int
+    hi: int
+    ck: CkptEntry | None = None  # decompress: the container entry
+    info: object = None  # decompress, a block range of a large stream: its StreamInfo
+    first: int = 0  # ... and the blocks
+    stop: int = 0
+    header: bool = False  # decompress: the safetensors header, not a tensor
+
+    @property
+    def whole(self) -> bool:
+        return self.lo == 0 and self.hi == self.st.end - self.st.start
+
+    @property
+    def last(self) -> bool:
+        return self.hi == self.st.end - self.st.start
+
+
+def _workers(threads: int | None) -> int:
+    """Coding threads: ``threads``, default every core numba may use. Workers call the
+    kernels concurrently, which numba's OpenMP and TBB layers allow; its fallback layer
+    (workqueue) does not, and then one worker codes everything."""
+    import numba
+
+    limit = numba.config.NUMBA_NUM_THREADS
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= limit):
+        raise EnecError(f"threads must be an integer from 1 to {limit}, got {threads!r}")
+    numba.get_num_threads()  # starts the threading layer, so that it can be named
+    if numba.threading_layer() == "workqueue":
+        return 1
+    return limit if threads is None else threads
+
+
+def _enec_format(st: STEntry):
+    name = ST_DTYPES[st.dtype][0]
+    return format_for(name) if name is not None else None
+
+
+def _encoder(st: STEntry, block_size: int) -> Encoder | None:
+    """The stream writer of a float tensor (None for the dtypes stored raw). Streams are
+    flagged as made from numpy arrays, as the container's streams have always been."""
+    fmt = _enec_format(st)
+    return Encoder(fmt, st.shape, block_size=block_size, flags=FLAG_NUMPY) if fmt is not None else None
+
+
+def _compress_plan(layout: STLayout, slot: int, block_size: int) -> list[list[_Unit]]:
+    """The pieces of a safetensors file's data: runs of whole tensors whose bytes and worst-case
+    streams fit a buffer, and block ranges of the tensors that do not."""
+    room = slot  # buffers have ALIGN bytes more, for the lead
+    groups: list[list[_Unit]] = []
+    run: list[_Unit] = []
+    run_in = run_out = 0
+    for st in layout.entries:
+        n = st.end - st.start
+        enc = _encoder(st, block_size)
+        worst = ALIGN + (enc.table_bytes + enc.payload_bound(enc.numel) if enc else n)
+        if n <= room and worst <= room:
+            if run and (run_in + n > room or run_out + worst > room):
+                groups.append(run)
+                run, run_in, run_out = [], 0, 0
+            run.append(_Unit(st, 0, n))
+            run_in, run_out = run_in + n, run_out + worst
+            continue
+        if run:
+            groups.append(run)
+            run, run_in, run_out = [], 0, 0
+        if enc is None:
+            step = room
+        else:  # whole blocks whose raw bytes and worst-case stream fit
+            per = enc.payload_bound(enc.block)
+            blocks = max(1, min(room // (enc.block * enc.fmt.itemsize), (room - ALIGN) // per))
+            step = blocks * enc.block * enc.fmt.itemsize
+        groups += [[_Unit(st, lo, min(lo + step, n))] for lo in range(0, n, step)]
+    if run:
+        groups.append(run)
+    return groups
+
+
+class _ContainerWriter:
+    """Lays out a ``.enec`` file: the reserved table, then entries at ALIGN-ed offsets."""
+
+    def __init__(self, out: Output, n_tensors: int, names_bytes: int):
+        self.out = out
+        self.reserve = 4096 + 2 * names_bytes + 160 * n_tensors
+        self.pos = PREFIX.size + self.reserve
+        self.entries: list[CkptEntry] = []
+
+    def align(self) -> int:
+        self.pos += -self.pos % ALIGN
+        return self.pos
+
+    def finish(self, source_name: str, source_size: int, sha: str | None, header: tuple[int, int]) -> int:
+        """Write the table; returns the file size."""
+        meta = {
+            "format": "enec-checkpoint",
+            "version": VERSION,
+            "source": {"name": source_name, "size": source_size, "sha256": sha,
+                       "safetensors_header": list(header)},
+            "tensors": [{"name": e.name, "codec": e.codec, "offset": e.offset, "length": e.length,
+                         **({"crc32": e.crc32} if e.crc32 is not None else {})} for e in self.entries],
+        }
+        js = json.dumps(meta, separators=(",", ":")).encode()
+        if len(js) > self.reserve:
+            raise AssertionError("checkpoint table outgrew its reservation")
+        js += b" " * (self.reserve - len(js))
+        self.out.truncate(self.pos)
+        self.out.pwrite(PREFIX.pack(MAGIC, VERSION, zlib.crc32(js), len(js)) + js, 0)
+        return self.pos
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled,
+                leave=False, dynamic_ncols=True)
+
+
+def _encode_piece(group: list[_Unit], inbuf: np.ndarray, in_lo: int, outbuf: np.ndarray,
+                  block_size: int) -> tuple[int, list]:
+    """Worker: code one piece into ``outbuf``. A run of whole tensors is laid out as it will
+    be in the file from an ALIGN-ed offset (streams whole, headers included); a block range
+    gives its payload. Returns (bytes used, per unit: (offset in outbuf, length, crc32 or
+    the range's (offsets, checksums)))."""
+    o, done = 0, []
+    with threads_set(1):
+        for u in group:
+            st = u.st
+            a = lead(in_lo) + st.start + u.lo - in_lo
+            data = inbuf[a : a + u.hi - u.lo]
+            enc = _encoder(st, block_size)
+            if u.whole:
+                pad = -o % ALIGN
+                outbuf[o : o + pad] = 0
+                o += pad
+            if enc is None:
+                outbuf[o : o + data.size] = data
+                done.append((o, data.size, zlib.crc32(data) if u.whole else None))
+                o += data.size
+                continue
+            with _aligned(data, enc.fmt.itemsize, copy_in=True) as src:
+                flat = src.view(enc.fmt.uint_dtype)
+                if u.whole:
+                    tb = enc.table_bytes
+                    n, offs, checks = enc.encode(flat, outbuf[o + tb :])
+                    enc.add(offs, checks)
+                    outbuf[o : o + tb] = np.frombuffer(enc.header(), np.uint8)
+                    done.append((o, tb + n, None))
+                    o += tb + n
+                else:
+                    n, offs, checks = enc.encode(flat, outbuf[o:])
+                    done.append((o, n, (offs, checks)))
+                    o += n
+    return o, done
+
+
+def compress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *,
+                  threads: int | None = None, force: bool = False, progress: bool = False,
+                  block_size: int = 1 << 14, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> dict:
+    """Compress one ``.safetensors`` file into a ``.enec`` container (default: beside it).
+
+    Streams: memory holds ``buffer_bytes`` of buffers (and a large tensor's block table),
+    whatever the file size; reading, coding (``threads`` threads, default all cores) and
+    writing overlap. The output appears under its name only when complete, with the
+    source's permission bits. Returns a summary dict (sizes, per-dtype bytes, the codec's
+    CPU seconds summed over its ``threads``, and the wall seconds of the whole call).
+    """
+    import time
+
+    t_start = time.perf_counter()
+    src = Path(src)
+    dst = Path(dst) if dst is not None else src.with_suffix(".enec")
+    workers = _workers(threads)
+    with Input(src) as inp:
+        size = inp.size
+        if size < 8:
+            raise EnecError(f"not a safetensors file ({src}): {size} bytes")
+        (hlen,) = struct.unpack("<Q", inp.read(0, 8))
+        if hlen > MAX_ST_HEADER or 8 + hlen > size:
+            raise EnecError(f"not a safetensors file ({src}): header length {hlen} does not fit")
+        head = inp.read(0, 8 + hlen)
+        layout = parse_safetensors_header(head, size, f"file ({src})")
+        _encoder(STEntry("", "BF16", (1,), 0, 2), block_size)  # a bad block size fails here
+        slot = slot_bytes(buffer_bytes, 4 * block_size + 4 * ALIGN, workers)
+        groups = _compress_plan(layout, slot, block_size)
+        sha = hashlib.sha256(head)
+        stats = {"source": str(src), "output": str(dst), "original_bytes": size,
+                 "tensors": len(layout.entries), "codec_seconds": 0.0, "threads": workers, "by_dtype": {}}
+
+        def produce(pipe):
+            for group in groups:
+                lo, hi = group[0].st.start + group[0].lo, group[-1].st.start + group[-1].hi
+                buf = pipe.input()
+                view = buf[lead(lo) : lead(lo) + hi - lo]
+                inp.read_into(view, lo)
+                pipe.hash(view, buf)
+                yield group, buf, lo
+
+        def work(item, outbuf):
+            t0 = time.thread_time()
+            used, done = _encode_piece(item[0], item[1], item[2], outbuf, block_size)
+            return used, done, time.thread_time() - t0, outbuf
+
+        with Output(dst, force=force, mode=inp.mode) as out:
+            w = _ContainerWriter(out, len(layout.entries), sum(len(e.name.encode()) for e in layout.entries))
+            hdr = (w.align(), len(head))
+            out.pwrite(head, w.pos)
+            w.pos += len(head)
+            bar = _progress(size, f"compress {src.name}", progress)
+            state: dict = {}  # the tensor being coded in pieces: its encoder, entry offset, crc
+
+            def entry(st, codec, offset, length, crc):
+                w.entries.append(CkptEntry(st.name, codec, offset, length, crc))
+                d = stats["by_dtype"].setdefault(st.dtype, [0, 0])
+                d[0] += st.end - st.start
+                d[1] += length
+
+            def commit(item, result):
+                group, inbuf, _ = item
+                used, done, seconds, outbuf = result
+                pipe.done_with(inbuf)
+                stats["codec_seconds"] += seconds
+                u = group[0]
+                if u.whole:  # a run of whole tensors, laid out from an ALIGN-ed offset
+                    base = w.align()
+                    pipe.write(outbuf[:used], base, outbuf)
+                    for u, (o, n, crc) in zip(group, done):
+                        entry(u.st, "raw" if crc is not None else "enec", base + o, n, crc)
+                    w.pos = base + used
+                else:  # a block range (or a raw slice) of a large tensor
+                    o, n, extra = done[0]
+                    if u.lo == 0:
+                        state.update(offset=w.align(), enc=_encoder(u.st, block_size), crc=0)
+                        if state["enc"] is not None:
+                            w.pos += state["enc"].table_bytes  # the header goes there at the end
+                    enc = state["enc"]
+                    if enc is None:
+                        state["crc"] = zlib.crc32(outbuf[o : o + n], state["crc"])
+                    else:
+                        enc.add(*extra)
+                    pipe.write(outbuf[o : o + n], w.pos, outbuf)
+                    w.pos += n
+                    if u.last:
+                        if enc is not None:
+                            pipe.write(enc.header(), state["offset"])
+                        entry(u.st, "raw" if enc is None else "enec", state["offset"], w.pos - state["offset"],
+                              state["crc"] if enc is None else None)
+                bar.update(sum(x.hi - x.lo for x in group))
+
+            with Pipeline(produce, slot, out, workers, hasher=sha.update) as pipe:
+                pipe.run(work, commit)
+            bar.close()
+            stats["compressed_bytes"] = w.finish(src.name, size, sha.hexdigest(), hdr)
+    stats["seconds"] = time.perf_counter() - t_start
+    return stats
+
+
+def _decompress_plan(inp: Input, ck: Ckpt, slot: int):
+    """Yield the pieces of a ``.enec`` file in order, each a list of units: runs of whole
+    entries (the safetensors header first), or block ranges (slices) of a large stream."""
+    room = slot
+    hoff, hlen = ck.st_header
+    header_st = STEntry("<header>", "U8", (hlen,), 0, hlen)
+    items = [(CkptEntry("<header>", "raw", hoff, hlen), header_st)] + list(zip(ck.entries, ck.layout.entries))
+    run: list[_Unit] = []
+    for e, st in items:
+        is_header = st is header_st
+        n = st.end - st.start
+        if e.length <= room and n <= room:
+            if run and (e.offset + e.length - run[0].ck.offset > room or st.end - run[0].st.start > room):
+                yield run
+                run = []
+            run.append(_Unit(st, 0, n, e, header=is_header))
+            continue
+        if run:
+            yield run
+            run = []
+        if e.codec == "raw":
+            if e.length != n:
+                raise EnecError(f"corrupted ENEC checkpoint: raw tensor {e.name!r} has the wrong size")
+            yield from ([_Unit(st, lo, min(lo + room, n), e, header=is_header)] for lo in range(0, n, room))
+            continue
+        if ST_DTYPES[st.dtype][0] is None:
+            raise EnecError(f"corrupted ENEC checkpoint: tensor {e.name!r} of {st.dtype} cannot be ENEC-coded")
+        info = _stream_table(inp, e)
+        _check_stream(info, e, st)
+        isz = info.fmt.itemsize
+        per = max(1, room // (info.block_elems * isz))
+        offs = info.offsets
+        first = 0
+        while first < info.nblocks:
+            fit = int(np.searchsorted(offs, offs[first] + room, side="right")) - 1
+            stop = min(first + per, fit, info.nblocks)
+            if stop <= first:
+                raise EnecError(f"tensor {e.name!r}: block {first} takes {int(offs[first + 1] - offs[first])} bytes, "
+                                f"more than a buffer ({room}); raise the buffer size")
+            lo = first * info.block_elems * isz
+            hi = min(stop * info.block_elems, info.numel) * isz
+            yield [_Unit(st, lo, hi, e, info, first, stop)]
+            first = stop
+    if run:
+        yield run
+
+
+def _stream_table(inp: Input, e: CkptEntry):
+    """The parsed header and tables of the stream of entry ``e`` (its payload is not read)."""
+    start = header_bytes(inp.read(e.offset, min(HEADER.size, e.length)))
+    if start > e.length:
+        raise EnecError(f"truncated ENEC stream in tensor {e.name!r}")
+    return parse_header(inp.read(e.offset, start), total=e.length)
+
+
+def _unit_input(u: _Unit) -> tuple[int, int]:
+    """The input bytes (absolute offsets in the .enec file) a decompress unit reads."""
+    if u.info is None:
+        if u.ck.codec == "raw" and not u.whole:
+            return u.ck.offset + u.lo, u.ck.offset + u.hi
+        return u.ck.offset, u.ck.offset + u.ck.length
+    p = u.ck.offset + u.info.payload_start
+    return p + int(u.info.offsets[u.first]), p + int(u.info.offsets[u.stop])
+
+
+def _decode_piece(group: list[_Unit], inbuf: np.ndarray, in_lo: int, outbuf, target) -> None:
+    """Worker: decode one piece; each unit's bytes go to ``outbuf`` (at their file offset
+    from the piece's start, kept ALIGN-congruent) or, without one, to ``target(unit)``."""
+    base = group[0].st.start + group[0].lo
+    with threads_set(1):
+        for u in group:
+            a, b = _unit_input(u)
+            data = inbuf[lead(in_lo) + a - in_lo : lead(in_lo) + b - in_lo]
+            if outbuf is not None:
+                o = lead(base) + u.st.start + u.lo - base
+                out = outbuf[o : o + u.hi - u.lo]
+            else:
+                out = target(u)
+                if out is None:
+                    continue
+            if u.info is None and u.whole:
+                _decode_whole(data, u.ck, u.st, out, None)
+            elif u.info is None:  # a slice of a large raw tensor: its checksum is summed in order
+                out[:] = data
+            else:
+                isz = u.info.fmt.itemsize
+                with _aligned(out, isz) as dst:
+                    Prepared.part(u.info, data, u.first, u.stop).decode(dst.view(f"<u{isz}"))
+
+
+def _restore(inp: Input, ck: Ckpt, slot: int, threads, *, target=None, out: Output | None = None,
+             hasher=None, progress: bool = False, desc: str = "") -> float:
+    """Decode every piece of ``inp`` (a parsed ``.enec`` file) in order, on ``threads``
+    workers: into ``out`` at each piece's place in the restored file (``hasher(view)`` runs
+    on its own thread over the restored bytes, in file order), or into ``target(unit)``'s
+    arrays. Returns the CPU seconds spent decoding (summed over the workers)."""
+    import time
+
+    def produce(pipe):
+        for group in _decompress_plan(inp, ck, slot):
+            lo, hi = _unit_input(group[0])[0], _unit_input(group[-1])[1]
+            buf = pipe.input()
+            inp.read_into(buf[lead(lo) : lead(lo) + hi - lo], lo)
+            yield group, buf, lo
+
+    def work(item, outbuf):
+        t0 = time.thread_time()
+        _decode_piece(item[0], item[1], item[2], outbuf, target)
+        return outbuf, time.thread_time() - t0
+
+    seconds = 0.0
+    crc = 0
+    bar = _progress(ck.source_size, desc, progress)
+
+    def commit(item, result):
+        nonlocal seconds, crc
+        group, inbuf, in_lo = item
+        outbuf, dt = result
+        seconds += dt
+        u = group[0]
+        if u.ck.codec == "raw" and not u.whole:  # the checksum of a large raw tensor, in order
+            a, b = _unit_input(u)
+            crc = zlib.crc32(inbuf[lead(in_lo) + a - in_lo : lead(in_lo) + b - in_lo], 0 if u.lo == 0 else crc)
+            if u.last and u.ck.crc32 is not None and crc != u.ck.crc32:
+                raise EnecError(f"corrupted ENEC checkpoint: checksum mismatch in tensor {u.ck.name!r}")
+        pipe.done_with(inbuf)
+        base = u.st.start + u.lo
+        end = group[-1].st.start + group[-1].hi
+        if outbuf is not None:
+            pipe.write(outbuf[lead(base) : lead(base) + end - base], base, outbuf, hashed=hasher is not None)
+        bar.update(end - base)
+
+    with Pipeline(produce, slot, out, _workers(threads), hasher) as pipe:
+        pipe.run(work, commit)
+    bar.close()
+    return seconds
 
 
 def decompress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *,
                     threads: int | None = None, force: bool = False, progress: bool = False,
-                    verify_sha256: bool = True) -> dict:
-    """Rebuild the original ``.safetensors`` file byte for byte from a ``.enec`` container."""
+                    verify_sha256: bool = True, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> dict:
+    """Rebuild the original ``.safetensors`` file byte for byte from a ``.enec`` container.
+
+    Streams like :func:`compress_file` (bounded memory; reading, decoding on ``threads``
+    threads and writing overlap); the restored file's SHA-256 is checked against the one
+    recorded at compression (``verify_sha256``) before it appears under its name, with the
+    container's permission bits.
+    """
     import time
 
+    t_start = time.perf_counter()
     src = Path(src)
-    with mapped(src) as (mm, size):
-        ck = read_checkpoint(mm, size, str(src))
+    workers = _workers(threads)
+    with Input(src) as inp:
+        ck = read_head(inp)
         dst = Path(dst) if dst is not None else src.with_name(ck.source_name)
-        stats = {"source": str(src), "output": str(dst), "compressed_bytes": size,
-                 "original_bytes": ck.source_size, "codec_seconds": 0.0}
-        with atomic_write(dst, force) as tmp:
-            with open(tmp, "wb+") as fout:
-                fout.truncate(ck.source_size)
-                om = mmap.mmap(fout.fileno(), ck.source_size) if ck.source_size else None
-                try:
-                    out = np.frombuffer(om, np.uint8) if om is not None else np.zeros(0, np.uint8)
-                    hoff, hlen = ck.st_header
-                    out[:hlen] = np.frombuffer(mm, np.uint8, count=hlen, offset=hoff)
-                    bar = _progress(ck.source_size, f"decompress {src.name}", progress)
-                    for e, st in zip(ck.entries, ck.layout.entries):
-                        t0 = time.perf_counter()
-                        decode_entry(mm, e, st, out[st.start : st.end], threads)
-                        stats["codec_seconds"] += time.perf_counter() - t0
-                        bar.update(st.end - st.start)
-                    bar.close()
-                    if verify_sha256 and ck.source_sha256:
-                        if hashlib.sha256(out).hexdigest() != ck.source_sha256:
-                            raise EnecError(f"corrupted ENEC checkpoint ({src}): sha256 of the restored file differs")
-                        stats["sha256"] = ck.source_sha256
-                    del out
-                    if om is not None:
-                        om.flush()
-                finally:
-                    _close(om)
+        stats = {"source": str(src), "output": str(dst), "compressed_bytes": inp.size,
+                 "original_bytes": ck.source_size, "codec_seconds": 0.0, "threads": workers}
+        sha = hashlib.sha256() if verify_sha256 and ck.source_sha256 else None
+        with Output(dst, force=force, mode=inp.mode) as out:
+            stats["codec_seconds"] = _restore(inp, ck, slot_bytes(buffer_bytes, 0, workers), workers, out=out,
+                                              hasher=sha.update if sha else None, progress=progress,
+                                              desc=f"decompress {src.name}")
+            if sha is not None:
+                if sha.hexdigest() != ck.source_sha256:
+                    raise EnecError(f"corrupted ENEC checkpoint ({src}): sha256 of the restored file differs")
+                stats["sha256"] = ck.source_sha256
+    stats["seconds"] = time.perf_counter() - t_start
     return stats
 
 
@@ -423,33 +744,63 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None
 SKIP = {".git"}
 
 
+def check_shards(folder, suffix: str) -> None:
+    """Raise :class:`EnecError` if a shard index (``*.safetensors.index.json``) in ``folder``
+    lists a shard that is not there as a ``suffix`` file (``.safetensors`` or ``.enec``)."""
+    folder = Path(folder)
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            listed = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+            raise EnecError(f"{index}: unreadable shard index ({exc})") from None
+        missing = [n for n in listed if not (folder / Path(str(n)).with_suffix(suffix)).is_file()]
+        if missing:
+            names = [str(Path(str(n)).with_suffix(suffix)) for n in missing]
+            raise EnecError(f"{folder} is missing {len(missing)} of the {len(listed)} shards {index.name} lists: "
+                            f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
+
+
+def _folder_files(src: Path) -> list[Path]:
+    return [p for p in sorted(src.rglob("*")) if p.is_file() and not SKIP & set(p.relative_to(src).parts)]
+
+
+def _copy_folder(src: Path, dst, *, force: bool, suffix: str, convert) -> list[dict]:
+    """Write ``dst`` as a copy of folder ``src`` whose ``suffix`` files go through
+    ``convert(path, out_path)`` (which returns its stats); the folder appears when complete."""
+    out = []
+    with Output(dst, force=force, mode=src.stat().st_mode & 0o777, folder=True) as o:
+        for p in _folder_files(src):
+            rel = p.relative_to(src)
+            for parent in reversed(rel.parents[:-1]):
+                if not (o.tmp / parent).is_dir():
+                    (o.tmp / parent).mkdir()
+                    shutil.copystat(src / parent, o.tmp / parent)
+            if p.suffix == suffix:
+                out.append(convert(p, o.tmp / rel))
+            else:
+                shutil.copy2(p, o.tmp / rel)
+    for s in out:  # report final paths, not the temporary folder
+        s["output"] = str(dst / Path(s["output"]).relative_to(o.tmp))
+    return out
+
+
 def compress_folder(src, dst=None, *, threads=None, force=False, progress=False,
-                    block_size: int = 1 << 14) -> list[dict]:
+                    block_size: int = 1 << 14, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> list[dict]:
     """Compress every ``*.safetensors`` of a model folder; copy every other file as is."""
     src = Path(src)
     if not src.is_dir():
         raise EnecError(f"no such folder: {src}")
     dst = Path(dst) if dst is not None else src.with_name(src.name + "-enec")
-    files = [p for p in sorted(src.rglob("*")) if p.is_file() and not SKIP & set(p.relative_to(src).parts)]
-    if not any(p.suffix == ".safetensors" for p in files):
+    if not any(p.suffix == ".safetensors" for p in _folder_files(src)):
         raise EnecError(f"{src} holds no .safetensors file")
-    out = []
-    with atomic_write(dst, force) as tmp:
-        tmp.mkdir()
-        for p in files:
-            rel = p.relative_to(src)
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            if p.suffix == ".safetensors":
-                out.append(compress_file(p, (tmp / rel).with_suffix(".enec"), threads=threads,
-                                         progress=progress, block_size=block_size))
-            else:
-                shutil.copy2(p, tmp / rel)
-    for s in out:  # report final paths, not the temporary folder
-        s["output"] = str(dst / Path(s["output"]).relative_to(_atomic_target(dst)))
-    return out
+    check_shards(src, ".safetensors")
+    return _copy_folder(src, dst, force=force, suffix=".safetensors", convert=lambda p, q: compress_file(
+        p, q.with_suffix(".enec"), threads=threads, progress=progress, block_size=block_size,
+        buffer_bytes=buffer_bytes))
 
 
-def decompress_folder(src, dst=None, *, threads=None, force=False, progress=False) -> list[dict]:
+def decompress_folder(src, dst=None, *, threads=None, force=False, progress=False,
+                      buffer_bytes: int = DEFAULT_BUFFER_BYTES, verify_sha256: bool = True) -> list[dict]:
     """Restore a folder made by :func:`compress_folder` byte for byte."""
     src = Path(src)
     if not src.is_dir():
@@ -458,22 +809,10 @@ def decompress_folder(src, dst=None, *, threads=None, force=False, progress=Fals
         if not src.name.endswith("-enec"):
             raise EnecError(f"cannot guess the output folder for {src}: pass -o/--output")
         dst = src.with_name(src.name[: -len("-enec")])
-    dst = Path(dst)
-    files = [p for p in sorted(src.rglob("*")) if p.is_file()]
-    out = []
-    with atomic_write(dst, force) as tmp:
-        tmp.mkdir()
-        for p in files:
-            rel = p.relative_to(src)
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            if p.suffix == ".enec":
-                out.append(decompress_file(p, tmp / rel.with_suffix(".safetensors"), threads=threads,
-                                           progress=progress))
-            else:
-                shutil.copy2(p, tmp / rel)
-    for s in out:
-        s["output"] = str(dst / Path(s["output"]).relative_to(_atomic_target(dst)))
-    return out
+    check_shards(src, ".enec")
+    return _copy_folder(src, Path(dst), force=force, suffix=".enec", convert=lambda p, q: decompress_file(
+        p, q.with_suffix(".safetensors"), threads=threads, progress=progress, buffer_bytes=buffer_bytes,
+        verify_sha256=verify_sha256))
 
 
 # ------------------------------------------------------------------------------ tensors API
@@ -500,53 +839,73 @@ def save_file(tensors: dict, filename, metadata: dict | None = None, *, threads:
     path = Path(filename)
     size = len(head) + sum(t.numel() * t.element_size() for _, _, t in items)
     parse_safetensors_header(head, size, "header")  # what we wrote must be valid
-    names = sum(len(n.encode()) for n, _, _ in items)
-    with atomic_write(path, force=True) as tmp, open(tmp, "wb") as f:
-        w = _Writer(f, _table_reserve(len(items), 2 * names))
-        hdr = w.put(head)
-        entries = []
+    with Output(path, force=True) as out:
+        w = _ContainerWriter(out, len(items), sum(len(n.encode()) for n, _, _ in items))
+
+        def put(data) -> tuple[int, int]:
+            start = w.align()
+            out.pwrite(data, start)
+            n = len(memoryview(data).cast("B"))
+            w.pos += n
+            return start, n
+
+        hdr = put(head)
         for name, dtype, t in items:  # the header lays tensors out in this order
             if ST_DTYPES[dtype][0] is not None:
                 data, crc, codec = compress(t, threads=threads), None, "enec"
             else:
                 raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
                 data, crc, codec = raw, zlib.crc32(raw), "raw"
-            off, n = w.put(data)
-            entries.append(CkptEntry(name, codec, off, n, crc))
-        f.truncate(w.pos)
-        w.finish(_meta(path.with_suffix(".safetensors").name, size, None, hdr, entries))
+            off, n = put(data)
+            w.entries.append(CkptEntry(name, codec, off, n, crc))
+        w.finish(path.with_suffix(".safetensors").name, size, None, hdr)
 
 
-def load_file(filename, device: str = "cpu", *, threads: int | None = None) -> dict:
-    """Load an ENEC checkpoint into a dict of torch tensors (like ``safetensors.torch.load_file``)."""
+def load_file(filename, device: str = "cpu", *, threads: int | None = None,
+              buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> dict:
+    """Load an ENEC checkpoint into a dict of torch tensors (like ``safetensors.torch.load_file``).
+
+    The file is read in pieces (``buffer_bytes`` of buffers) and decoded straight into the
+    tensors, so the load needs the tensors' memory and little more."""
     import torch
 
     path = Path(filename)
-    out = {}
-    with mapped(path) as (mm, size):
-        ck = read_checkpoint(mm, size, str(path))
-        with threads_set(threads):
-            for e, st in zip(ck.entries, ck.layout.entries):
-                t = torch.empty(st.shape, dtype=getattr(torch, ST_DTYPES[st.dtype][2]))
-                flat = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
-                decode_entry(mm, e, st, flat, None)
-                out[e.name] = t if device == "cpu" else t.to(device)
-    return out
+    with Input(path) as inp:
+        ck = read_head(inp)
+        tensors = {}
+        for st in ck.layout.entries:
+            tensors[st.name] = torch.empty(st.shape, dtype=getattr(torch, ST_DTYPES[st.dtype][2]))
+
+        def target(u: _Unit):
+            if u.header:
+                return None
+            t = tensors[u.st.name]
+            flat = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+            return flat[u.lo : u.hi]
+
+        workers = _workers(threads)
+        _restore(inp, ck, slot_bytes(buffer_bytes, 0, workers), workers, target=target)
+    return tensors if device == "cpu" else {k: v.to(device) for k, v in tensors.items()}
 
 
 def checkpoint_info(path) -> tuple[Ckpt, list[dict]]:
-    """Per-tensor facts of a ``.enec`` file (for ``enec info``)."""
+    """Per-tensor facts of a ``.enec`` file (for ``enec info``): reads the table, and of each
+    stream its header, tables and block heads."""
     path = Path(path)
-    with mapped(path) as (mm, size):
-        ck = read_checkpoint(mm, size, str(path))
+    with Input(path, sequential=False) as inp:
+        ck = read_head(inp)
         rows = []
         for e, st in zip(ck.entries, ck.layout.entries):
             row = {"name": e.name, "dtype": st.dtype, "shape": list(st.shape),
                    "original_bytes": st.end - st.start, "compressed_bytes": e.length,
                    "codec": e.codec, "params": None, "raw_blocks": None}
             if e.codec == "enec":
-                s = stream_info(memoryview(mm)[e.offset : e.offset + e.length])
-                row["params"] = list(s.params) if s.params else None
-                row["raw_blocks"] = f"{s.raw_blocks}/{s.nblocks}"
+                info = _stream_table(inp, e)
+                start = info.payload_start
+                heads = [inp.read(e.offset + start + int(o), 5) for o in info.offsets[:-1]]
+                raw = sum(h[0] == 1 for h in heads)
+                coded = next((h for h in heads if h[0] != 1), None)
+                row["params"] = list(coded[1:5]) if coded is not None else None
+                row["raw_blocks"] = f"{raw}/{info.nblocks}"
             rows.append(row)
     return ck, rows

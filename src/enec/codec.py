@@ -19,10 +19,12 @@ from .format import (
     MAX_BLOCK_LOG2,
     MIN_BLOCK_LOG2,
     FloatFormat,
+    StreamInfo,
     build_header,
     format_for,
     padded,
     parse_header,
+    raw_block_bytes,
     table_bytes,
 )
 
@@ -183,6 +185,119 @@ def _as_flat(x, dtype: str | None) -> tuple[FloatFormat, np.ndarray, tuple[int, 
 DEFAULT_ESCAPE_PENALTY = 2
 
 
+def _block_log2(block_size) -> int:
+    blog2 = int(block_size).bit_length() - 1
+    if block_size != 1 << blog2 or not MIN_BLOCK_LOG2 <= blog2 <= MAX_BLOCK_LOG2:
+        raise EnecError(f"block_size must be a power of two from 64 to 2**20, got {block_size}")
+    return blog2
+
+
+@dataclass
+class _RangePlan:
+    """What encoding the next elements will write: parameters, block modes and sizes."""
+
+    numel: int
+    params: tuple[int, int, int, int]
+    modes: np.ndarray
+    n1: np.ndarray
+    n2: np.ndarray
+    offsets: np.ndarray  # local: offsets[0] = 0, offsets[-1] = payload bytes of the range
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.offsets[-1])
+
+
+class Encoder:
+    """Writes one ENEC stream block range by block range, its header and tables last.
+
+    The header and tables take a fixed :attr:`table_bytes` at the start of the stream,
+    known before any element is seen. :meth:`encode` codes a range of elements (a whole
+    number of blocks, or the tensor's last ones) into a caller's buffer and returns its
+    block sizes and checksums; it keeps no state, so ranges can be coded on several threads
+    at once. :meth:`add` then takes the ranges' results in tensor order, and :meth:`header`
+    gives the bytes that go in front once every block is in. A tensor of any size is thus
+    compressed through buffers of a few blocks. Each range gets the code parameters its own
+    exponent histogram calls for (the format keeps them per block); :func:`compress` codes
+    the whole tensor as one range.
+    """
+
+    def __init__(self, fmt: FloatFormat, shape: tuple[int, ...], *, block_size: int = 1 << DEFAULT_BLOCK_LOG2,
+                 escape_penalty: int = DEFAULT_ESCAPE_PENALTY, flags: int = 0):
+        self.blog2 = _block_log2(block_size)
+        if not isinstance(escape_penalty, int) or not 0 <= escape_penalty <= 64:
+            raise EnecError(f"escape_penalty must be an integer from 0 to 64, got {escape_penalty!r}")
+        self.fmt, self.shape, self.flags, self.penalty = fmt, tuple(int(d) for d in shape), flags, escape_penalty
+        self.numel = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        self.block = 1 << self.blog2
+        self.nblocks = (self.numel + self.block - 1) >> self.blog2
+        self.table_bytes = table_bytes(len(self.shape), self.nblocks)
+        self.offsets = np.zeros(self.nblocks + 1, np.int64)
+        self.checks = np.zeros(self.nblocks, np.uint32)
+        self.blocks_done = 0
+
+    def payload_bound(self, nelems: int) -> int:
+        """Most payload bytes ``nelems`` elements can take (every block raw)."""
+        full, rest = divmod(nelems, self.block)
+        return full * raw_block_bytes(self.fmt, self.block) + (raw_block_bytes(self.fmt, rest) if rest else 0)
+
+    def plan(self, flat: np.ndarray) -> _RangePlan:
+        """Code parameters and block sizes for the elements of ``flat`` (an unsigned view)."""
+        n = flat.size
+        nb = (n + self.block - 1) >> self.blog2
+        if nb == 0:
+            z = np.zeros(0, np.int64)
+            return _RangePlan(0, (1, 0, 0, 0), np.zeros(0, np.uint8), z, z, np.zeros(1, np.int64))
+        fmt = self.fmt
+        hist = cpu.histogram_kernel(fmt)(flat, n, self.blog2)
+        params = cpu.choose_params(hist.sum(axis=0), fmt.ebits, self.penalty)
+        counts = np.full(nb, self.block, np.int64)
+        counts[-1] = n - ((nb - 1) << self.blog2)
+        modes, n1, n2, offsets = cpu.plan_blocks(hist, counts, fmt.ebits, *params, fmt.rest_bytes,
+                                                 fmt.rest_planes, fmt.itemsize)
+        return _RangePlan(n, tuple(int(v) for v in params), modes, n1, n2, offsets)
+
+    def write(self, plan: _RangePlan, flat: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Code the elements ``plan`` was made for into ``out[:plan.nbytes]`` (a uint8 array,
+        8-byte aligned); returns the range's (offsets, checksums) for :meth:`add`."""
+        checks = np.zeros(plan.modes.size, np.uint32)
+        if not plan.numel:
+            return plan.offsets, checks
+        if out.size < plan.nbytes:
+            raise EnecError(f"output holds {out.size} bytes, the range needs {plan.nbytes}")
+        w1, b1, w2, b2 = plan.params
+        cpu.encode_kernel(self.fmt, w1)(
+            flat, flat.view(np.uint8), plan.numel, self.blog2, b1, w2, b2, plan.modes, plan.n1, plan.n2,
+            plan.offsets, out, out.view(np.uint64), out.view(np.uint32), checks,
+        )
+        return plan.offsets, checks
+
+    def encode(self, flat: np.ndarray, out: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        """:meth:`plan` and :meth:`write`: (payload bytes, offsets, checksums) of the range."""
+        plan = self.plan(flat)
+        return (plan.nbytes, *self.write(plan, flat, out))
+
+    def add(self, offsets: np.ndarray, checks: np.ndarray) -> None:
+        """Append the next range's blocks (ranges in tensor order; every range but the last
+        a whole number of blocks)."""
+        first, nb = self.blocks_done, checks.size
+        if first + nb > self.nblocks:
+            raise EnecError(f"stream overfull: {first + nb} of {self.nblocks} blocks")
+        self.offsets[first + 1 : first + nb + 1] = self.offsets[first] + offsets[1:]
+        self.checks[first : first + nb] = checks
+        self.blocks_done += nb
+
+    @property
+    def payload_bytes(self) -> int:
+        return int(self.offsets[self.blocks_done])
+
+    def header(self) -> bytes:
+        """The stream's first :attr:`table_bytes` bytes (once every block is in)."""
+        if self.blocks_done != self.nblocks:
+            raise EnecError(f"stream incomplete: {self.blocks_done} of {self.nblocks} blocks coded")
+        return build_header(self.fmt, self.shape, self.blog2, self.flags, self.offsets, self.checks)
+
+
 def compress(x, *, dtype: str | None = None, threads: int | None = None,
              block_size: int = 1 << DEFAULT_BLOCK_LOG2,
              escape_penalty: int = DEFAULT_ESCAPE_PENALTY) -> bytes:
@@ -204,34 +319,13 @@ def compress(x, *, dtype: str | None = None, threads: int | None = None,
 
         return gpu.compress(x, dtype=dtype, block_size=block_size, escape_penalty=escape_penalty)
     fmt, flat, shape, flags, _keep = _as_flat(x, dtype)
-    blog2 = int(block_size).bit_length() - 1
-    if block_size != 1 << blog2 or not MIN_BLOCK_LOG2 <= blog2 <= MAX_BLOCK_LOG2:
-        raise EnecError(f"block_size must be a power of two from 64 to 2**20, got {block_size}")
-    if not isinstance(escape_penalty, int) or not 0 <= escape_penalty <= 64:
-        raise EnecError(f"escape_penalty must be an integer from 0 to 64, got {escape_penalty!r}")
-    numel = flat.size
-    nb = (numel + (1 << blog2) - 1) >> blog2
+    enc = Encoder(fmt, shape, block_size=block_size, escape_penalty=escape_penalty, flags=flags)
     with threads_set(threads):
-        if nb == 0:
-            offsets = np.zeros(1, np.int64)
-            checks = np.zeros(0, np.uint32)
-            return build_header(fmt, shape, blog2, flags, offsets, checks)
-        hist = cpu.histogram_kernel(fmt)(flat, numel, blog2)
-        w1, b1, w2, b2 = cpu.choose_params(hist.sum(axis=0), fmt.ebits, escape_penalty)
-        counts = np.full(nb, 1 << blog2, np.int64)
-        counts[-1] = numel - ((nb - 1) << blog2)
-        modes, n1, n2, offsets = cpu.plan_blocks(hist, counts, fmt.ebits, w1, b1, w2, b2,
-                                                 fmt.rest_bytes, fmt.rest_planes, fmt.itemsize)
-        start = table_bytes(len(shape), nb)
-        total = start + int(offsets[-1])
-        obj, buf = _new_bytes(total)
-        payload = buf[start:]
-        checks = np.empty(nb, np.uint32)
-        cpu.encode_kernel(fmt, w1)(
-            flat, flat.view(np.uint8), numel, blog2, b1, w2, b2, modes, n1, n2, offsets,
-            payload, payload.view(np.uint64), payload.view(np.uint32), checks,
-        )
-    buf[:start] = np.frombuffer(build_header(fmt, shape, blog2, flags, offsets, checks), np.uint8)
+        plan = enc.plan(flat)
+        start = enc.table_bytes
+        obj, buf = _new_bytes(start + plan.nbytes)
+        enc.add(*enc.write(plan, flat, buf[start:]))
+    buf[:start] = np.frombuffer(enc.header(), np.uint8)
     return obj
 
 
@@ -287,20 +381,48 @@ class Prepared:
     Parsing the header and grouping blocks by kernel costs tens of microseconds; code that
     decodes the same stream many times (:mod:`enec.resident`) pays it once here. The
     stream's bytes must stay alive and unchanged while this object is used.
+    :meth:`part` gives the same for a stream that arrives in pieces.
     """
 
     def __init__(self, data):
         arr = _as_bytes(data)
         info = parse_header(arr)
         self.data = data
+        self._setup(info, arr[info.payload_start:], info.offsets.astype(np.int64), info.checksums, info.numel)
+
+    @classmethod
+    def part(cls, info: StreamInfo, payload, first: int, stop: int) -> "Prepared":
+        """Blocks ``first .. stop-1`` of the stream ``info`` describes (parsed from its header
+        and tables alone, ``parse_header(head, total=...)``), from ``payload``: the bytes
+        ``info.offsets[first] .. info.offsets[stop]`` of its payload. Decoding it writes
+        element ``first * block`` of the tensor at ``flat[0]``; errors name the stream's
+        own block numbers."""
+        if not 0 <= first <= stop <= info.nblocks:
+            raise EnecError(f"block range {first}..{stop} outside 0..{info.nblocks}")
+        arr = _as_bytes(payload)
+        offsets = info.offsets[first : stop + 1].astype(np.int64)
+        offsets -= offsets[0]
+        if arr.size != offsets[-1]:
+            raise EnecError(f"blocks {first}..{stop} hold {offsets[-1]} payload bytes, got {arr.size}")
+        self = cls.__new__(cls)
+        self.data = payload
+        numel = min(stop << info.block_log2, info.numel) - (first << info.block_log2)
+        self._setup(info, arr, offsets, info.checksums[first:stop], numel, first)
+        return self
+
+    def _setup(self, info, payload: np.ndarray, offsets: np.ndarray, checksums: np.ndarray, numel: int,
+               first_block: int = 0) -> None:
         self.info = info
         self.fmt = info.fmt
         self.shape = info.shape
-        self.numel = info.numel
+        self.numel = numel
         self.block = 1 << info.block_log2
-        self.nblocks = info.nblocks
-        self.payload = _writable_alias(arr[info.payload_start:])
-        self.offsets = info.offsets.astype(np.int64)
+        self.block_log2 = info.block_log2
+        self.nblocks = offsets.size - 1
+        self.first_block = first_block  # of the stream, for error messages
+        self.payload = _writable_alias(payload)
+        self.offsets = offsets
+        self.checksums = checksums
         if not self.nblocks:
             self.payload64 = self.payload32 = None
             self.groups, self.bad_header = [], np.zeros(0, np.int64)
@@ -329,8 +451,8 @@ class Prepared:
             return
         status = np.zeros(self.nblocks, np.uint8)
         with threads_set(threads):
-            cpu.check_blocks(self.payload32, self.offsets, self.info.checksums, status)
-        _raise_status(status, 0, self.nblocks)
+            cpu.check_blocks(self.payload32, self.offsets, self.checksums, status)
+        _raise_status(status, 0, self.nblocks, self.first_block)
 
     def decode(self, flat: np.ndarray, first: int = 0, stop: int | None = None, *,
                threads: int | None = None, verify: bool = True) -> None:
@@ -359,18 +481,19 @@ class Prepared:
                     if not blocks.size:
                         continue
                 kernel(self.payload, self.payload64, self.payload32,
-                       self.offsets, self.info.checksums, blocks, self.numel, self.info.block_log2,
+                       self.offsets, self.checksums, blocks, self.numel, self.block_log2,
                        base, verify, flat, flat.view(np.uint8), status)
-        _raise_status(status, first, stop)
+        _raise_status(status, first, stop, self.first_block)
 
 
-def _raise_status(status: np.ndarray, first: int, stop: int) -> None:
-    """Raise :class:`EnecError` for the first block in ``first .. stop-1`` with a bad status."""
+def _raise_status(status: np.ndarray, first: int, stop: int, shift: int = 0) -> None:
+    """Raise :class:`EnecError` for the first block in ``first .. stop-1`` with a bad status
+    (named ``shift`` + its index: its number in the whole stream)."""
     bad = np.flatnonzero(status[first:stop]) if status.any() else ()
     if len(bad):
         b = int(bad[0]) + first
         more = f" (and {len(bad) - 1} more blocks)" if len(bad) > 1 else ""
-        raise EnecError(f"corrupted ENEC stream: block {b}: {cpu.STATUS_TEXT[int(status[b])]}{more}")
+        raise EnecError(f"corrupted ENEC stream: block {b + shift}: {cpu.STATUS_TEXT[int(status[b])]}{more}")
 
 
 def warmup(dtypes=("bfloat16", "float16", "float32"), widths=None) -> float:

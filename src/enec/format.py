@@ -224,16 +224,35 @@ def build_header(
     return body + bytes(table_bytes(len(shape), nblocks) - len(body))
 
 
-def parse_header(buf) -> StreamInfo:
+def header_bytes(head) -> int:
+    """Bytes of header and tables (:func:`table_bytes`) of the stream whose first
+    ``HEADER.size`` bytes are ``head``; the fields it relies on are checked, the rest is left
+    to :func:`parse_header`. A reader of a stream in pieces reads this many bytes first."""
+    if len(head) < HEADER.size:
+        raise EnecError(f"truncated ENEC stream: {len(head)} bytes, the header alone is {HEADER.size}")
+    magic, version, _, ndim, _, _, _, _, nblocks, _, _ = HEADER.unpack_from(head, 0)
+    if magic != MAGIC:
+        raise EnecError("not an ENEC stream (bad magic)")
+    if version != VERSION:
+        raise EnecError(f"unsupported ENEC format version {version} (this build reads {VERSION})")
+    if ndim > MAX_NDIM:
+        raise EnecError(f"corrupted ENEC header: ndim {ndim} > {MAX_NDIM}")
+    return table_bytes(ndim, nblocks)
+
+
+def parse_header(buf, total: int | None = None) -> StreamInfo:
     """Parse and validate a stream header. Raises :class:`EnecError` on anything wrong.
 
-    Every size is checked against the buffer length before anything is allocated, so a
+    ``buf`` is the whole stream, or, with ``total`` (the stream's length), at least its
+    header and tables (:func:`header_bytes`): a stream read in pieces is checked before its
+    payload arrives, and the offsets and checksums refer to ``buf``.
+    Every size is checked against the stream length before anything is allocated, so a
     hostile header cannot make the decoder allocate more than about twice the input.
     """
     mv = memoryview(buf).cast("B")
-    total = len(mv)
-    if total < HEADER.size:
-        raise EnecError(f"truncated ENEC stream: {total} bytes, the header alone is {HEADER.size}")
+    total = len(mv) if total is None else total
+    if min(total, len(mv)) < HEADER.size:
+        raise EnecError(f"truncated ENEC stream: {min(total, len(mv))} bytes, the header alone is {HEADER.size}")
     magic, version, dcode, ndim, flags, block_log2, r0, r1, nblocks, numel, payload = (
         HEADER.unpack_from(mv, 0)
     )
@@ -253,6 +272,8 @@ def parse_header(buf) -> StreamInfo:
     start = table_bytes(ndim, nblocks)
     if total < start:
         raise EnecError(f"truncated ENEC stream: {total} bytes, the header says {start} before the payload")
+    if len(mv) < start:
+        raise EnecError(f"ENEC header: {len(mv)} bytes given, its tables need {start}")
     pos = HEADER.size
     shape = struct.unpack_from(f"<{ndim}Q", mv, pos)
     pos += 8 * ndim

@@ -34,7 +34,6 @@ is first imported, the same kernels run in Triton's interpreter on CPU tensors (
 
 from __future__ import annotations
 
-import mmap
 import os
 from contextlib import nullcontext
 
@@ -49,6 +48,7 @@ from .format import (
     FloatFormat,
     build_header,
     format_for,
+    header_bytes,
     parse_header,
     table_bytes,
 )
@@ -414,31 +414,13 @@ def _upload(arr: np.ndarray, dev):
 
 
 def _parse_device_header(stream_t):
-    """parse_header for a stream that lives on the device: only the header and tables travel.
-
-    parse_header checks the buffer's total length, so it gets an anonymous mapping of the
-    stream's length with the real table bytes at the front; the payload pages are never
-    touched (the kernels check the blocks).
-    """
+    """parse_header for a stream that lives on the device: only the header and tables travel
+    (the kernels check the blocks)."""
     total = int(stream_t.numel())
-    if total < HEADER.size:
-        raise EnecError(f"truncated ENEC stream: {total} bytes, the header alone is {HEADER.size}")
-    head = stream_t[: HEADER.size].cpu().numpy().tobytes()
-    fields = HEADER.unpack(head)
-    ndim, nblocks = fields[3], fields[8]
-    start = table_bytes(ndim, nblocks) if ndim <= 32 else HEADER.size
-    if start > total:
-        try:  # the field checks first (magic, version, dtype, ...), as for bytes
-            parse_header(np.frombuffer(head, np.uint8))
-        except EnecError as exc:
-            if "truncated" not in str(exc):
-                raise
-        raise EnecError(f"truncated ENEC stream: {total} bytes, the header says {start} before the payload")
-    table = stream_t[:start].cpu().numpy()
-    view = mmap.mmap(-1, total)
-    view[:start] = table.tobytes()
-    info = parse_header(view)
-    # copy what the info refers to off the mapping
+    head = stream_t[: min(total, HEADER.size)].cpu().numpy()
+    start = min(total, header_bytes(head) if total >= HEADER.size else total)
+    info = parse_header(stream_t[:start].cpu().numpy(), total=total)
+    # copy what the info refers to off the host copy of the tables
     return type(info)(info.fmt, info.shape, info.numel, info.block_log2, info.nblocks, info.flags,
                       np.array(info.offsets, dtype=np.uint64), np.array(info.checksums, dtype=np.uint32),
                       info.payload_start, info.payload_bytes)

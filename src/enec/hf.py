@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from .checkpoint import check_shards
 from .errors import EnecError
 from .streaming import iter_streamed, shard_files
 
@@ -28,6 +29,7 @@ def checkpoint_files(folder) -> list[Path]:
         hint = " (it holds .safetensors files: compress it first with `enec compress`)" \
             if any(folder.glob("*.safetensors")) else ""
         raise EnecError(f"{folder} holds no .enec checkpoint{hint}")
+    check_shards(folder, ".enec")
     return files
 
 
@@ -307,9 +309,9 @@ def export_gguf(gguf_file, dst, *, dtype: str = "bfloat16", max_shard_size: str 
     if result.missing_keys or result.unexpected_keys:
         raise EnecError(f"GGUF export of {gguf_file.name} lost tensors: {result}")
     model.generation_config = src.generation_config
-    from .checkpoint import atomic_write
+    from .fileio import Output
 
-    with atomic_write(dst, force=True) as tmp:
-        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
-        tok.save_pretrained(str(tmp))
+    with Output(dst, folder=True) as out:
+        model.save_pretrained(str(out.tmp), max_shard_size=max_shard_size)
+        tok.save_pretrained(str(out.tmp))
     return dst

@@ -26,7 +26,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from .checkpoint import ALIGN, PREFIX, ST_DTYPES, decode_entry, parse_safetensors_header, read_checkpoint
+from .checkpoint import (ALIGN, MAX_HEAD, PREFIX, ST_DTYPES, check_shards, decode_entry, head_end,
+                         parse_safetensors_header, read_checkpoint)
 from .codec import threads_set
 from .errors import EnecError
 
@@ -127,7 +128,7 @@ class _ReadAhead:
         """An ``.enec`` file's first bytes, up to the end of its table and safetensors header
         (or as far as they could be told apart: the consumer reports a damaged file)."""
         head = bytearray()
-        while (need := _head_end(head)) is not None and len(head) < min(need, size, MAX_HEAD):
+        while (need := head_end(head)) is not None and len(head) < min(need, size, MAX_HEAD):
             if self.stop:
                 return None
             # small reads: the table and header are small, and these copies hold the GIL
@@ -160,25 +161,6 @@ class _ReadAhead:
     def close(self) -> None:
         self.stop = True
         self.thread.join()
-
-
-MAX_HEAD = 64 << 20  # an .enec table and header are far smaller; a bigger claim is damage
-
-
-def _head_end(head) -> int | None:
-    """How many bytes of an ``.enec`` file hold its table and safetensors header, judged from
-    the ``head`` that has arrived; None once they are in or when the table cannot be read."""
-    if len(head) < PREFIX.size:
-        return PREFIX.size
-    end = PREFIX.size + struct.unpack_from("<Q", head, PREFIX.size - 8)[0]
-    if len(head) < end:
-        return end
-    try:
-        hoff, hlen = json.loads(bytes(head[PREFIX.size : end]))["source"]["safetensors_header"]
-        end = int(hoff) + int(hlen)
-    except (ValueError, KeyError, TypeError, RecursionError):
-        return None  # read_checkpoint reports the damage
-    return end if len(head) < end else None
 
 
 def _anon(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
@@ -309,7 +291,7 @@ def _iter_enec(ra: _ReadAhead, i: int, threads, keep) -> Iterator[tuple[str, obj
     if plan is not None:
         ck = plan.ck
     else:
-        while (need := _head_end(buf[: ra.got[i]])) is not None:
+        while (need := head_end(buf[: ra.got[i]])) is not None:
             buf = ra.wait(i, need)
         ck = read_checkpoint(buf, ra.sizes[i], str(path))
     dtypes = [getattr(torch, ST_DTYPES[st.dtype][2]) for st in ck.layout.entries]
@@ -428,9 +410,10 @@ def shard_files(folder) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise EnecError(f"no such folder: {folder}")
-    for pattern in ("*.enec", "*.safetensors"):
-        files = sorted(folder.glob(pattern))
+    for suffix in (".enec", ".safetensors"):
+        files = sorted(folder.glob("*" + suffix))
         if files:
+            check_shards(folder, suffix)
             return files
     raise EnecError(f"{folder} holds no .enec or .safetensors checkpoint")
 

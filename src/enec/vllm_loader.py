@@ -142,13 +142,9 @@ def enec_shards(folder) -> list[Path]:
 
 
 def _tensor_names(files: list[Path]) -> list[str]:
-    from .checkpoint import mapped, read_checkpoint
+    from .checkpoint import read_checkpoint_file
 
-    names = []
-    for f in files:
-        with mapped(f) as (mm, size):
-            names += [e.name for e in read_checkpoint(mm, size, str(f)).entries]
-    return names
+    return [e.name for f in files for e in read_checkpoint_file(f).entries]
 
 
 @functools.cache

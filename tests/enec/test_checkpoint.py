@@ -157,15 +157,15 @@ def test_refuses_to_overwrite(model_file, tmp_path):
 
 def test_interrupted_compress_leaves_nothing(model_file, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = ck.compress
+    real = ck.Encoder.write
 
-    def failing(*a, **kw):
+    def failing(*a, **kw):  # the fifth tensor (or block range) coded
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(ck, "compress", failing)
+    monkeypatch.setattr(ck.Encoder, "write", failing)
     with pytest.raises(KeyboardInterrupt):
         ck.compress_file(model_file, tmp_path / "out.enec")
     assert list(tmp_path.iterdir()) == []
