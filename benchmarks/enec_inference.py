@@ -17,7 +17,8 @@ the page cache before every run (fdatasync + posix_fadvise DONTNEED), so every b
 from the disk: "local" is then the disk's own speed (measured and reported as
 ``disk_read_mb_s``), and the throttled rows are the link speed capped again. Median of
 ``--repeats`` runs, safetensors and enec interleaved. Peak RSS is the process's maximum
-resident set (ru_maxrss), imports included.
+resident set (VmHWM of the child, read in the child; imports included. ru_maxrss is not
+used: a child forked from the benchmark's own large process inherits its maximum).
 
 Inference: SmolLM2-135M (bf16) with torch pinned to ``--threads`` threads. Resident modes:
 weights decoded just before use with all decoder threads (the default where torch uses every
@@ -40,7 +41,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -103,6 +103,12 @@ def folder_bytes(folder: Path, suffix: str) -> int:
 # ------------------------------------------------------------------------------ child: load
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM), which exec resets, unlike ru_maxrss."""
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmHWM")) / 1024
+
+
 def child_load(folder: str, kind: str, bandwidth: float | None, model_class: str, threads: int) -> dict:
     import torch
     import transformers
@@ -129,7 +135,7 @@ def child_load(folder: str, kind: str, bandwidth: float | None, model_class: str
     crc = 0
     for k in sorted(sd):
         crc = zlib.crc32(sd[k].contiguous().view(-1).view(torch.uint8).numpy(), crc)
-    return {"seconds": seconds, "warmup_seconds": warm, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"seconds": seconds, "warmup_seconds": warm, "peak_rss_mb": peak_rss_mb(),
             "crc32": crc}
 
 
@@ -180,7 +186,7 @@ def child_tokens(folder: str, mode: str, threads: int, decoder_threads: int, pre
             "prefill_runs": prefill, "decode_runs": decode, "weight_bytes": weight_bytes,
             "stats": None if stats is None else {**stats.__dict__, "resident_bytes": stats.resident_bytes,
                                                  "uncompressed_bytes": stats.uncompressed_bytes},
-            "tokens": tokens, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "tokens": tokens, "peak_rss_mb": peak_rss_mb()}
 
 
 def run_child(*args) -> dict:
