@@ -80,13 +80,19 @@ def from_pretrained(path, *, model_class=None, dtype=None, resident: bool = Fals
     state = dict(iter_tensors(path, threads=threads))
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = concrete_class(model_class, config).from_pretrained(None, config=config, state_dict=state,
-                                                                **kwargs)
+    want_info = bool(kwargs.pop("output_loading_info", False))
+    cls = concrete_class(model_class, config)
+    model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True, **kwargs)
     del state
+    # transformers initialises what the checkpoint lacks at random and only reports it
+    lost = sorted(info.get("missing_keys") or ()) + sorted(str(k[0]) for k in info.get("mismatched_keys") or ())
+    if lost:
+        raise EnecError(f"the checkpoint in {path} does not fill {cls.__name__}: {len(lost)} parameters missing "
+                        f"or of another shape, e.g. {lost[:5]}")
     _attach_generation_config(model, path)
     model.eval()
     model.enec_source = [str(f) for f in files]
-    return model
+    return (model, info) if want_info else model
 
 
 def load_streamed(path, *, model_class=None, dtype=None, threads: int | None = None, opener=None, **kwargs):
