@@ -122,6 +122,14 @@ def min_block_bytes(fmt: FloatFormat, n: int) -> int:
     return min(coded_block_bytes(fmt, n, 1, 0, 0, 0), raw_block_bytes(fmt, n))
 
 
+def min_stream_bytes(fmt: FloatFormat, ndim: int, numel: int) -> int:
+    """A lower bound on the length of any valid stream of ``numel`` elements in ``ndim``
+    dimensions, whatever its block size: its fixed header and every element's rest bits plus
+    one code bit. A container checks each stream's claimed size against this before
+    allocating, so that a tensor can never decode to more than about twice its stream."""
+    return table_bytes(ndim, 0) + (numel * (fmt.rbits + 1) + 7) // 8
+
+
 # ---------------------------------------------------------------------------- checksum
 
 P1 = 0x9E3779B1

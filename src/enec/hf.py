@@ -16,12 +16,13 @@ from pathlib import Path
 
 from .checkpoint import check_shards
 from .errors import EnecError
+from .fileio import as_path
 from .streaming import iter_streamed, shard_files
 
 
 def checkpoint_files(folder) -> list[Path]:
     """The ``.enec`` shards of a compressed folder, in shard order."""
-    folder = Path(folder)
+    folder = as_path(folder, "folder")
     if not folder.is_dir():
         raise EnecError(f"no such folder: {folder}")
     files = sorted(folder.glob("*.enec"))
@@ -42,7 +43,7 @@ def iter_tensors(folder, *, threads: int | None = None, keep=None, opener=None) 
     streams instead: the item is then ``(name, uint8 array)`` viewing the shard's read buffer
     (used by the compressed-resident loader, which never decodes them whole).
     """
-    path = Path(folder)
+    path = as_path(folder, "folder")
     files = [path] if path.is_file() else checkpoint_files(path)
     yield from iter_streamed(files, opener=opener, threads=threads, keep=keep)
 
@@ -69,7 +70,7 @@ def from_pretrained(path, *, model_class=None, dtype=None, resident: bool = Fals
     _quiet_transformers()
     import transformers
 
-    path = Path(path)
+    path = as_path(path, "path")
     files = checkpoint_files(path)
     if model_class is None:
         model_class = transformers.AutoModelForCausalLM
@@ -116,7 +117,7 @@ def load_streamed(path, *, model_class=None, dtype=None, threads: int | None = N
     import torch
     import transformers
 
-    path = Path(path)
+    path = as_path(path, "path")
     files = shard_files(path)
     if dtype == "auto":
         dtype = None

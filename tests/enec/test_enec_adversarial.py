@@ -50,6 +50,173 @@ def test_nested_safetensors_header_raises_enec_error():
         parse_safetensors_header(buf, len(buf))
 
 
+# ------------------------------------------------------------------------------ forged containers
+
+
+def forge(src: bytes, *, header=None, header_crc: bool = True) -> bytes:
+    """``src`` (an ``.enec`` file) laid out anew with its safetensors header edited by
+    ``header(dict)``, every offset, size and checksum recomputed as a deliberate forger would
+    (with ``header_crc=False`` the header's CRC is left as it was: an edit by a tool that
+    does not know about it). Streams and raw bytes are copied unchanged."""
+    jlen = struct.unpack_from("<Q", src, 16)[0]
+    meta = json.loads(src[24 : 24 + jlen])
+    hoff, hlen = meta["source"]["safetensors_header"]
+    st = src[hoff : hoff + hlen]
+    old_crc = meta["source"].get("safetensors_header_crc32", zlib.crc32(st))
+    if header is not None:
+        h = json.loads(st[8:])
+        header(h)
+        js = json.dumps(h, separators=(",", ":")).encode()
+        js += b" " * (-len(js) % 8)
+        st = struct.pack("<Q", len(js)) + js
+        meta["source"]["size"] = len(st) + max([0] + [v["data_offsets"][1] for k, v in h.items()
+                                                      if k != "__metadata__"])
+    meta["source"]["safetensors_header_crc32"] = zlib.crc32(st) if header_crc else old_crc
+    blobs = [src[t["offset"] : t["offset"] + t["length"]] for t in meta["tensors"]]
+    reserve = len(json.dumps(meta)) + 512
+    pos = 24 + reserve
+    body = bytearray()
+
+    def put(data: bytes) -> int:
+        nonlocal pos
+        pos += -pos % 64
+        body.extend(bytes(pos - 24 - reserve - len(body)) + data)
+        start, pos = pos, pos + len(data)
+        return start
+
+    meta["source"]["safetensors_header"] = [put(st), len(st)]
+    for t, blob in zip(meta["tensors"], blobs):
+        t["offset"] = put(blob)
+    js = json.dumps(meta, separators=(",", ":")).encode()
+    js += b" " * (reserve - len(js))
+    return PREFIX.pack(MAGIC, VERSION, zlib.crc32(js), len(js)) + js + bytes(body)
+
+
+def _saved(tensors: dict) -> bytes:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        enec.save_file(tensors, Path(d) / "t.enec")
+        return (Path(d) / "t.enec").read_bytes()
+
+
+def _claim(name: str, dtype: str, shape: list[int], itemsize: int):
+    def edit(h):
+        h[name] = {"dtype": dtype, "shape": shape, "data_offsets": [0, itemsize * math.prod(shape)]}
+    return edit
+
+
+def lying_raw() -> bytes:
+    """A raw uint8 tensor of 16 bytes whose header claims 4 GiB (table and CRCs consistent)."""
+    import torch
+
+    return forge(_saved({"x": torch.arange(16, dtype=torch.uint8)}), header=_claim("x", "U8", [1 << 32], 1))
+
+
+def lying_stream() -> bytes:
+    """A 64-element bf16 stream whose header claims 2**31 elements (4 GiB)."""
+    import torch
+
+    w = torch.linspace(-1, 1, 64).to(torch.bfloat16)
+    return forge(_saved({"w": w}), header=_claim("w", "BF16", [1 << 31], 2))
+
+
+def relabelled(header_crc: bool) -> bytes:
+    """A bf16 (64, 8) stream and a raw int64 (4,) tensor whose header says (8, 64) and int32
+    (8,); with ``header_crc`` its checksum is recomputed, without it is the original's."""
+    import torch
+
+    src = _saved({"w": torch.linspace(-1, 1, 512).to(torch.bfloat16).reshape(64, 8),
+                  "ids": torch.arange(4, dtype=torch.int64)})
+
+    def edit(h):
+        h["w"]["shape"] = [8, 64]
+        h["ids"].update(dtype="I32", shape=[8])
+    return forge(src, header=edit, header_crc=header_crc)
+
+
+FORGED = {"lying-raw-4gib.enec": lying_raw, "lying-stream-4gib.enec": lying_stream,
+          "relabelled-header.enec": lambda: relabelled(False),
+          "relabelled-header-rechecksummed.enec": lambda: relabelled(True)}
+
+
+@pytest.mark.parametrize("name", sorted(FORGED))
+def test_committed_forgeries_are_the_documented_ones(name):
+    assert (ADV / name).read_bytes() == FORGED[name](), f"regenerate {name} with write_adversarial()"
+
+
+def write_adversarial() -> None:  # pragma: no cover - run by hand when a forgery changes
+    for name, make in FORGED.items():
+        (ADV / name).write_bytes(make())
+
+
+READERS = {
+    "load_file": lambda p: enec.load_file(p),
+    "decompress_file": lambda p: enec.checkpoint.decompress_file(p, p.with_name("out.safetensors"), force=True),
+    "iter_streamed": lambda p: list(__import__("enec.streaming").streaming.iter_streamed([p])),
+    "iter_streamed_keep": lambda p: list(__import__("enec.streaming").streaming.iter_streamed(
+        [p], keep=lambda *a: True)),
+    "checkpoint_info": lambda p: enec.checkpoint.checkpoint_info(p),
+}
+
+RSS_PROBE = """
+import resource, sys, pathlib, enec, enec.checkpoint, enec.streaming
+sys.path.insert(0, {here!r})
+from test_enec_adversarial import READERS
+path = pathlib.Path(sys.argv[1])
+READERS["load_file"](pathlib.Path({warm!r}))  # imports and kernels loaded before measuring
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = []
+for name, read in READERS.items():
+    try:
+        read(path)
+        out.append(name + ":accepted")
+    except enec.EnecError:
+        out.append(name + ":EnecError")
+    except BaseException as exc:
+        out.append(name + ":" + type(exc).__name__)
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(" ".join(out), grew)
+"""
+
+
+@pytest.mark.parametrize("name", ["lying-raw-4gib.enec", "lying-stream-4gib.enec"])
+def test_lying_sizes_cannot_drive_allocation(name, tmp_path):
+    """Item 10: a ~5 KB file whose header claims a 4 GiB tensor is rejected by every reader
+    before memory is committed (before: 4.3 GB resident through ``iter_streamed(keep=...)``)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    path = tmp_path / name
+    path.write_bytes((ADV / name).read_bytes())
+    assert path.stat().st_size < 10_000
+    warm = tmp_path / "warm.enec"
+    enec.save_file({"w": torch.ones(64, dtype=torch.bfloat16), "i": torch.arange(3)}, warm)
+    code = RSS_PROBE.format(here=str(Path(__file__).parent), warm=str(warm))
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    verdicts, grew_kb = run.stdout.split()[:-1], int(run.stdout.split()[-1])
+    assert verdicts == [f"{r}:EnecError" for r in READERS], verdicts
+    assert grew_kb < 100 << 10, f"peak RSS grew {grew_kb / 1024:.0f} MB"
+
+
+def test_edited_header_is_detected(tmp_path):
+    """Item 10: an embedded safetensors header edited without its checksum fails its CRC; one
+    whose checksum was recomputed still cannot change a stream's shape (each stream's own
+    dtype and shape are checked on every path, kept streams included)."""
+    for name, match in [("relabelled-header.enec", "header checksum"),
+                        ("relabelled-header-rechecksummed.enec", "does not match its header")]:
+        path = tmp_path / name
+        path.write_bytes((ADV / name).read_bytes())
+        for reader, read in READERS.items():
+            if reader == "checkpoint_info" and "rechecksummed" in name:
+                continue  # reports the table, decodes nothing
+            with pytest.raises(enec.EnecError, match=match):
+                read(path)
+
+
 # ------------------------------------------------------------------------------ missing shards (item 9)
 
 
