@@ -53,8 +53,8 @@ def parse_size(text: str | int) -> int:
         value = float(t[:-1] if scale > 1 else t)
     except ValueError:
         raise EnecError(f"not a size: {text!r} (e.g. 64M, 1G, 1048576)") from None
-    if value <= 0:
-        raise EnecError(f"size must be positive, got {text!r}")
+    if not 0 < value < float(1 << 62):  # NaN and infinity included
+        raise EnecError(f"size must be a positive number of bytes below 2**62, got {text!r}")
     return int(value * scale)
 
 

@@ -309,3 +309,197 @@ def test_cli_compress_of_a_folder_missing_a_shard(two_shards, tmp_path):
     assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
     assert "missing 1 of the 2 shards" in run.stderr and "model-00002-of-00002.safetensors" in run.stderr
     assert not (tmp_path / "gappy-enec").exists()
+
+
+# ------------------------------------------------------------------------------ only EnecError escapes (item 11)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    """A small valid .safetensors / .enec pair, a FIFO, garbage files, the hostile fixtures."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("bad-input")
+    save_file({"w": torch.linspace(-2, 2, 4096).to(torch.bfloat16), "i": torch.arange(5)}, str(d / "ok.safetensors"))
+    enec.checkpoint.compress_file(d / "ok.safetensors", d / "ok.enec")
+    os.mkfifo(d / "fifo")
+    (d / "garbage.safetensors").write_bytes(bytes(range(256)) * 8)
+    (d / "garbage.enec").write_bytes(b"ENECCKPT" + bytes(range(256)) * 8)
+    (d / "empty").mkdir()
+    for name in ("lying-raw-4gib.enec", "nested-table.enec"):
+        (d / name).write_bytes((ADV / name).read_bytes())
+    return {"dir": d, "ok": d / "ok.safetensors", "enec": d / "ok.enec", "fifo": d / "fifo"}
+
+
+def _stream() -> bytes:
+    import torch
+
+    return enec.compress(torch.linspace(-1, 1, 300).to(torch.bfloat16))
+
+
+def _api_cases(f: dict) -> dict:
+    import numpy as np
+    import torch
+
+    from enec.streaming import iter_streamed
+
+    s = _stream()
+    ok, packed, d = f["ok"], f["enec"], f["dir"]
+    return {
+        "compress block_size=0": lambda: enec.compress(torch.randn(8), block_size=0),
+        "compress block_size='x'": lambda: enec.compress(torch.randn(8), block_size="x"),
+        "compress block_size=None": lambda: enec.compress(torch.randn(8), block_size=None),
+        "compress block_size=2**70": lambda: enec.compress(torch.randn(8), block_size=1 << 70),
+        "compress block_size=1.5": lambda: enec.compress(torch.randn(8), block_size=1.5),
+        "compress threads=True": lambda: enec.compress(torch.randn(8), threads=True),
+        "compress threads=0": lambda: enec.compress(torch.randn(8), threads=0),
+        "compress sparse tensor": lambda: enec.compress(torch.zeros(4).to_sparse()),
+        "compress numpy int32": lambda: enec.compress(np.zeros(3, np.int32)),
+        "compress numpy object": lambda: enec.compress(np.array([1, "a"], dtype=object)),
+        "compress list": lambda: enec.compress([1.0, 2.0]),
+        "decompress None": lambda: enec.decompress(None),
+        "decompress strided memoryview": lambda: enec.decompress(memoryview(s * 2)[::2]),
+        "decompress strided numpy": lambda: enec.decompress(np.frombuffer(s * 2, np.uint8)[::2]),
+        "decompress threads=0": lambda: enec.decompress(s, threads=0),
+        "decompress threads='x'": lambda: enec.decompress(s, threads="x"),
+        "decompress verify='yes'": lambda: enec.decompress(s, verify="yes"),
+        "decompress out float64": lambda: enec.decompress(s, out=np.zeros(300, np.float64)),
+        "decompress out strided": lambda: enec.decompress(s, out=torch.zeros(600, dtype=torch.bfloat16)[::2]),
+        "decompress out list": lambda: enec.decompress(s, out=[0] * 300),
+        "stream_info strided": lambda: enec.stream_info(memoryview(s * 2)[::2]),
+        "load_file None": lambda: enec.load_file(None),
+        "load_file 3": lambda: enec.load_file(3),
+        "load_file directory": lambda: enec.load_file(d),
+        "load_file FIFO": lambda: enec.load_file(f["fifo"]),
+        "load_file device='nope'": lambda: enec.load_file(packed, device="nope"),
+        "load_file buffer_bytes='x'": lambda: enec.load_file(packed, buffer_bytes="x"),
+        "load_file buffer_bytes=-5": lambda: enec.load_file(packed, buffer_bytes=-5),
+        "load_file threads=0": lambda: enec.load_file(packed, threads=0),
+        "save_file list": lambda: enec.save_file([1], d / "x.enec"),
+        "save_file int name": lambda: enec.save_file({1: torch.zeros(3)}, d / "x.enec"),
+        "save_file metadata list": lambda: enec.save_file({"a": torch.zeros(3)}, d / "x.enec", metadata=[1]),
+        "save_file meta tensor": lambda: enec.save_file({"a": torch.zeros(3, device="meta")}, d / "x.enec"),
+        "save_file to a directory": lambda: enec.save_file({"a": torch.zeros(3)}, d),
+        "save_file to '.'": lambda: enec.save_file({"a": torch.zeros(3)}, "."),
+        "compress_file -o .": lambda: enec.checkpoint.compress_file(ok, "."),
+        "compress_file -o ..": lambda: enec.checkpoint.compress_file(ok, d / ".."),
+        "compress_file block_size=0": lambda: enec.checkpoint.compress_file(ok, d / "y.enec", block_size=0),
+        "compress_file FIFO": lambda: enec.checkpoint.compress_file(f["fifo"], d / "y.enec"),
+        "compress_file /dev/null": lambda: enec.checkpoint.compress_file("/dev/null", d / "y.enec"),
+        "compress_file onto a FIFO": lambda: enec.checkpoint.compress_file(ok, f["fifo"], force=True),
+        "decompress_file -o .": lambda: enec.checkpoint.decompress_file(packed, "."),
+        "decompress_file buffer_bytes=0": lambda: enec.checkpoint.decompress_file(packed, d / "z", buffer_bytes=0),
+        "compress_folder of a file": lambda: enec.checkpoint.compress_folder(ok),
+        "iter_streamed None": lambda: list(iter_streamed(None)),
+        "iter_streamed a path": lambda: list(iter_streamed(str(packed))),
+        "iter_streamed chunk=-1": lambda: list(iter_streamed([packed], chunk=-1)),
+        "iter_streamed threads=0": lambda: list(iter_streamed([packed], threads=0)),
+        "iter_streamed FIFO": lambda: list(iter_streamed([f["fifo"]])),
+        "from_pretrained None": lambda: enec.from_pretrained(None),
+        "load_streamed None": lambda: enec.load_streamed(None),
+        "make_resident None": lambda: enec.make_resident(None),
+    }
+
+
+def test_bad_arguments_raise_only_enec_error(files):
+    """Item 11: every bad argument, buffer or path raises EnecError (before: ValueError,
+    TypeError, BufferError, AttributeError, RuntimeError, or a hang opening a FIFO), and
+    nothing is left behind."""
+    import os
+
+    import signal
+
+    def hang(signum, frame):
+        raise TimeoutError("hung for 60 s")
+
+    before = sorted(os.listdir(files["dir"]))
+    escaped = {}
+    old = signal.signal(signal.SIGALRM, hang)
+    try:
+        for name, call in _api_cases(files).items():
+            signal.alarm(60)  # (opening a FIFO used to block forever)
+            try:
+                call()
+                escaped[name] = "accepted"
+            except enec.EnecError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - what this test looks for
+                escaped[name] = f"{type(exc).__name__}: {exc}"
+            finally:
+                signal.alarm(0)
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert escaped == {}
+    assert sorted(os.listdir(files["dir"])) == before
+    assert files["fifo"].is_fifo()
+
+
+def _cli_cases(f: dict) -> list[list[str]]:
+    d, ok, packed = f["dir"], str(f["ok"]), str(f["enec"])
+    return [
+        [], ["frobnicate"], ["compress"], ["compress", str(d / "missing.safetensors")],
+        ["compress", ok, "-o", "."], ["compress", ok, "-o", str(d / "empty")],
+        ["compress", ok, "-o", str(d / "n.enec"), "--block-size", "0"],
+        ["compress", ok, "-o", str(d / "n.enec"), "--block-size", "3"],
+        ["compress", ok, "-o", str(d / "n.enec"), "--block-size", "x"],
+        ["compress", ok, "-o", str(d / "n.enec"), "-t", "0"],
+        ["compress", ok, "-o", str(d / "n.enec"), "-t", "many"],
+        ["compress", ok, "-o", str(d / "n.enec"), "--buffer", "0"],
+        ["compress", ok, "-o", str(d / "n.enec"), "--buffer", "1e400"],
+        ["compress", ok, "-o", str(d / "n.enec"), "--buffer", "nan"],
+        ["compress", str(f["fifo"]), "-o", str(d / "n.enec")],
+        ["compress", "/dev/null", "-o", str(d / "n.enec")],
+        ["compress", ok, "-o", str(f["fifo"]), "-f"],
+        ["compress", str(d / "garbage.safetensors"), "-o", str(d / "n.enec")],
+        ["compress", str(d / "empty")],
+        ["decompress", str(d / "garbage.enec"), "-o", str(d / "n.safetensors")],
+        ["decompress", str(d / "lying-raw-4gib.enec"), "-o", str(d / "n.safetensors")],
+        ["decompress", str(d / "nested-table.enec"), "-o", str(d / "n.safetensors")],
+        ["decompress", packed, "-o", "."], ["decompress", packed, "-o", str(d)],
+        ["decompress", str(d / "empty")],
+        ["info", str(d / "garbage.enec")], ["info", str(d / "lying-raw-4gib.enec")],
+        ["info", str(d / "nested-table.enec")], ["info", str(d / "empty")], ["info", str(f["fifo"])],
+    ]
+
+
+CLI_DRIVER = """
+import io, sys, json, contextlib
+from enec.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = main(argv)
+        except SystemExit as exc:
+            rc = exc.code
+    out.append([argv, rc, err.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def test_cli_bad_input_is_one_line(files):
+    """Item 11: each bad invocation of ``enec`` exits non-zero with exactly one line on stderr
+    and no traceback (argparse usage errors included); nothing is written."""
+    import os
+    import subprocess
+    import sys
+
+    before = sorted(os.listdir(files["dir"]))
+    cases = _cli_cases(files)
+    run = subprocess.run([sys.executable, "-c", CLI_DRIVER, json.dumps(cases)], capture_output=True, text=True,
+                         timeout=600, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    results = json.loads(run.stdout)
+    bad = [(argv, rc, err) for argv, rc, err in results
+           if rc in (0, None) or "Traceback" in err or err.count("\n") != 1 or not err.startswith("enec")]
+    assert bad == []
+    assert sorted(os.listdir(files["dir"])) == before and files["fifo"].is_fifo()
+    # the programs themselves, as a user runs them
+    for argv in ([], ["compress", str(files["fifo"])], ["decompress", str(files["dir"] / "garbage.enec")]):
+        run = subprocess.run([sys.executable, "-m", "enec.cli", *argv], capture_output=True, text=True, timeout=300,
+                             stdin=subprocess.DEVNULL)
+        assert run.returncode != 0 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
