@@ -32,6 +32,7 @@ PREFIX = struct.Struct("<8sIIQ")  # magic, version, crc32(json), json length
 ALIGN = 64
 MAX_JSON = 256 << 20
 MAX_ST_HEADER = 100 << 20
+MAX_DIM = 1 << 63  # dimensions are below this (torch and numpy index with int64)
 ST_HEADER_CRC = "safetensors_header_crc32"  # table key (source): CRC-32 of the embedded header
 
 # safetensors dtype -> (ENEC dtype name or None for raw, itemsize, torch dtype name)
@@ -99,15 +100,17 @@ def parse_safetensors_header(buf, size: int, what: str = "file") -> STLayout:
     base = 8 + hlen
     for name, e in header.items():
         try:
-            dtype, shape, (a, b) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
+            dtype, shape, (a, b) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+            hash(dtype)
         except (KeyError, TypeError, ValueError):
             raise EnecError(f"invalid safetensors {what}: bad entry for tensor {name!r}") from None
         if dtype not in ST_DTYPES:
             raise EnecError(f"unsupported safetensors dtype {dtype!r} (tensor {name!r})")
         n = 1
         for d in shape:
-            if d < 0:
-                raise EnecError(f"invalid safetensors {what}: negative dimension in {name!r}")
+            if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < MAX_DIM:
+                raise EnecError(f"invalid safetensors {what}: dimension {d!r} of {name!r} is not an integer "
+                                f"from 0 to 2**63-1")
             n *= d
         if not (isinstance(a, int) and isinstance(b, int)) or b - a != n * ST_DTYPES[dtype][1] or a < 0:
             raise EnecError(f"invalid safetensors {what}: offsets of {name!r} do not match its shape")
@@ -276,7 +279,8 @@ def _st_data_bytes(st: bytes) -> int:
     try:
         header = json.loads(st[8:].decode("utf-8"))
         return max([0] + [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"])
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError, IndexError,
+            OverflowError):
         raise EnecError("corrupted ENEC checkpoint: embedded safetensors header is invalid") from None
 
 

@@ -287,6 +287,8 @@ def parse_header(buf, total: int | None = None) -> StreamInfo:
     pos += 8 * ndim
     count = 1
     for d in shape:
+        if d >> 63:
+            raise EnecError(f"corrupted ENEC header: dimension {d} is 2**63 or more")
         count *= d
     if count != numel:
         raise EnecError(f"corrupted ENEC header: shape {shape} has {count} elements, header says {numel}")

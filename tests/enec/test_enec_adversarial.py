@@ -69,8 +69,11 @@ def forge(src: bytes, *, header=None, header_crc: bool = True) -> bytes:
         js = json.dumps(h, separators=(",", ":")).encode()
         js += b" " * (-len(js) % 8)
         st = struct.pack("<Q", len(js)) + js
-        meta["source"]["size"] = len(st) + max([0] + [v["data_offsets"][1] for k, v in h.items()
-                                                      if k != "__metadata__"])
+        try:
+            meta["source"]["size"] = len(st) + max([0] + [v["data_offsets"][1] for k, v in h.items()
+                                                          if k != "__metadata__"])
+        except (IndexError, KeyError, TypeError):
+            pass  # an entry without offsets: the source size stays
     meta["source"]["safetensors_header_crc32"] = zlib.crc32(st) if header_crc else old_crc
     blobs = [src[t["offset"] : t["offset"] + t["length"]] for t in meta["tensors"]]
     reserve = len(json.dumps(meta)) + 512
@@ -503,3 +506,45 @@ def test_cli_bad_input_is_one_line(files):
         run = subprocess.run([sys.executable, "-m", "enec.cli", *argv], capture_output=True, text=True, timeout=300,
                              stdin=subprocess.DEVNULL)
         assert run.returncode != 0 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+
+
+# ------------------------------------------------------------------------------ found by benchmarks/fuzz_enec.py
+
+
+def test_stream_dimension_of_2_63_or_more_is_rejected():
+    """fuzz_enec: a stream of shape (0, 2**64-1) has numel 0 = the product, so it passed
+    parse_header and torch.empty raised TypeError (overflow)."""
+    from enec.format import HEADER
+
+    blob = bytearray(enec.compress(torch_empty_2d()))
+    ndim = blob[6]
+    assert ndim == 2
+    struct.pack_into("<Q", blob, HEADER.size + 8, (1 << 64) - 1)
+    crc_pos = HEADER.size + 8 * ndim + 8  # no blocks: one offset, no checksums
+    struct.pack_into("<I", blob, crc_pos, zlib.crc32(bytes(blob[:crc_pos])))
+    with pytest.raises(enec.EnecError, match="dimension"):
+        enec.decompress(bytes(blob))
+
+
+def torch_empty_2d():
+    import torch
+
+    return torch.zeros(0, 5, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("entry", [{"dtype": "U8", "shape": [3], "data_offsets": [0]},
+                                   {"dtype": "U8", "shape": [1e400], "data_offsets": [0, 3]},
+                                   {"dtype": "U8", "shape": [3.0], "data_offsets": [0, 3]},
+                                   {"dtype": "U8", "shape": [0, 1 << 64], "data_offsets": [0, 0]},
+                                   {"dtype": ["U8"], "shape": [3], "data_offsets": [0, 3]}])
+def test_odd_safetensors_header_entries_are_rejected(entry, tmp_path):
+    """fuzz_enec: an embedded header entry with one data offset raised IndexError from every
+    reader; dimensions that are floats, infinite or 2**64 and unhashable dtypes are rejected too."""
+    import torch
+
+    src = _saved({"x": torch.arange(3, dtype=torch.uint8)})
+    path = tmp_path / "odd.enec"
+    path.write_bytes(forge(src, header=lambda h: h.update(x=entry)))
+    for reader, read in READERS.items():
+        with pytest.raises(enec.EnecError):
+            read(path)
