@@ -31,12 +31,12 @@ INTERESTING = [0, 1, -1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 63, 64, 255, 256,
 # ------------------------------------------------------------------ mutations
 
 
-def value(rng: random.Random, old=None):
-    """A replacement for a JSON value: an interesting constant, a neighbour of ``old``, deep
+def value(rng: random.Random, old=None, interesting: list = INTERESTING):
+    """A replacement for a JSON value: an ``interesting`` constant, a neighbour of ``old``, deep
     lists, huge integers, odd strings, or a small list of those."""
     r = rng.random()
     if r < 0.45:
-        return rng.choice(INTERESTING)
+        return rng.choice(interesting)
     if r < 0.6 and isinstance(old, (int, float)) and not isinstance(old, bool) and math.isfinite(old):
         return rng.choice([old + 1, old - 1, old * 2, -old, old // 2 if isinstance(old, int) else old / 2,
                            old + rng.randint(-1000, 1000), int(old) * 2 ** rng.randint(1, 40)])
@@ -48,8 +48,8 @@ def value(rng: random.Random, old=None):
     if r < 0.8:
         return rng.randint(-2 ** 64, 2 ** 64)
     if r < 0.9:
-        return "".join(rng.choice("abcxyz.0129-/\u00e9\u4e2d") for _ in range(rng.randint(0, 12)))
-    return [value(rng) for _ in range(rng.randint(0, 4))]
+        return "".join(rng.choice("abcxyz.0129-\u00e9\u4e2d") for _ in range(rng.randint(0, 12)))
+    return [value(rng, interesting=interesting) for _ in range(rng.randint(0, 4))]
 
 
 def _paths(obj, prefix=()):
@@ -68,9 +68,10 @@ def _get(obj, path):
     return obj
 
 
-def mutate_json(obj, rng: random.Random, focus: tuple = (), new_keys=("extra", "x")):
-    """A copy of ``obj`` with one place (under ``focus`` if it exists) edited: a value replaced,
-    a key deleted or added (named from ``new_keys``), a list shortened or grown."""
+def mutate_json(obj, rng: random.Random, focus: tuple = (), new_keys=("extra", "x"), interesting=INTERESTING):
+    """A copy of ``obj`` with one place (under ``focus`` if it exists) edited: a value replaced
+    (see :func:`value`), a key deleted or added (named from ``new_keys``), a list shortened or
+    grown."""
     obj = json.loads(json.dumps(obj))
     try:
         root = _get(obj, focus)
@@ -78,22 +79,22 @@ def mutate_json(obj, rng: random.Random, focus: tuple = (), new_keys=("extra", "
         root, focus = obj, ()
     path = focus + rng.choice(list(_paths(root)))
     if not path:
-        return value(rng) if rng.random() < 0.2 else obj
+        return value(rng, interesting=interesting) if rng.random() < 0.2 else obj
     parent, key = _get(obj, path[:-1]), path[-1]
     op = rng.random()
     if op < 0.7:
-        parent[key] = value(rng, parent[key])
+        parent[key] = value(rng, parent[key], interesting)
     elif op < 0.8:
         del parent[key]
     elif op < 0.9 and isinstance(parent, dict):
-        parent[rng.choice(new_keys)] = value(rng)
+        parent[rng.choice(new_keys)] = value(rng, interesting=interesting)
     elif isinstance(parent, list):
         if rng.random() < 0.5:
             parent.append(json.loads(json.dumps(parent[key])))
         else:
-            parent.insert(rng.randint(0, len(parent)), value(rng))
+            parent.insert(rng.randint(0, len(parent)), value(rng, interesting=interesting))
     else:
-        parent[key] = value(rng)
+        parent[key] = value(rng, interesting=interesting)
     return obj
 
 

@@ -52,9 +52,14 @@ import time
 import zlib
 from pathlib import Path
 
+from fuzz_harness import CATS, format_table, vm_hwm_mb
+from fuzz_harness import bytes_edit as _bytes_edit
+from fuzz_harness import deep_text as _deep_text
+from fuzz_harness import dumps as _dumps
+from fuzz_harness import mutate_json as _mutate_json
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "kvserve" / "data"
-CATS = ["tried", "rejected", "accepted", "silently_wrong", "foreign", "crash", "hang"]
 TARGETS = ["bundle", "library", "channel"]
 INTERESTING = [0, 1, -1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 64, 255, 256, 4095, 4096, 65535, 65536,
                2 ** 20, 2 ** 30, 2 ** 31 - 1, 2 ** 31, 2 ** 32, 2 ** 34, 2 ** 40, 2 ** 53, 2 ** 63 - 1, 2 ** 63, 2 ** 64,
@@ -104,6 +109,13 @@ def build_seeds() -> list[bytes]:
 # ------------------------------------------------------------------ bundle mutation
 
 
+def mutate_json(obj, rng: random.Random, focus: tuple = ()):
+    """:func:`fuzz_harness.mutate_json` with this script's constants and new keys."""
+    return _mutate_json(obj, rng, focus, new_keys=["extra", "profile", "meta", "dtype", "layers", "parts", "x"],
+                        interesting=INTERESTING)
+
+
+
 def split_bundle(b: bytes):
     """(fixed fields, header bytes, payload) without validation (None if the frame is too short)."""
     from kvserve.pipeline import _FIXED, FIXED_SIZE
@@ -125,111 +137,6 @@ def refit(fields, header: bytes, payload: bytes, fix_lengths: bool = True) -> by
     f = [f[0], f[1] & 0xFF, f[2] & 0xFF, f[3] & 0xFFFF, f[4] & 0xFFFFFFFF, f[5] & (2 ** 64 - 1)]
     out = _FIXED.pack(*f) + header + payload
     return out + struct.pack("<I", zlib.crc32(out) & 0xFFFFFFFF)
-
-
-def _value(rng: random.Random, old=None):
-    r = rng.random()
-    if r < 0.45:
-        return rng.choice(INTERESTING)
-    if r < 0.6 and isinstance(old, (int, float)) and not isinstance(old, bool) and math.isfinite(old):
-        return rng.choice([old + 1, old - 1, old * 2, -old, old // 2 if isinstance(old, int) else old / 2,
-                           old + rng.randint(-1000, 1000), int(old) * 2 ** rng.randint(1, 40)])
-    if r < 0.7:  # nested lists (built without recursion; deeper nesting: the "deep" text edit)
-        out: list = []
-        for _ in range(rng.choice([2, 10, 100])):
-            out = [out]
-        return out
-    if r < 0.8:
-        return rng.randint(-2 ** 64, 2 ** 64)
-    if r < 0.9:
-        return "".join(rng.choice("abcxyz.0129-\u00e9\u4e2d") for _ in range(rng.randint(0, 12)))
-    return [_value(rng) for _ in range(rng.randint(0, 4))]
-
-
-def _paths(obj, prefix=()):
-    yield prefix
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _paths(v, prefix + (i,))
-
-
-def _get(obj, path):
-    for p in path:
-        obj = obj[p]
-    return obj
-
-
-def mutate_json(obj, rng: random.Random, focus: tuple = ()):
-    """Edit one place of a JSON document (under ``focus`` if it exists): replace a value,
-    delete or add a key, shorten or grow a list. Returns the edited copy."""
-    obj = json.loads(json.dumps(obj))
-    try:
-        root = _get(obj, focus)
-    except (KeyError, IndexError, TypeError):
-        root, focus = obj, ()
-    paths = list(_paths(root))
-    path = focus + rng.choice(paths)
-    if not path:
-        return _value(rng) if rng.random() < 0.2 else obj
-    parent, key = _get(obj, path[:-1]), path[-1]
-    op = rng.random()
-    if op < 0.7:
-        parent[key] = _value(rng, parent[key])
-    elif op < 0.8:
-        del parent[key]
-    elif op < 0.9 and isinstance(parent, dict):
-        parent[rng.choice(["extra", "profile", "meta", "dtype", "layers", "parts", "x"])] = _value(rng)
-    elif isinstance(parent, list):
-        if rng.random() < 0.5:
-            parent.append(json.loads(json.dumps(parent[key])))
-        else:
-            parent.insert(rng.randint(0, len(parent)), _value(rng))
-    else:
-        parent[key] = _value(rng)
-    return obj
-
-
-def _dumps(obj) -> bytes:
-    try:
-        return json.dumps(obj, separators=(",", ":")).encode("utf-8", "surrogatepass")
-    except (ValueError, RecursionError):
-        return b"{}"
-
-
-def _deep_text(text: bytes, rng: random.Random) -> bytes:
-    """Replace one JSON value (after a ``:`` or ``[``) with arrays nested 1,000-100,000 deep."""
-    spots = [i + 1 for i, c in enumerate(text) if c in b":["] or [0]
-    i = rng.choice(spots)
-    depth = rng.choice([1000, 5000, 100_000])
-    return text[:i] + b"[" * depth + b"]" * depth + b"," + text[i:]
-
-
-def _bytes_edit(b: bytes, rng: random.Random) -> bytes:
-    b = bytearray(b)
-    op = rng.random()
-    if not b:
-        return bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 16)))
-    if op < 0.35:
-        for _ in range(rng.randint(1, 8)):
-            i = rng.randrange(len(b))
-            b[i] ^= 1 << rng.randrange(8)
-    elif op < 0.6:
-        i = rng.randrange(len(b))
-        n = rng.randint(1, 64)
-        fill = rng.choice([b"\x00", b"\xff", None])
-        b[i:i + n] = (fill * n) if fill else bytes(rng.getrandbits(8) for _ in range(n))
-    elif op < 0.75:
-        del b[rng.randrange(len(b)):]
-    elif op < 0.85:
-        b += bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64)))
-    else:
-        i, j = sorted(rng.randrange(len(b) + 1) for _ in range(2))
-        k = rng.randrange(len(b) + 1)
-        b[k:k] = b[i:j]
-    return bytes(b)
 
 
 def mutate_bundle(seeds: list[bytes], rng: random.Random) -> tuple[str, bytes, bytes, bool]:
@@ -557,14 +464,6 @@ def worker(wid: int, target: str, seed: int, start: int, end: int, counts, progr
     findings.close()
 
 
-def vm_hwm_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return 0.0
-
-
 def run_target(target: str, n: int, args, out_dir: str) -> dict:
     ctx = mp.get_context("spawn")
     per = -(-n // args.workers)
@@ -675,17 +574,6 @@ def main(argv=None) -> int:
     print(format_table(rows))
     print(f"findings: {len(findings)} (written to {args.out}/fuzz_kvserve.json)")
     return 0
-
-
-def format_table(rows) -> str:
-    head = "| target | " + " | ".join(CATS) + " | peak MB / worker | seconds |"
-    lines = [head, "|" + "---|" * (len(CATS) + 3)]
-    for r in rows:
-        lines.append(f"| {r['target']} | " + " | ".join(str(r[c]) for c in CATS)
-                     + f" | {max(r['peak_mb_per_worker'] or [0]):.0f} | {r['seconds']:.0f} |")
-    tot = {c: sum(r[c] for r in rows) for c in CATS}
-    lines.append("| **all** | " + " | ".join(str(tot[c]) for c in CATS) + " | | |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
