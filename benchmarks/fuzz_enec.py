@@ -43,7 +43,6 @@ import random
 import struct
 import sys
 import tempfile
-import time
 import zlib
 from pathlib import Path
 
@@ -185,11 +184,15 @@ def _rechecksum(b: bytearray) -> None:
     _recrc(b)
 
 
+def _pick(seeds: list[bytes], rng: random.Random, kinds: list[str]) -> tuple[int, bytes, str]:
+    si = rng.randrange(len(seeds))
+    return si, seeds[si], rng.choice(kinds)
+
+
 def mutate_stream(seeds: list[bytes], rng: random.Random) -> tuple[str, bytes, int, bool]:
     """-> (kind, input, seed index, refit: whether checksums were made right again)."""
-    si = rng.randrange(len(seeds))
-    seed = seeds[si]
-    kind = rng.choice(["bytes", "bytes", "header", "shape", "table", "block_head", "block", "splice", "stack"])
+    si, seed, kind = _pick(seeds, rng, ["bytes", "bytes", "header", "shape", "table", "block_head", "block", "splice",
+                                        "stack"])
     if kind == "bytes":
         return kind, fh.bytes_edit(seed, rng), si, False
     b = bytearray(seed)
@@ -302,9 +305,7 @@ def _put_table(f: bytearray, meta, jlen: int, text: bytes | None = None) -> None
 
 
 def mutate_file(seeds: list[bytes], rng: random.Random) -> tuple[str, bytes, int, bool]:
-    si = rng.randrange(len(seeds))
-    seed = seeds[si]
-    kind = rng.choice(["bytes", "bytes", "table", "tensors", "header", "lie", "stream", "raw", "deep"])
+    si, seed, kind = _pick(seeds, rng, ["bytes", "bytes", "table", "tensors", "header", "lie", "stream", "raw", "deep"])
     if kind == "bytes":
         return kind, fh.bytes_edit(seed, rng), si, False
     f = bytearray(seed)
@@ -465,33 +466,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=int, default=70_000)
     ap.add_argument("--files", type=int, default=30_000)
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hang-s", type=float, default=20.0)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--selftest", action="store_true", help="inject a crash (input 3) and a hang (input 7)")
+    fh.add_arguments(ap, workers=1)
     args = ap.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    work = tempfile.mkdtemp(prefix="fuzz-enec-")
-    rows = []
-    for target, n in (("stream", args.streams), ("file", args.files)):
-        if n > 0:
-            print(f"{target}: {n} inputs, {args.workers} worker(s)", flush=True)
-            rows.append(fh.run_target("fuzz_enec", target, n, seed=args.seed, workers=args.workers, hang_s=args.hang_s,
-                                      out_dir=work, selftest=args.selftest))
-    found = fh.findings(work)
-    for d in Path(work).glob("findings-*"):
-        if d.is_dir():
-            dst = Path(args.out) / "fuzz_enec_findings"
-            dst.mkdir(exist_ok=True)
-            for f in d.iterdir():
-                (dst / f.name).write_bytes(f.read_bytes())
-    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seed": args.seed, "hang_s": args.hang_s,
-           "workers": args.workers, "loadavg": os.getloadavg(), "results": rows, "findings": found[:500],
-           "method": __doc__.split("\n\n", 2)[2][:4000]}
-    Path(args.out, "fuzz_enec.json").write_text(json.dumps(res, indent=1))
-    print(fh.format_table(rows))
-    print(f"findings: {len(found)} (written to {args.out}/fuzz_enec.json)")
+    rows, work = fh.run_all("fuzz_enec", [("stream", args.streams), ("file", args.files)], args)
+    fh.report(work, args.out, "fuzz_enec", rows, {"seed": args.seed, "hang_s": args.hang_s, "workers": args.workers,
+                                                  "method": __doc__.split("\n\n", 2)[2][:4000]})
     return 0
 
 

@@ -1,8 +1,9 @@
 """What the fuzz scripts share (not in CI): deterministic mutations of bytes and JSON, and a
 watchdog that runs inputs in worker processes and counts crashes and hangs.
 
-A fuzz script defines ``build(target, seed)`` state once per worker and ``one(state, i, rng)``
-returning ``(kind, outcome, why, data)`` for input ``i`` (``rng`` is seeded from the run's
+A fuzz script defines ``build(target, options)`` state once per worker, ``one(state, i, rng)``
+returning ``(kind, outcome, why, data)`` for input ``i`` and, optionally, ``finish(state)``
+returning problems found after the last input (each counted as ``foreign``) (``rng`` is seeded from the run's
 seed, the target and ``i``, so every input can be rebuilt alone); :func:`run_target` runs
 ``start..end`` ranges of inputs on ``workers`` processes. A worker that dies counts its
 current input as a ``crash``, one input running longer than ``hang_s`` is killed and counted
@@ -177,6 +178,10 @@ def _worker(module: str, target: str, seed: int, wid: int, start: int, end: int,
                 (found / f"{target}-{i}.bin").write_bytes(data)
                 log.write(json.dumps({"target": target, "index": i, "kind": kind, "outcome": cat, "why": why}) + "\n")
                 log.flush()
+        for why in getattr(mod, "finish", lambda state: [])(state):  # e.g. a server's log, read at the end
+            counts[CATS.index("foreign")] += 1
+            log.write(json.dumps({"target": target, "index": -1, "kind": "finish", "outcome": "foreign",
+                                  "why": why[:300]}) + "\n")
     (Path(out_dir) / f"kinds-{target}-{wid}-{start}.json").write_text(json.dumps(by_kind))
     progress[0], progress[1] = end, time.time()
 
@@ -256,12 +261,55 @@ def run_target(module: str, target: str, n: int, *, seed: int, workers: int, han
             "worker_restarts": sum(s["restarts"] for s in slots)}
 
 
+def add_arguments(ap, workers: int) -> None:
+    """The options every fuzz script takes (beside its per-target input counts)."""
+    ap.add_argument("--workers", type=int, default=workers)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hang-s", type=float, default=20.0)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--selftest", action="store_true", help="inject a crash (input 3) and a hang (input 7)")
+
+
+def run_all(module: str, targets: list[tuple[str, int]], args, options: dict | None = None) -> tuple[list[dict], str]:
+    """Each ``(target, n)`` with ``n > 0`` through :func:`run_target`; returns the rows and the
+    scratch folder the workers wrote to."""
+    import tempfile
+
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f"{module}-")
+    rows = []
+    for target, n in targets:
+        if n > 0:
+            print(f"{target}: {n} inputs, {args.workers} worker(s)", flush=True)
+            rows.append(run_target(module, target, n, seed=args.seed, workers=args.workers, hang_s=args.hang_s,
+                                   out_dir=work, options=options, selftest=args.selftest))
+    return rows, work
+
+
 def findings(out_dir: str) -> list[dict]:
     """Every finding the workers and the watchdog logged under ``out_dir``."""
     out = []
     for p in sorted(Path(out_dir).glob("findings-*.jsonl")):
         out += [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
     return out
+
+
+def report(work: str, out: str, name: str, rows: list[dict], meta: dict) -> list[dict]:
+    """Write ``<out>/<name>.json`` (``meta``, the date, load average, rows and findings), copy
+    the inputs of findings to ``<out>/<name>_findings/``, print the table; returns the findings."""
+    found = findings(work)
+    for saved in Path(work).glob("findings-*"):
+        if saved.is_dir():
+            dst = Path(out) / f"{name}_findings"
+            dst.mkdir(exist_ok=True)
+            for f in saved.iterdir():
+                (dst / f.name).write_bytes(f.read_bytes())
+    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **meta, "loadavg": os.getloadavg(),
+           "results": rows, "findings": found[:500]}
+    Path(out, f"{name}.json").write_text(json.dumps(res, indent=1))
+    print(format_table(rows))
+    print(f"findings: {len(found)} (written to {out}/{name}.json)")
+    return found
 
 
 def format_table(rows) -> str:
