@@ -465,6 +465,7 @@ def _cli_cases(f: dict) -> list[list[str]]:
         ["decompress", str(d / "empty")],
         ["info", str(d / "garbage.enec")], ["info", str(d / "lying-raw-4gib.enec")],
         ["info", str(d / "nested-table.enec")], ["info", str(d / "empty")], ["info", str(f["fifo"])],
+        ["bench", "--threads", "0"], ["bench", "--repeat", "x"],
     ]
 
 
