@@ -143,11 +143,6 @@ FORGED = {"lying-raw-4gib.enec": lying_raw, "lying-stream-4gib.enec": lying_stre
           "relabelled-header-rechecksummed.enec": lambda: relabelled(True)}
 
 
-@pytest.mark.parametrize("name", sorted(FORGED))
-def test_committed_forgeries_are_the_documented_ones(name):
-    assert (ADV / name).read_bytes() == FORGED[name](), f"regenerate {name} with write_adversarial()"
-
-
 def write_adversarial() -> None:  # pragma: no cover - run by hand when a forgery changes
     for name, make in FORGED.items():
         (ADV / name).write_bytes(make())
@@ -512,25 +507,38 @@ def test_cli_bad_input_is_one_line(files):
 # ------------------------------------------------------------------------------ found by benchmarks/fuzz_enec.py
 
 
+def huge_dimension_stream() -> bytes:
+    """A bf16 stream of shape (0, 2**64-1) with a right CRC: numel 0 is the product."""
+    import torch
+
+    from enec.format import HEADER
+
+    blob = bytearray(enec.compress(torch.zeros(0, 5, dtype=torch.bfloat16)))
+    struct.pack_into("<Q", blob, HEADER.size + 8, (1 << 64) - 1)
+    crc_pos = HEADER.size + 8 * 2 + 8  # two dimensions, no blocks: one offset, no checksums
+    struct.pack_into("<I", blob, crc_pos, zlib.crc32(bytes(blob[:crc_pos])))
+    return bytes(blob)
+
+
+FORGED["stream-dimension-2-64.enec"] = huge_dimension_stream
+
+
 def test_stream_dimension_of_2_63_or_more_is_rejected():
     """fuzz_enec: a stream of shape (0, 2**64-1) has numel 0 = the product, so it passed
     parse_header and torch.empty raised TypeError (overflow)."""
-    from enec.format import HEADER
-
-    blob = bytearray(enec.compress(torch_empty_2d()))
-    ndim = blob[6]
-    assert ndim == 2
-    struct.pack_into("<Q", blob, HEADER.size + 8, (1 << 64) - 1)
-    crc_pos = HEADER.size + 8 * ndim + 8  # no blocks: one offset, no checksums
-    struct.pack_into("<I", blob, crc_pos, zlib.crc32(bytes(blob[:crc_pos])))
     with pytest.raises(enec.EnecError, match="dimension"):
-        enec.decompress(bytes(blob))
+        enec.decompress((ADV / "stream-dimension-2-64.enec").read_bytes())
 
 
-def torch_empty_2d():
+def one_offset_header() -> bytes:
+    """A raw uint8 tensor whose embedded header entry has one data offset (CRCs right)."""
     import torch
 
-    return torch.zeros(0, 5, dtype=torch.bfloat16)
+    entry = {"dtype": "U8", "shape": [3], "data_offsets": [0]}
+    return forge(_saved({"x": torch.arange(3, dtype=torch.uint8)}), header=lambda h: h.update(x=entry))
+
+
+FORGED["header-one-offset.enec"] = one_offset_header
 
 
 @pytest.mark.parametrize("entry", [{"dtype": "U8", "shape": [3], "data_offsets": [0]},
@@ -549,3 +557,8 @@ def test_odd_safetensors_header_entries_are_rejected(entry, tmp_path):
     for reader, read in READERS.items():
         with pytest.raises(enec.EnecError):
             read(path)
+
+
+@pytest.mark.parametrize("name", sorted(FORGED))
+def test_committed_forgeries_are_the_documented_ones(name):
+    assert (ADV / name).read_bytes() == FORGED[name](), f"regenerate {name} with write_adversarial()"
