@@ -234,8 +234,11 @@ class Output:
         except FileExistsError:
             _release_signals()
             raise EnecError(f"{self.tmp} exists: another enec process writes {self.path}?") from None
-        except BaseException:
-            _release_signals()
+        except BaseException:  # e.g. a signal right after the temporary was made: remove it
+            try:
+                self._discard()
+            finally:
+                _release_signals()
             raise
         return self
 
