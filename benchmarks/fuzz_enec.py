@@ -325,6 +325,8 @@ def mutate_file(seeds: list[bytes], rng: random.Random) -> tuple[str, bytes, int
         except ValueError:
             header = {}
         names = [k for k in header if k != "__metadata__"]
+        if kind == "lie":  # only entries that can be scaled (a hostile seed may hold others)
+            names = [k for k in names if _scalable(header[k])]
         if kind == "lie" and names:  # a size claim that lies, with consistent offsets and source size
             name = rng.choice(names)
             e = header[name]
@@ -356,6 +358,15 @@ def mutate_file(seeds: list[bytes], rng: random.Random) -> tuple[str, bytes, int
                 t["crc32"] = zlib.crc32(bytes(f[lo:lo + n]))
                 _put_table(f, meta, jlen)
     return kind, bytes(f), si, True
+
+
+def _scalable(e) -> bool:
+    """A header entry with integer dimensions and two integer offsets."""
+    try:
+        return (all(isinstance(d, int) for d in e["shape"]) and len(e["data_offsets"]) == 2
+                and all(isinstance(o, int) for o in e["data_offsets"]))
+    except (KeyError, TypeError):
+        return False
 
 
 READERS = ["load_file", "load_file_small", "decompress_file", "iter_streamed", "iter_streamed_keep", "info"]
