@@ -36,12 +36,10 @@ every finding that is not rejected/accepted are saved under ``<out>/fuzz_kvserve
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import hmac
 import json
 import math
-import multiprocessing as mp
 import os
 import random
 import socket
@@ -52,9 +50,14 @@ import time
 import zlib
 from pathlib import Path
 
+import fuzz_harness as fh
+from fuzz_harness import bytes_edit as _bytes_edit
+from fuzz_harness import deep_text as _deep_text
+from fuzz_harness import dumps as _dumps
+from fuzz_harness import mutate_json as _mutate_json
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "kvserve" / "data"
-CATS = ["tried", "rejected", "accepted", "silently_wrong", "foreign", "crash", "hang"]
 TARGETS = ["bundle", "library", "channel"]
 INTERESTING = [0, 1, -1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 64, 255, 256, 4095, 4096, 65535, 65536,
                2 ** 20, 2 ** 30, 2 ** 31 - 1, 2 ** 31, 2 ** 32, 2 ** 34, 2 ** 40, 2 ** 53, 2 ** 63 - 1, 2 ** 63, 2 ** 64,
@@ -104,6 +107,13 @@ def build_seeds() -> list[bytes]:
 # ------------------------------------------------------------------ bundle mutation
 
 
+def mutate_json(obj, rng: random.Random, focus: tuple = ()):
+    """:func:`fuzz_harness.mutate_json` with this script's constants and new keys."""
+    return _mutate_json(obj, rng, focus, new_keys=["extra", "profile", "meta", "dtype", "layers", "parts", "x"],
+                        interesting=INTERESTING)
+
+
+
 def split_bundle(b: bytes):
     """(fixed fields, header bytes, payload) without validation (None if the frame is too short)."""
     from kvserve.pipeline import _FIXED, FIXED_SIZE
@@ -125,111 +135,6 @@ def refit(fields, header: bytes, payload: bytes, fix_lengths: bool = True) -> by
     f = [f[0], f[1] & 0xFF, f[2] & 0xFF, f[3] & 0xFFFF, f[4] & 0xFFFFFFFF, f[5] & (2 ** 64 - 1)]
     out = _FIXED.pack(*f) + header + payload
     return out + struct.pack("<I", zlib.crc32(out) & 0xFFFFFFFF)
-
-
-def _value(rng: random.Random, old=None):
-    r = rng.random()
-    if r < 0.45:
-        return rng.choice(INTERESTING)
-    if r < 0.6 and isinstance(old, (int, float)) and not isinstance(old, bool) and math.isfinite(old):
-        return rng.choice([old + 1, old - 1, old * 2, -old, old // 2 if isinstance(old, int) else old / 2,
-                           old + rng.randint(-1000, 1000), int(old) * 2 ** rng.randint(1, 40)])
-    if r < 0.7:  # nested lists (built without recursion; deeper nesting: the "deep" text edit)
-        out: list = []
-        for _ in range(rng.choice([2, 10, 100])):
-            out = [out]
-        return out
-    if r < 0.8:
-        return rng.randint(-2 ** 64, 2 ** 64)
-    if r < 0.9:
-        return "".join(rng.choice("abcxyz.0129-\u00e9\u4e2d") for _ in range(rng.randint(0, 12)))
-    return [_value(rng) for _ in range(rng.randint(0, 4))]
-
-
-def _paths(obj, prefix=()):
-    yield prefix
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _paths(v, prefix + (i,))
-
-
-def _get(obj, path):
-    for p in path:
-        obj = obj[p]
-    return obj
-
-
-def mutate_json(obj, rng: random.Random, focus: tuple = ()):
-    """Edit one place of a JSON document (under ``focus`` if it exists): replace a value,
-    delete or add a key, shorten or grow a list. Returns the edited copy."""
-    obj = json.loads(json.dumps(obj))
-    try:
-        root = _get(obj, focus)
-    except (KeyError, IndexError, TypeError):
-        root, focus = obj, ()
-    paths = list(_paths(root))
-    path = focus + rng.choice(paths)
-    if not path:
-        return _value(rng) if rng.random() < 0.2 else obj
-    parent, key = _get(obj, path[:-1]), path[-1]
-    op = rng.random()
-    if op < 0.7:
-        parent[key] = _value(rng, parent[key])
-    elif op < 0.8:
-        del parent[key]
-    elif op < 0.9 and isinstance(parent, dict):
-        parent[rng.choice(["extra", "profile", "meta", "dtype", "layers", "parts", "x"])] = _value(rng)
-    elif isinstance(parent, list):
-        if rng.random() < 0.5:
-            parent.append(json.loads(json.dumps(parent[key])))
-        else:
-            parent.insert(rng.randint(0, len(parent)), _value(rng))
-    else:
-        parent[key] = _value(rng)
-    return obj
-
-
-def _dumps(obj) -> bytes:
-    try:
-        return json.dumps(obj, separators=(",", ":")).encode("utf-8", "surrogatepass")
-    except (ValueError, RecursionError):
-        return b"{}"
-
-
-def _deep_text(text: bytes, rng: random.Random) -> bytes:
-    """Replace one JSON value (after a ``:`` or ``[``) with arrays nested 1,000-100,000 deep."""
-    spots = [i + 1 for i, c in enumerate(text) if c in b":["] or [0]
-    i = rng.choice(spots)
-    depth = rng.choice([1000, 5000, 100_000])
-    return text[:i] + b"[" * depth + b"]" * depth + b"," + text[i:]
-
-
-def _bytes_edit(b: bytes, rng: random.Random) -> bytes:
-    b = bytearray(b)
-    op = rng.random()
-    if not b:
-        return bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 16)))
-    if op < 0.35:
-        for _ in range(rng.randint(1, 8)):
-            i = rng.randrange(len(b))
-            b[i] ^= 1 << rng.randrange(8)
-    elif op < 0.6:
-        i = rng.randrange(len(b))
-        n = rng.randint(1, 64)
-        fill = rng.choice([b"\x00", b"\xff", None])
-        b[i:i + n] = (fill * n) if fill else bytes(rng.getrandbits(8) for _ in range(n))
-    elif op < 0.75:
-        del b[rng.randrange(len(b)):]
-    elif op < 0.85:
-        b += bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64)))
-    else:
-        i, j = sorted(rng.randrange(len(b) + 1) for _ in range(2))
-        k = rng.randrange(len(b) + 1)
-        b[k:k] = b[i:j]
-    return bytes(b)
 
 
 def mutate_bundle(seeds: list[bytes], rng: random.Random) -> tuple[str, bytes, bytes, bool]:
@@ -489,151 +394,46 @@ def healthy(srv) -> bool:
 # ------------------------------------------------------------------ workers
 
 
-def worker(wid: int, target: str, seed: int, start: int, end: int, counts, progress, out_dir: str, max_bytes: int,
-           selftest: bool = False):
-    """Runs inputs ``start..end-1`` of ``target``; counts go to the shared array ``counts``,
-    the current index and its start time to ``progress`` (the parent's watchdog). With
-    ``selftest``, input 3 kills the process (SIGABRT) and input 7 sleeps: the watchdog
-    must count one crash and one hang."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-
+def build(target: str, options: dict) -> dict:
+    """A worker's state (fuzz_harness): seeds, the library, a scratch file, the server."""
     import numba
+    import torch
 
     torch.set_num_threads(1)
     numba.set_num_threads(1)  # codec threads are per call; this bounds numba's own default
-    seeds = build_seeds()
-    findings = open(Path(out_dir) / f"findings-{target}-{wid}.jsonl", "a")
     lib_text = (ROOT / "src" / "kvserve" / "library" / "smollm2.json").read_text()
-    lib = json.loads(lib_text)
-    tmp = tempfile.NamedTemporaryFile(prefix="fuzz-lib-", suffix=".json", delete=False, dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    tmp = tempfile.NamedTemporaryFile(prefix="fuzz-lib-", suffix=".json", delete=False,
+                                      dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     tmp.close()
-    srv = channel_server(max_bytes) if target == "channel" else None
-    by_kind: dict[str, dict[str, int]] = {}
-    for i in range(start, end):
-        progress[0], progress[1] = i, time.time()
-        rng = random.Random(f"{seed}-{target}-{i}")
-        if selftest and i == 3:
-            os.abort()
-        if selftest and i == 7:
-            time.sleep(3600)
-        try:
-            if target == "bundle":
-                kind, blob, s, refitted = mutate_bundle(seeds, rng)
-                cat, why = classify_decode(blob, s, refitted, max_bytes)
-                data = blob
-            elif target == "library":
-                kind, data = "library", mutate_library(lib, lib_text, rng)
-                cat, why = classify_library(data, tmp.name)
-            else:
-                kind, spec = channel_input(seeds, rng)
-                cat, why = classify_channel(srv, kind, spec)
-                data = spec.get("data") or spec.get("payload", b"")
-                if (i + 1) % 500 == 0 and not healthy(srv):
-                    cat, why = "hang", "the server stopped serving genuine requests"
-        except Exception as exc:  # noqa: BLE001 - the harness itself must not die silently
-            kind, cat, why, data = "harness", "foreign", f"harness: {type(exc).__name__}: {exc}", b""
-        counts[CATS.index("tried")] += 1
-        counts[CATS.index(cat)] += 1
-        k = by_kind.setdefault(kind, {})
-        k[cat] = k.get(cat, 0) + 1
-        if cat not in ("rejected", "accepted"):
-            name = f"{target}-{i}.bin"
-            (Path(out_dir) / "fuzz_kvserve_findings").mkdir(exist_ok=True)
-            (Path(out_dir) / "fuzz_kvserve_findings" / name).write_bytes(data)
-            findings.write(json.dumps({"target": target, "index": i, "kind": kind, "outcome": cat, "why": why}) + "\n")
-            findings.flush()
-    (Path(out_dir) / f"kinds-{target}-{wid}-{start}.json").write_text(json.dumps(by_kind))
-    progress[0], progress[1] = end, time.time()
-    os.unlink(tmp.name)
-    if srv is not None:
-        srv.stop()
-        lines = list(srv.rejected)
-        odd = [r for r in lines if r.split(": ")[1] not in KNOWN_REJECTIONS]
-        for r in odd:
-            findings.write(json.dumps({"target": target, "index": -1, "kind": "server-log", "outcome": "foreign",
-                                       "why": r[:300]}) + "\n")
-        counts[CATS.index("foreign")] += len(odd)
-    findings.close()
+    return {"seeds": build_seeds(), "lib_text": lib_text, "lib": json.loads(lib_text), "tmp": tmp.name,
+            "max_bytes": options["max_bytes"], "target": target,
+            "srv": channel_server(options["max_bytes"]) if target == "channel" else None}
 
 
-def vm_hwm_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return 0.0
+def one(state: dict, i: int, rng: random.Random) -> tuple[str, str, str, bytes]:
+    """Input ``i`` of the worker's target: (mutation kind, outcome, why, the input's bytes)."""
+    seeds, target = state["seeds"], state["target"]
+    if target == "bundle":
+        kind, blob, s, refitted = mutate_bundle(seeds, rng)
+        return (kind, *classify_decode(blob, s, refitted, state["max_bytes"]), blob)
+    if target == "library":
+        data = mutate_library(state["lib"], state["lib_text"], rng)
+        return ("library", *classify_library(data, state["tmp"]), data)
+    kind, spec = channel_input(seeds, rng)
+    cat, why = classify_channel(state["srv"], kind, spec)
+    if (i + 1) % 500 == 0 and not healthy(state["srv"]):
+        cat, why = "hang", "the server stopped serving genuine requests"
+    return kind, cat, why, spec.get("data") or spec.get("payload", b"")
 
 
-def run_target(target: str, n: int, args, out_dir: str) -> dict:
-    ctx = mp.get_context("spawn")
-    per = -(-n // args.workers)
-    ranges = [(w * per, min(n, (w + 1) * per)) for w in range(args.workers) if w * per < n]
-    slots = []
-    for wid, (a, b) in enumerate(ranges):
-        counts = ctx.Array(ctypes.c_longlong, len(CATS), lock=False)
-        progress = ctx.Array(ctypes.c_double, 2, lock=False)
-        slots.append({"wid": wid, "next": a, "end": b, "counts": counts, "progress": progress, "proc": None,
-                      "peak_mb": 0.0, "restarts": 0})
-    t0 = time.time()
-
-    def launch(s):
-        s["progress"][0], s["progress"][1] = s["next"], 0.0  # 0: starting up (imports, seeds), not timed
-        p = ctx.Process(target=worker, args=(s["wid"], target, args.seed, s["next"], s["end"], s["counts"],
-                                             s["progress"], out_dir, args.max_bytes, args.selftest), daemon=True)
-        p.start()
-        s["proc"] = p
-
-    for s in slots:
-        launch(s)
-    last_print = 0.0
-    while any(s["proc"] is not None for s in slots):
-        time.sleep(0.5)
-        for s in slots:
-            p = s["proc"]
-            if p is None:
-                continue
-            s["peak_mb"] = max(s["peak_mb"], vm_hwm_mb(p.pid))
-            i, since = int(s["progress"][0]), s["progress"][1]
-            if not p.is_alive():
-                p.join()
-                if p.exitcode == 0 and i >= s["end"]:
-                    s["proc"] = None
-                    continue
-                outcome, why = "crash", f"worker exit code {p.exitcode}"
-            elif i < s["end"] and since and time.time() - since > args.hang_s and i >= s["next"]:
-                p.kill()
-                p.join()
-                outcome, why = "hang", f"input still running after {args.hang_s} s"
-            else:
-                continue
-            # input i ended its worker: count it and go on after it in a fresh one
-            s["counts"][CATS.index("tried")] += 1
-            s["counts"][CATS.index(outcome)] += 1
-            _note(out_dir, target, i, outcome, why)
-            s["next"], s["restarts"] = i + 1, s["restarts"] + 1
-            s["proc"] = None
-            if s["next"] < s["end"]:
-                launch(s)
-        if time.time() - last_print > 30:
-            last_print = time.time()
-            done = sum(s["counts"][0] for s in slots)
-            print(f"  {target}: {done}/{n} in {time.time() - t0:.0f} s", flush=True)
-    totals = {c: int(sum(s["counts"][k] for s in slots)) for k, c in enumerate(CATS)}
-    by_kind: dict[str, dict[str, int]] = {}
-    for p in Path(out_dir).glob(f"kinds-{target}-*.json"):
-        for kind, cats in json.loads(p.read_text()).items():
-            for c, v in cats.items():
-                by_kind.setdefault(kind, {}).setdefault(c, 0)
-                by_kind[kind][c] += v
-    return {"target": target, **totals, "by_kind": by_kind, "seconds": round(time.time() - t0, 1),
-            "peak_mb_per_worker": [round(s["peak_mb"], 1) for s in slots],
-            "worker_restarts": sum(s["restarts"] for s in slots)}
-
-
-def _note(out_dir, target, i, outcome, why):
-    with open(Path(out_dir) / f"findings-{target}-parent.jsonl", "a") as f:
-        f.write(json.dumps({"target": target, "index": i, "kind": "?", "outcome": outcome, "why": why}) + "\n")
+def finish(state: dict) -> list[str]:
+    """The server's rejections that are not the package's own errors (each a foreign finding)."""
+    os.unlink(state["tmp"])
+    srv = state["srv"]
+    if srv is None:
+        return []
+    srv.stop()
+    return [r for r in list(srv.rejected) if r.split(": ")[1] not in KNOWN_REJECTIONS]
 
 
 def main(argv=None) -> int:
@@ -641,51 +441,15 @@ def main(argv=None) -> int:
     ap.add_argument("--bundles", type=int, default=100_000)
     ap.add_argument("--library", type=int, default=5_000)
     ap.add_argument("--channel", type=int, default=20_000)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-bytes", type=int, default=64 << 20, help="decode's max_bytes for bundles (default 64 MiB)")
-    ap.add_argument("--hang-s", type=float, default=20.0)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--selftest", action="store_true", help="inject a crash (input 3) and a hang (input 7)")
+    fh.add_arguments(ap, workers=2)
     args = ap.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    work = tempfile.mkdtemp(prefix="fuzz-kvserve-")
-    rows = []
-    for target, n in (("bundle", args.bundles), ("library", args.library), ("channel", args.channel)):
-        if n > 0:
-            print(f"{target}: {n} inputs, {args.workers} worker(s)", flush=True)
-            rows.append(run_target(target, n, args, work))
-    findings = []
-    for p in sorted(Path(work).glob("findings-*.jsonl")):
-        findings += [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-    saved = Path(work) / "fuzz_kvserve_findings"
-    if saved.is_dir():
-        dst = Path(args.out) / "fuzz_kvserve_findings"
-        dst.mkdir(exist_ok=True)
-        for f in saved.iterdir():
-            (dst / f.name).write_bytes(f.read_bytes())
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "seed": args.seed, "max_bytes": args.max_bytes,
-           "hang_s": args.hang_s, "workers": args.workers, "loadavg": load, "results": rows,
-           "findings": findings[:500], "method": __doc__.split("\n\n", 2)[2][:3000]}
-    Path(args.out, "fuzz_kvserve.json").write_text(json.dumps(res, indent=1))
-    print(format_table(rows))
-    print(f"findings: {len(findings)} (written to {args.out}/fuzz_kvserve.json)")
+    rows, work = fh.run_all("fuzz_kvserve", [("bundle", args.bundles), ("library", args.library),
+                                             ("channel", args.channel)], args, {"max_bytes": args.max_bytes})
+    fh.report(work, args.out, "fuzz_kvserve", rows, {"seed": args.seed, "max_bytes": args.max_bytes,
+                                                     "hang_s": args.hang_s, "workers": args.workers,
+                                                     "method": __doc__.split("\n\n", 2)[2][:3000]})
     return 0
-
-
-def format_table(rows) -> str:
-    head = "| target | " + " | ".join(CATS) + " | peak MB / worker | seconds |"
-    lines = [head, "|" + "---|" * (len(CATS) + 3)]
-    for r in rows:
-        lines.append(f"| {r['target']} | " + " | ".join(str(r[c]) for c in CATS)
-                     + f" | {max(r['peak_mb_per_worker'] or [0]):.0f} | {r['seconds']:.0f} |")
-    tot = {c: sum(r[c] for r in rows) for c in CATS}
-    lines.append("| **all** | " + " | ".join(str(tot[c]) for c in CATS) + " | | |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import EnecError
+
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
 
@@ -275,6 +277,8 @@ def main(args) -> int:
             os.execv(sys.executable, argv)
     import numba
 
+    if args.threads < 1 or args.repeat < 1:
+        raise EnecError(f"--threads and --repeat must be at least 1, got {args.threads} and {args.repeat}")
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     path = Path(args.weights) if args.weights else default_weights()
     rows = []

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .codec import Encoder, Prepared, compress, decompress, threads_set
+from .codec import Encoder, Prepared, check_threads, compress, decompress, threads_set
 from .errors import EnecError
-from .format import FLAG_NUMPY, HEADER, format_for, header_bytes, parse_header
-from .fileio import DEFAULT_BUFFER_BYTES, Input, Output, Pipeline, lead, slot_bytes
+from .format import FLAG_NUMPY, HEADER, format_for, header_bytes, min_stream_bytes, parse_header
+from .fileio import DEFAULT_BUFFER_BYTES, Input, Output, Pipeline, as_path, lead, slot_bytes
 
 MAGIC = b"ENECCKPT"
 VERSION = 1
@@ -32,6 +32,8 @@ PREFIX = struct.Struct("<8sIIQ")  # magic, version, crc32(json), json length
 ALIGN = 64
 MAX_JSON = 256 << 20
 MAX_ST_HEADER = 100 << 20
+MAX_DIM = 1 << 63  # dimensions are below this (torch and numpy index with int64)
+ST_HEADER_CRC = "safetensors_header_crc32"  # table key (source): CRC-32 of the embedded header
 
 # safetensors dtype -> (ENEC dtype name or None for raw, itemsize, torch dtype name)
 ST_DTYPES = {
@@ -98,15 +100,17 @@ def parse_safetensors_header(buf, size: int, what: str = "file") -> STLayout:
     base = 8 + hlen
     for name, e in header.items():
         try:
-            dtype, shape, (a, b) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
+            dtype, shape, (a, b) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+            hash(dtype)
         except (KeyError, TypeError, ValueError):
             raise EnecError(f"invalid safetensors {what}: bad entry for tensor {name!r}") from None
         if dtype not in ST_DTYPES:
             raise EnecError(f"unsupported safetensors dtype {dtype!r} (tensor {name!r})")
         n = 1
         for d in shape:
-            if d < 0:
-                raise EnecError(f"invalid safetensors {what}: negative dimension in {name!r}")
+            if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < MAX_DIM:
+                raise EnecError(f"invalid safetensors {what}: dimension {d!r} of {name!r} is not an integer "
+                                f"from 0 to 2**63-1")
             n *= d
         if not (isinstance(a, int) and isinstance(b, int)) or b - a != n * ST_DTYPES[dtype][1] or a < 0:
             raise EnecError(f"invalid safetensors {what}: offsets of {name!r} do not match its shape")
@@ -186,7 +190,10 @@ def read_checkpoint(buf, size: int, what: str = "checkpoint") -> Ckpt:
         source_size = int(src["size"])
         name = str(src["name"])
         sha = src.get("sha256")
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        st_crc = src.get(ST_HEADER_CRC)
+        if st_crc is not None and (isinstance(st_crc, bool) or not isinstance(st_crc, int)):
+            raise TypeError(f"{ST_HEADER_CRC} is not an integer")
+    except (ValueError, KeyError, TypeError, RecursionError, OverflowError) as exc:
         raise EnecError(f"corrupted ENEC checkpoint ({what}): bad table ({exc})") from None
     for e in [CkptEntry("<header>", "raw", hoff, hlen)] + entries:
         if e.codec not in ("enec", "raw") or e.offset < 0 or e.length < 0 or e.offset + e.length > size:
@@ -198,12 +205,34 @@ def read_checkpoint(buf, size: int, what: str = "checkpoint") -> Ckpt:
     if hoff + hlen > len(buf):
         raise EnecError(f"ENEC checkpoint ({what}): {len(buf)} bytes given, its header ends at {hoff + hlen}")
     st = bytes(buf[hoff : hoff + hlen])
+    if st_crc is not None and zlib.crc32(st) != st_crc:
+        raise EnecError(f"corrupted ENEC checkpoint ({what}): safetensors header checksum mismatch")
     layout = parse_safetensors_header(st, hlen + _st_data_bytes(st), f"header in {what}")
     if source_size != layout.data_start + sum(e.end - e.start for e in layout.entries):
         raise EnecError(f"corrupted ENEC checkpoint ({what}): source size does not match its header")
     if [e.name for e in entries] != [e.name for e in layout.entries]:
         raise EnecError(f"corrupted ENEC checkpoint ({what}): tensor table does not match the header")
+    for e, t in zip(entries, layout.entries):  # every size the header claims, against the bytes there
+        _check_entry_size(e, t, what)
     return Ckpt(name, source_size, sha, (hoff, hlen), layout, entries, size)
+
+
+def _check_entry_size(e: CkptEntry, st: STEntry, what: str) -> None:
+    """A raw entry holds exactly its tensor's bytes; a stream is at least as long as the
+    smallest valid stream of its tensor (so no claimed size can drive an allocation beyond
+    about twice the file). Checked for every entry before any reader allocates."""
+    n = st.end - st.start
+    if e.codec == "raw":
+        if e.length != n:
+            raise EnecError(f"corrupted ENEC checkpoint ({what}): raw tensor {e.name!r} holds {e.length} bytes, "
+                            f"its header says {n}")
+        return
+    fmt = _enec_format(st)
+    if fmt is None:
+        raise EnecError(f"corrupted ENEC checkpoint ({what}): tensor {e.name!r} of {st.dtype} cannot be ENEC-coded")
+    if e.length < min_stream_bytes(fmt, len(st.shape), n // fmt.itemsize):
+        raise EnecError(f"corrupted ENEC checkpoint ({what}): stream of {e.name!r} ({e.length} bytes) is too short "
+                        f"for the {n} bytes its header claims")
 
 
 MAX_HEAD = MAX_JSON + MAX_ST_HEADER  # the most bytes a valid table and safetensors header take
@@ -239,7 +268,7 @@ def read_head(inp: Input) -> Ckpt:
 
 def read_checkpoint_file(path) -> Ckpt:
     """The table of a ``.enec`` file (nothing past its safetensors header is read)."""
-    with Input(Path(path), sequential=False) as inp:
+    with Input(as_path(path), sequential=False) as inp:
         return read_head(inp)
 
 
@@ -250,7 +279,8 @@ def _st_data_bytes(st: bytes) -> int:
     try:
         header = json.loads(st[8:].decode("utf-8"))
         return max([0] + [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"])
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError, IndexError,
+            OverflowError):
         raise EnecError("corrupted ENEC checkpoint: embedded safetensors header is invalid") from None
 
 
@@ -272,12 +302,13 @@ def _decode_whole(data, e: CkptEntry, st: STEntry, out: np.ndarray, threads, ver
     if codec_dtype is None:
         raise EnecError(f"corrupted ENEC checkpoint: tensor {e.name!r} of {st.dtype} cannot be ENEC-coded")
     prep = Prepared(data)  # parses and validates the stream header once
-    _check_stream(prep.info, e, st)
+    check_stream(prep.info, e, st)
     with _aligned(out, itemsize) as target:
         prep.decode(target.view(f"<u{itemsize}"), threads=threads, verify=verify)
 
 
-def _check_stream(info, e: CkptEntry, st: STEntry) -> None:
+def check_stream(info, e: CkptEntry, st: STEntry) -> None:
+    """A stream's own dtype and shape must be those the safetensors header gives its tensor."""
     if info.fmt.name != ST_DTYPES[st.dtype][0] or tuple(info.shape) != tuple(st.shape):
         raise EnecError(f"corrupted ENEC checkpoint: stream of {e.name!r} does not match its header")
 
@@ -335,14 +366,11 @@ def _workers(threads: int | None) -> int:
     (workqueue) does not, and then one worker codes everything."""
     import numba
 
-    limit = numba.config.NUMBA_NUM_THREADS
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or not 1 <= threads <= limit):
-        raise EnecError(f"threads must be an integer from 1 to {limit}, got {threads!r}")
+    check_threads(threads)
     numba.get_num_threads()  # starts the threading layer, so that it can be named
     if numba.threading_layer() == "workqueue":
         return 1
-    return limit if threads is None else threads
+    return numba.config.NUMBA_NUM_THREADS if threads is None else int(threads)
 
 
 def _enec_format(st: STEntry):
@@ -403,13 +431,14 @@ class _ContainerWriter:
         self.pos += -self.pos % ALIGN
         return self.pos
 
-    def finish(self, source_name: str, source_size: int, sha: str | None, header: tuple[int, int]) -> int:
+    def finish(self, source_name: str, source_size: int, sha: str | None, header: tuple[int, int],
+               header_crc: int) -> int:
         """Write the table; returns the file size."""
         meta = {
             "format": "enec-checkpoint",
             "version": VERSION,
             "source": {"name": source_name, "size": source_size, "sha256": sha,
-                       "safetensors_header": list(header)},
+                       "safetensors_header": list(header), ST_HEADER_CRC: header_crc},
             "tensors": [{"name": e.name, "codec": e.codec, "offset": e.offset, "length": e.length,
                          **({"crc32": e.crc32} if e.crc32 is not None else {})} for e in self.entries],
         }
@@ -481,8 +510,8 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, 
     import time
 
     t_start = time.perf_counter()
-    src = Path(src)
-    dst = Path(dst) if dst is not None else src.with_suffix(".enec")
+    src = as_path(src, "source")
+    dst = as_path(dst, "output") if dst is not None else src.with_suffix(".enec")
     workers = _workers(threads)
     with Input(src) as inp:
         size = inp.size
@@ -563,7 +592,7 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, 
             with Pipeline(produce, slot, out, workers, hasher=sha.update) as pipe:
                 pipe.run(work, commit)
             bar.close()
-            stats["compressed_bytes"] = w.finish(src.name, size, sha.hexdigest(), hdr)
+            stats["compressed_bytes"] = w.finish(src.name, size, sha.hexdigest(), hdr, zlib.crc32(head))
     stats["seconds"] = time.perf_counter() - t_start
     return stats
 
@@ -596,7 +625,7 @@ def _decompress_plan(inp: Input, ck: Ckpt, slot: int):
         if ST_DTYPES[st.dtype][0] is None:
             raise EnecError(f"corrupted ENEC checkpoint: tensor {e.name!r} of {st.dtype} cannot be ENEC-coded")
         info = _stream_table(inp, e)
-        _check_stream(info, e, st)
+        check_stream(info, e, st)
         isz = info.fmt.itemsize
         per = max(1, room // (info.block_elems * isz))
         offs = info.offsets
@@ -719,11 +748,11 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike | None = None
     import time
 
     t_start = time.perf_counter()
-    src = Path(src)
+    src = as_path(src, "source")
     workers = _workers(threads)
     with Input(src) as inp:
         ck = read_head(inp)
-        dst = Path(dst) if dst is not None else src.with_name(ck.source_name)
+        dst = as_path(dst, "output") if dst is not None else src.with_name(ck.source_name)
         stats = {"source": str(src), "output": str(dst), "compressed_bytes": inp.size,
                  "original_bytes": ck.source_size, "codec_seconds": 0.0, "threads": workers}
         sha = hashlib.sha256() if verify_sha256 and ck.source_sha256 else None
@@ -747,15 +776,16 @@ SKIP = {".git"}
 def check_shards(folder, suffix: str) -> None:
     """Raise :class:`EnecError` if a shard index (``*.safetensors.index.json``) in ``folder``
     lists a shard that is not there as a ``suffix`` file (``.safetensors`` or ``.enec``)."""
-    folder = Path(folder)
+    folder = as_path(folder, "folder")
     for index in sorted(folder.glob("*.safetensors.index.json")):
         try:
             listed = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+            names = [str(Path(str(n)).with_suffix(suffix)) for n in listed]
+        except (ValueError, KeyError, TypeError, AttributeError, OSError, RecursionError) as exc:
             raise EnecError(f"{index}: unreadable shard index ({exc})") from None
-        missing = [n for n in listed if not (folder / Path(str(n)).with_suffix(suffix)).is_file()]
+        missing = [n for n in names if not (folder / n).is_file()]
         if missing:
-            names = [str(Path(str(n)).with_suffix(suffix)) for n in missing]
+            names = missing
             raise EnecError(f"{folder} is missing {len(missing)} of the {len(listed)} shards {index.name} lists: "
                             f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
 
@@ -787,10 +817,10 @@ def _copy_folder(src: Path, dst, *, force: bool, suffix: str, convert) -> list[d
 def compress_folder(src, dst=None, *, threads=None, force=False, progress=False,
                     block_size: int = 1 << 14, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> list[dict]:
     """Compress every ``*.safetensors`` of a model folder; copy every other file as is."""
-    src = Path(src)
+    src = as_path(src, "folder")
     if not src.is_dir():
         raise EnecError(f"no such folder: {src}")
-    dst = Path(dst) if dst is not None else src.with_name(src.name + "-enec")
+    dst = as_path(dst, "output") if dst is not None else src.with_name(src.name + "-enec")
     if not any(p.suffix == ".safetensors" for p in _folder_files(src)):
         raise EnecError(f"{src} holds no .safetensors file")
     check_shards(src, ".safetensors")
@@ -802,7 +832,7 @@ def compress_folder(src, dst=None, *, threads=None, force=False, progress=False,
 def decompress_folder(src, dst=None, *, threads=None, force=False, progress=False,
                       buffer_bytes: int = DEFAULT_BUFFER_BYTES, verify_sha256: bool = True) -> list[dict]:
     """Restore a folder made by :func:`compress_folder` byte for byte."""
-    src = Path(src)
+    src = as_path(src, "folder")
     if not src.is_dir():
         raise EnecError(f"no such folder: {src}")
     if dst is None:
@@ -810,7 +840,7 @@ def decompress_folder(src, dst=None, *, threads=None, force=False, progress=Fals
             raise EnecError(f"cannot guess the output folder for {src}: pass -o/--output")
         dst = src.with_name(src.name[: -len("-enec")])
     check_shards(src, ".enec")
-    return _copy_folder(src, Path(dst), force=force, suffix=".enec", convert=lambda p, q: decompress_file(
+    return _copy_folder(src, as_path(dst, "output"), force=force, suffix=".enec", convert=lambda p, q: decompress_file(
         p, q.with_suffix(".safetensors"), threads=threads, progress=progress, buffer_bytes=buffer_bytes,
         verify_sha256=verify_sha256))
 
@@ -826,17 +856,25 @@ def save_file(tensors: dict, filename, metadata: dict | None = None, *, threads:
     """
     import torch
 
+    if not isinstance(tensors, dict):
+        raise EnecError(f"tensors must be a dict of name -> torch tensor, got {type(tensors).__name__}")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(k, str) for k in metadata)):
+        raise EnecError("metadata must be a dict with str keys, or None")
     items = []
     for name, t in tensors.items():
+        if not isinstance(name, str) or name == "__metadata__":
+            raise EnecError(f"tensor names must be strings other than '__metadata__', got {name!r}")
         if not isinstance(t, torch.Tensor):
             raise EnecError(f"{name!r} is a {type(t).__name__}, not a torch tensor")
         dt = str(t.dtype).removeprefix("torch.")
         if dt not in TORCH_TO_ST:
             raise EnecError(f"cannot save {name!r}: unsupported dtype {t.dtype}")
+        if t.layout != torch.strided or t.is_meta:
+            raise EnecError(f"cannot save {name!r}: a {'meta' if t.is_meta else t.layout} tensor has no dense data")
         items.append((name, TORCH_TO_ST[dt], t.detach().cpu().contiguous()))
     head = _st_header_bytes([(n, d, tuple(t.shape), t.numel() * t.element_size()) for n, d, t in items],
                             metadata)
-    path = Path(filename)
+    path = as_path(filename, "filename")
     size = len(head) + sum(t.numel() * t.element_size() for _, _, t in items)
     parse_safetensors_header(head, size, "header")  # what we wrote must be valid
     with Output(path, force=True) as out:
@@ -858,7 +896,7 @@ def save_file(tensors: dict, filename, metadata: dict | None = None, *, threads:
                 data, crc, codec = raw, zlib.crc32(raw), "raw"
             off, n = put(data)
             w.entries.append(CkptEntry(name, codec, off, n, crc))
-        w.finish(path.with_suffix(".safetensors").name, size, None, hdr)
+        w.finish(path.with_suffix(".safetensors").name, size, None, hdr, zlib.crc32(head))
 
 
 def load_file(filename, device: str = "cpu", *, threads: int | None = None,
@@ -869,7 +907,11 @@ def load_file(filename, device: str = "cpu", *, threads: int | None = None,
     tensors, so the load needs the tensors' memory and little more."""
     import torch
 
-    path = Path(filename)
+    path = as_path(filename, "filename")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise EnecError(f"bad device {device!r}: {exc}") from None
     with Input(path) as inp:
         ck = read_head(inp)
         tensors = {}
@@ -885,13 +927,18 @@ def load_file(filename, device: str = "cpu", *, threads: int | None = None,
 
         workers = _workers(threads)
         _restore(inp, ck, slot_bytes(buffer_bytes, 0, workers), workers, target=target)
-    return tensors if device == "cpu" else {k: v.to(device) for k, v in tensors.items()}
+    if device.type == "cpu":
+        return tensors
+    try:
+        return {k: v.to(device) for k, v in tensors.items()}
+    except (RuntimeError, AssertionError) as exc:  # no such device here (torch's own errors)
+        raise EnecError(f"cannot move the tensors to {device}: {exc}") from None
 
 
 def checkpoint_info(path) -> tuple[Ckpt, list[dict]]:
     """Per-tensor facts of a ``.enec`` file (for ``enec info``): reads the table, and of each
     stream its header, tables and block heads."""
-    path = Path(path)
+    path = as_path(path)
     with Input(path, sequential=False) as inp:
         ck = read_head(inp)
         rows = []

@@ -129,8 +129,19 @@ def _bench(args) -> int:
     return bench.main(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (no usage block) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="enec", description="Lossless ENEC compression of model weights.")
+    p = _Parser(prog="enec", description="Lossless ENEC compression of model weights.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp, output=True):
@@ -188,11 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         _without_scipy()
     try:
         return args.func(args)
-    except EnecError as exc:
-        print(f"enec: error: {exc}", file=sys.stderr)
+    except (EnecError, OSError) as exc:
+        print(f"enec: error: {_one_line(exc)}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"enec: error: {exc}", file=sys.stderr)
+    except (Exception, RecursionError) as exc:  # a bug: still one line, no traceback
+        print(f"enec: error: unexpected {type(exc).__name__}: {_one_line(exc)} (please report this)",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("enec: interrupted (no partial output was left)", file=sys.stderr)

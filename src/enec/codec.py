@@ -82,16 +82,23 @@ def _thread_count_fns():
 _THREAD_FNS: tuple | None = None
 
 
+def check_threads(threads) -> None:
+    """``threads`` must be None or an integer from 1 to numba's thread count."""
+    if threads is None:
+        return
+    limit = numba.config.NUMBA_NUM_THREADS
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= limit:
+        raise EnecError(f"threads must be an integer from 1 to {limit}, got {threads!r}")
+
+
 @contextmanager
 def threads_set(threads: int | None):
     """Run numba kernels with ``threads`` threads (None: all cores), restoring the old count."""
     global _THREAD_FNS
+    check_threads(threads)
     if threads is None:
         yield
         return
-    limit = numba.config.NUMBA_NUM_THREADS
-    if not isinstance(threads, int) or not 1 <= threads <= limit:
-        raise EnecError(f"threads must be an integer from 1 to {limit}, got {threads!r}")
     if _THREAD_FNS is None:
         _THREAD_FNS = _thread_count_fns()
     get, put = _THREAD_FNS
@@ -99,7 +106,7 @@ def threads_set(threads: int | None):
     if old == threads:
         yield
         return
-    put(threads)
+    put(int(threads))
     try:
         yield
     finally:
@@ -151,6 +158,8 @@ def _as_flat(x, dtype: str | None) -> tuple[FloatFormat, np.ndarray, tuple[int, 
         fmt = format_for(name)
         if x.device.type != "cpu":
             raise EnecError(f"tensor on {x.device}: compress takes CPU or CUDA tensors")
+        if x.layout != torch.strided:
+            raise EnecError(f"cannot compress a {x.layout} tensor: pass a dense one (.to_dense())")
         t = x.detach().contiguous()
         int_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[fmt.itemsize]
         flat = t.reshape(-1).view(int_dtype).numpy().view(fmt.uint_dtype)
@@ -186,8 +195,9 @@ DEFAULT_ESCAPE_PENALTY = 2
 
 
 def _block_log2(block_size) -> int:
-    blog2 = int(block_size).bit_length() - 1
-    if block_size != 1 << blog2 or not MIN_BLOCK_LOG2 <= blog2 <= MAX_BLOCK_LOG2:
+    ok = not isinstance(block_size, bool) and isinstance(block_size, (int, np.integer)) and block_size > 0
+    blog2 = int(block_size).bit_length() - 1 if ok else -1
+    if not ok or block_size != 1 << blog2 or not MIN_BLOCK_LOG2 <= blog2 <= MAX_BLOCK_LOG2:
         raise EnecError(f"block_size must be a power of two from 64 to 2**20, got {block_size}")
     return blog2
 
@@ -368,10 +378,12 @@ def _new_out(fmt: FloatFormat, shape: tuple[int, ...], numpy_out: bool):
 
 
 def _as_bytes(data) -> np.ndarray:
+    """The bytes of a stream: any C-contiguous buffer (bytes, bytearray, memoryview, mmap,
+    a numpy array); strided views are an :class:`EnecError`."""
     try:
         arr = np.frombuffer(data, dtype=np.uint8)
-    except (TypeError, ValueError) as exc:
-        raise EnecError(f"expected a bytes-like ENEC stream, got {type(data).__name__}") from exc
+    except (TypeError, ValueError, BufferError) as exc:
+        raise EnecError(f"expected a contiguous bytes-like ENEC stream, got {type(data).__name__} ({exc})") from None
     return arr
 
 
@@ -458,6 +470,9 @@ class Prepared:
                threads: int | None = None, verify: bool = True) -> None:
         """Decode blocks ``first .. stop-1`` into ``flat`` (unsigned view; element
         ``first * block`` of the tensor lands at ``flat[0]``)."""
+        check_threads(threads)
+        if not isinstance(verify, (bool, np.bool_)):
+            raise EnecError(f"verify must be True or False, got {verify!r}")
         stop = self.nblocks if stop is None else stop
         if not 0 <= first <= stop <= self.nblocks:
             raise EnecError(f"block range {first}..{stop} outside 0..{self.nblocks}")

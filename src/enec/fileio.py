@@ -24,6 +24,7 @@ import os
 import queue
 import shutil
 import signal
+import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -52,9 +53,31 @@ def parse_size(text: str | int) -> int:
         value = float(t[:-1] if scale > 1 else t)
     except ValueError:
         raise EnecError(f"not a size: {text!r} (e.g. 64M, 1G, 1048576)") from None
-    if value <= 0:
-        raise EnecError(f"size must be positive, got {text!r}")
+    if not 0 < value < float(1 << 62):  # NaN and infinity included
+        raise EnecError(f"size must be a positive number of bytes below 2**62, got {text!r}")
     return int(value * scale)
+
+
+def as_path(value, what: str = "path") -> Path:
+    """``value`` (str, bytes or os.PathLike) as a Path; anything else is an :class:`EnecError`."""
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    if not isinstance(value, (str, os.PathLike)):
+        raise EnecError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__}")
+    try:
+        path = Path(value)
+    except TypeError as exc:  # an os.PathLike whose __fspath__ returns something else
+        raise EnecError(f"{what} must be a path: {exc}") from None
+    if "\0" in str(path):
+        raise EnecError(f"{what} contains a NUL byte: {str(path)!r}")
+    return path
+
+
+def check_count(value, what: str, low: int = 1) -> int:
+    """``value`` as an int of at least ``low`` (bools and other types are an :class:`EnecError`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise EnecError(f"{what} must be an integer of at least {low}, got {value!r}")
+    return int(value)
 
 
 # ------------------------------------------------------------------------------ input
@@ -64,14 +87,19 @@ class Input:
     """A file opened for ``pread``; ``size`` and permission ``mode`` are taken at open."""
 
     def __init__(self, path: Path, sequential: bool = True):
-        self.path = Path(path)
+        self.path = as_path(path)
+        self.fd = -1
         if self.path.is_dir():
             raise EnecError(f"{self.path} is a directory, not a file")
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:  # non-blocking: opening a FIFO must not wait for a writer
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise EnecError(f"no such file: {self.path}") from None
         st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            self.close()
+            raise EnecError(f"{self.path} is not a regular file")
+        os.set_blocking(self.fd, True)
         self.size = st.st_size
         self.mode = st.st_mode & 0o777
         if sequential and hasattr(os, "posix_fadvise"):
@@ -176,7 +204,9 @@ class Output:
     """
 
     def __init__(self, path, *, force: bool = False, mode: int | None = None, folder: bool = False):
-        self.path = Path(path)
+        self.path = as_path(path, "output")
+        if self.path.name in ("", ".", ".."):
+            raise EnecError(f"{path} is a directory: an output never replaces a directory (name a file)")
         self.force, self.mode, self.folder = force, mode, folder
         self.tmp = self.path.with_name(f".{self.path.name}.enec-tmp-{os.getpid()}")
         self.fd = -1
@@ -188,6 +218,8 @@ class Output:
                             "(name a file, or remove the directory first)")
         if (p.exists() or p.is_symlink()) and not self.force:
             raise EnecError(f"{p} exists (use --force / force=True to overwrite)")
+        if p.exists() and not p.is_file():
+            raise EnecError(f"{p} is not a regular file: an output never replaces a device, FIFO or socket")
         if not p.parent.is_dir():
             raise EnecError(f"no such folder: {p.parent}")
 
@@ -202,8 +234,11 @@ class Output:
         except FileExistsError:
             _release_signals()
             raise EnecError(f"{self.tmp} exists: another enec process writes {self.path}?") from None
-        except BaseException:
-            _release_signals()
+        except BaseException:  # e.g. a signal right after the temporary was made: remove it
+            try:
+                self._discard()
+            finally:
+                _release_signals()
             raise
         return self
 
@@ -291,7 +326,8 @@ def slot_bytes(buffer_bytes: int, floor: int, workers: int = 1) -> int:
     """Bytes per buffer when at most ``buffer_bytes`` is shared by the ``2 * (SLOTS +
     workers)`` buffers of a :class:`Pipeline`, and at most :data:`MAX_SLOT`; at least
     ``floor`` (the largest indivisible piece of work), rounded up to a page."""
-    size = max(min(int(buffer_bytes) // (2 * (SLOTS + workers)), MAX_SLOT), int(floor), 1 << 16)
+    buffer_bytes = check_count(buffer_bytes, "buffer_bytes")
+    size = max(min(buffer_bytes // (2 * (SLOTS + workers)), MAX_SLOT), int(floor), 1 << 16)
     return -(-size // 4096) * 4096
 
 

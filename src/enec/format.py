@@ -122,6 +122,14 @@ def min_block_bytes(fmt: FloatFormat, n: int) -> int:
     return min(coded_block_bytes(fmt, n, 1, 0, 0, 0), raw_block_bytes(fmt, n))
 
 
+def min_stream_bytes(fmt: FloatFormat, ndim: int, numel: int) -> int:
+    """A lower bound on the length of any valid stream of ``numel`` elements in ``ndim``
+    dimensions, whatever its block size: its fixed header and every element's rest bits plus
+    one code bit. A container checks each stream's claimed size against this before
+    allocating, so that a tensor can never decode to more than about twice its stream."""
+    return table_bytes(ndim, 0) + (numel * (fmt.rbits + 1) + 7) // 8
+
+
 # ---------------------------------------------------------------------------- checksum
 
 P1 = 0x9E3779B1
@@ -279,6 +287,8 @@ def parse_header(buf, total: int | None = None) -> StreamInfo:
     pos += 8 * ndim
     count = 1
     for d in shape:
+        if d >> 63:
+            raise EnecError(f"corrupted ENEC header: dimension {d} is 2**63 or more")
         count *= d
     if count != numel:
         raise EnecError(f"corrupted ENEC header: shape {shape} has {count} elements, header says {numel}")

@@ -16,12 +16,13 @@ from pathlib import Path
 
 from .checkpoint import check_shards
 from .errors import EnecError
+from .fileio import as_path
 from .streaming import iter_streamed, shard_files
 
 
 def checkpoint_files(folder) -> list[Path]:
     """The ``.enec`` shards of a compressed folder, in shard order."""
-    folder = Path(folder)
+    folder = as_path(folder, "folder")
     if not folder.is_dir():
         raise EnecError(f"no such folder: {folder}")
     files = sorted(folder.glob("*.enec"))
@@ -42,7 +43,7 @@ def iter_tensors(folder, *, threads: int | None = None, keep=None, opener=None) 
     streams instead: the item is then ``(name, uint8 array)`` viewing the shard's read buffer
     (used by the compressed-resident loader, which never decodes them whole).
     """
-    path = Path(folder)
+    path = as_path(folder, "folder")
     files = [path] if path.is_file() else checkpoint_files(path)
     yield from iter_streamed(files, opener=opener, threads=threads, keep=keep)
 
@@ -69,7 +70,7 @@ def from_pretrained(path, *, model_class=None, dtype=None, resident: bool = Fals
     _quiet_transformers()
     import transformers
 
-    path = Path(path)
+    path = as_path(path, "path")
     files = checkpoint_files(path)
     if model_class is None:
         model_class = transformers.AutoModelForCausalLM
@@ -80,13 +81,19 @@ def from_pretrained(path, *, model_class=None, dtype=None, resident: bool = Fals
     state = dict(iter_tensors(path, threads=threads))
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = concrete_class(model_class, config).from_pretrained(None, config=config, state_dict=state,
-                                                                **kwargs)
+    want_info = bool(kwargs.pop("output_loading_info", False))
+    cls = concrete_class(model_class, config)
+    model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True, **kwargs)
     del state
+    # transformers initialises what the checkpoint lacks at random and only reports it
+    lost = sorted(info.get("missing_keys") or ()) + sorted(str(k[0]) for k in info.get("mismatched_keys") or ())
+    if lost:
+        raise EnecError(f"the checkpoint in {path} does not fill {cls.__name__}: {len(lost)} parameters missing "
+                        f"or of another shape, e.g. {lost[:5]}")
     _attach_generation_config(model, path)
     model.eval()
     model.enec_source = [str(f) for f in files]
-    return model
+    return (model, info) if want_info else model
 
 
 def load_streamed(path, *, model_class=None, dtype=None, threads: int | None = None, opener=None, **kwargs):
@@ -110,7 +117,7 @@ def load_streamed(path, *, model_class=None, dtype=None, threads: int | None = N
     import torch
     import transformers
 
-    path = Path(path)
+    path = as_path(path, "path")
     files = shard_files(path)
     if dtype == "auto":
         dtype = None

@@ -564,6 +564,10 @@ def make_resident(model, *, min_numel: int = DEFAULT_MIN_NUMEL, buffer_bytes: in
     (streams kept on the GPU, decoded by the Triton kernels; ``buffer_bytes``,
     ``chunk_bytes`` and ``threads`` do not apply there).
     """
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise EnecError(f"make_resident takes a torch.nn.Module, got {type(model).__name__}")
     if any(p.device.type == "cuda" for p in model.parameters()):
         from .gpu_resident import make_resident_gpu
 

@@ -16,20 +16,23 @@ from __future__ import annotations
 import io
 import json
 import mmap
+import os
 import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numba
 import numpy as np
 
-from .checkpoint import (ALIGN, MAX_HEAD, PREFIX, ST_DTYPES, check_shards, decode_entry, head_end,
-                         parse_safetensors_header, read_checkpoint)
-from .codec import threads_set
+from .checkpoint import (ALIGN, MAX_HEAD, PREFIX, ST_DTYPES, check_shards, check_stream, decode_entry,
+                         head_end, parse_safetensors_header, read_checkpoint)
+from .codec import check_threads, threads_set
 from .errors import EnecError
+from .fileio import as_path, check_count
+from .format import parse_header
 
 CHUNK = 4 << 20  # per read: fewer GIL hand-offs to the reader thread while Python code runs
 PARALLEL_BYTES = 4 << 20  # decoded tensors smaller than this decode on one thread
@@ -310,7 +313,9 @@ def _iter_enec(ra: _ReadAhead, i: int, threads, keep) -> Iterator[tuple[str, obj
     for e, st, dtype, k in zip(ck.entries, ck.layout.entries, dtypes, kept):
         ra.wait(i, e.offset + e.length, faulter.step)
         if k:
-            yield e.name, buf[e.offset : e.offset + e.length]  # a view: the shard buffer stays alive
+            stream = buf[e.offset : e.offset + e.length]  # a view: the shard buffer stays alive
+            check_stream(parse_header(stream), e, st)  # its own dtype and shape are the header's
+            yield e.name, stream
             continue
         off = next(slots)
         flat = arena[off : off + st.end - st.start]
@@ -381,7 +386,13 @@ def iter_streamed(files, *, opener: Callable | None = None, threads: int | None 
     their raw stream instead, a uint8 array viewing the file's read buffer (no copy; see
     :func:`enec.hf.iter_tensors`). Reading stops when the iterator is closed or dropped.
     """
-    files = [Path(f) for f in files]
+    if isinstance(files, (str, bytes, os.PathLike)) or not isinstance(files, Iterable):
+        raise EnecError(f"files must be a list of paths, got {type(files).__name__}")
+    files = [as_path(f, "file") for f in files]
+    check_count(chunk, "chunk")
+    check_threads(threads)
+    if keep is not None and not callable(keep):
+        raise EnecError(f"keep must be callable, got {type(keep).__name__}")
     for f in files:
         if not f.is_file():
             raise EnecError(f"no such file: {f}")
@@ -407,7 +418,7 @@ def _stream(ra: _ReadAhead, files: list[Path], threads, keep) -> Iterator[tuple[
 
 def shard_files(folder) -> list[Path]:
     """Checkpoint files of a model folder in load order: ``.enec`` if any, else ``.safetensors``."""
-    folder = Path(folder)
+    folder = as_path(folder, "folder")
     if not folder.is_dir():
         raise EnecError(f"no such folder: {folder}")
     for suffix in (".enec", ".safetensors"):
