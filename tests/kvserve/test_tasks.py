@@ -178,3 +178,44 @@ def test_kvserve_evaluate_reports_task_metrics(tmp_path):
     assert 0.0 <= kivi2["answer_agree"] <= 1.0 and kivi2["extra"]["tasks"]["ratio"] > 1.5
     if bf16["task_rel_acc"] is not None:  # defined when bf16 scored anything on the 3 items
         assert bf16["task_rel_acc"] == 100.0 and bf16["task_rel_acc_ci"] == [100.0, 100.0]
+
+
+@needs_qa
+@needs_model
+@pytest.mark.slow
+def test_saved_reference_gives_the_same_rows_and_the_task_bench_scores_keys(tmp_path):
+    """A Reference saved and loaded gives run_item the same row as a fresh prefill; the
+    profiler's TaskBench scores a lossless key at exactly 100 (CI [100, 100]) and a coarse key
+    from the same references, reusing the saved ones in a second bench."""
+    import torch
+
+    from kvserve import profiler as P
+    from kvserve.models import load_model
+    from kvserve.pipeline import Pipeline, load_profile
+
+    model, tok = load_model("smollm2")
+    item = tasks.qa_items(tok, "tune", 1, (320,))[0]
+    stop = tasks.stop_token_ids(tok)
+    pipes = {"kivi-2": Pipeline.from_config(load_profile("kivi-2"))}
+    fresh = tasks.run_item(model, tok, item, pipes, stop, max_new=4)
+    tasks.save_reference(tasks.reference(model, tok, item, stop, 4), tmp_path / "r.pt")
+    ref = tasks.load_reference(tmp_path / "r.pt")
+    assert ref.item.uid == item.uid and ref.item.ids == item.ids and isinstance(ref.logits, torch.Tensor)
+    assert tasks.run_item(model, tok, ref, pipes, stop, max_new=4) == fresh
+
+    bench = P.TaskBench("smollm2", qa=3, lengths=(320,), refs=str(tmp_path / "refs"), max_new=4)
+    lossless = {"transform": {"id": "identity"}, "quantizer": {"id": "none"}}
+    coarse = {"transform": {"id": "identity"}, "quantizer": {"id": "kvserve", "high_key_levels": 2, "high_value_levels": 2}}
+    if sum(bench.reference(i).score for i in range(3)) == 0:
+        pytest.skip("bf16 scored nothing on these 3 items: relative accuracy undefined")
+    assert bench.quality(lossless) == 100.0
+    d = bench.details[P.quality_key(lossless)]
+    assert d["quality_ci"] == [100.0, 100.0] and d["answer_agree"] == 1.0 and d["answer_kl"] == 0.0 and d["items"] == 3
+    q = bench.quality(coarse)
+    d = bench.details[P.quality_key(coarse)]
+    assert d["quality_ci"][0] <= q <= d["quality_ci"][1] and d["answer_kl"] > 0
+    assert len(list((tmp_path / "refs").glob("*.pt"))) == 3
+    again = P.TaskBench("smollm2", qa=3, lengths=(320,), refs=str(tmp_path / "refs"), max_new=4)
+    assert again.quality(coarse) == q
+    ratio, enc, dec = again.cheap({"name": "c", **coarse, "codec": {"id": "bitpack"}})
+    assert ratio > 4 and enc > 0 and dec > 0
