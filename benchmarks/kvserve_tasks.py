@@ -132,6 +132,8 @@ def q97_candidates(model: str) -> list[dict]:
         c("k16v12-g32-ck-s4", 16, 12, sinks=4), c("k16v12-g32-ck-r64", 16, 12, r=64),
         c("k16v16-g64-ck-r64q64", 16, 16, g=64, r=64, rl=64), c("k16v12-g64-ck-r64q64", 16, 12, g=64, r=64, rl=64),
         c("k12v12-g32-ck-r64q64", 12, 12, r=64, rl=64),
+        c("k12v8-g32-ck-r64q64", 12, 8, r=64, rl=64), c("k16v8-g64-ck-r64q64", 16, 8, g=64, r=64, rl=64),
+        c("k16v6-g32-ck-r64q64", 16, 6, r=64, rl=64), c("k16v8-g32-ck-r128q64", 16, 8, r=128, rl=64),
         c("t2a-g32-ck", 8, 8, tiers=[[0.3, 12, 8], [1.0, 16, 16]], kind_scores=True),
         c("t2b-g32-ck", 8, 8, tiers=[[0.5, 12, 8], [1.0, 16, 16]], kind_scores=True),
         c("t2c-g64-ck-rt", 8, 8, g=64, tiers=[[0.3, 12, 12], [1.0, 24, 16]], kind_scores=True, recent_key_levels=24,
