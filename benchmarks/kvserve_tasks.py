@@ -41,6 +41,7 @@ from kvserve.pipeline import Pipeline, load_profile
 ROPE = {"smollm2": 100000.0, "gemma3": [1e6 if i % 6 == 5 else 1e4 for i in range(18)]}
 BASELINES = ["bf16", "kivi-2", "kivi-4", "cachegen", "kvserve"]
 RANS = {"id": "rans", "pair": True}
+IRANS = {"id": "irans", "pair": True}
 
 
 def kvq(name, model, key_levels, value_levels, *, key_group=32, sinks=1, recent=0, rope=True, tiers=None,
@@ -107,7 +108,37 @@ def candidate_sets(model: str) -> dict[str, list[dict]]:
         {"name": "H-kivi4-g64-rans", "transform": had, "quantizer": {**kivi, "bits": 4, "group_size": 64}, "codec": RANS},
         {"name": "H-kivi3-rans", "transform": had, "quantizer": {**kivi, "bits": 3}, "codec": RANS},
     ]
-    return {"baselines": [load_profile(p) for p in BASELINES], "levers": lv, "ppl": ppl_candidates(model)}
+    return {"baselines": [load_profile(p) for p in BASELINES], "levers": lv, "ppl": ppl_candidates(model),
+            "q97": q97_candidates(model)}
+
+
+def q97_candidates(model: str) -> list[dict]:
+    """Third round (this session): compact key statistics (``-ck``), a quantized recent window
+    (``-rNqL``: N tokens at L levels; ``-rt``: only the partial last key group, at the middle's
+    levels), more value levels, per-token-and-head value ranges (``-th``), sinks, head tiers."""
+    def c(name, kl, vl, g=32, r=0, rl=0, **kw):
+        if rl:
+            kw.update(recent_key_levels=rl if rl > 0 else kl, recent_value_levels=rl if rl > 0 else vl)
+        return kvq(name, model, kl, vl, key_group=g, recent=r, compact_key_stats=True, codec=IRANS, **kw)
+
+    return [
+        c("k16v8-g32-ck", 16, 8), c("k16v12-g32-ck", 16, 12), c("k16v16-g32-ck", 16, 16),
+        c("k12v12-g32-ck", 12, 12), c("k12v16-g32-ck", 12, 16), c("k16v12-g32-ck-th", 16, 12, value_axis="token_head"),
+        c("k16v12-g64-ck-rt", 16, 12, g=64, rl=-1), c("k16v16-g64-ck-rt", 16, 16, g=64, rl=-1),
+        c("k12v16-g64-ck-rt", 12, 16, g=64, rl=-1), c("k24v12-g64-ck-rt", 24, 12, g=64, rl=-1),
+        c("k16v12-g32-ck-r32q64", 16, 12, r=32, rl=64), c("k16v12-g32-ck-r64q64", 16, 12, r=64, rl=64),
+        c("k16v12-g32-ck-r64q256", 16, 12, r=64, rl=256), c("k16v12-g32-ck-r128q64", 16, 12, r=128, rl=64),
+        c("k16v8-g32-ck-r64q64", 16, 8, r=64, rl=64), c("k16v8-g32-ck-r64q256", 16, 8, r=64, rl=256),
+        c("k16v12-g32-ck-s4", 16, 12, sinks=4), c("k16v12-g32-ck-r64", 16, 12, r=64),
+        c("k16v16-g64-ck-r64q64", 16, 16, g=64, r=64, rl=64), c("k16v12-g64-ck-r64q64", 16, 12, g=64, r=64, rl=64),
+        c("k12v12-g32-ck-r64q64", 12, 12, r=64, rl=64),
+        c("k12v8-g32-ck-r64q64", 12, 8, r=64, rl=64), c("k16v8-g64-ck-r64q64", 16, 8, g=64, r=64, rl=64),
+        c("k16v6-g32-ck-r64q64", 16, 6, r=64, rl=64), c("k16v8-g32-ck-r128q64", 16, 8, r=128, rl=64),
+        c("t2a-g32-ck", 8, 8, tiers=[[0.3, 12, 8], [1.0, 16, 16]], kind_scores=True),
+        c("t2b-g32-ck", 8, 8, tiers=[[0.5, 12, 8], [1.0, 16, 16]], kind_scores=True),
+        c("t2c-g64-ck-rt", 8, 8, g=64, tiers=[[0.3, 12, 12], [1.0, 24, 16]], kind_scores=True, recent_key_levels=24,
+          recent_value_levels=16),
+    ]
 
 
 def resolve(specs: list[str], model: str) -> list[dict]:
@@ -135,6 +166,46 @@ def _done(path: str) -> dict[str, set]:
     return done
 
 
+def _ref_path(refs: str, i: int) -> str:
+    return os.path.join(refs, f"{i:05d}.pt")
+
+
+def _cached(refs: str | None, i: int, item):
+    """The saved :class:`kvserve.tasks.Reference` of item ``i`` when ``refs`` has it, else the item."""
+    if not refs or not os.path.exists(_ref_path(refs, i)):
+        return item
+    ref = tasks.load_reference(_ref_path(refs, i))
+    if ref.item.uid != item.uid or ref.item.ids != item.ids:
+        sys.exit(f"{_ref_path(refs, i)} holds {ref.item.uid}, not item {i} ({item.uid}): other item options?")
+    return ref
+
+
+def _items(a, tok):
+    return tasks.task_items(tok, a.split, a.qa, a.needle, [int(x) for x in a.qa_lengths.split(",")],
+                            [int(x) for x in a.needle_lengths.split(",")], a.seed, chat=not a.no_chat)
+
+
+def prepare(a) -> int:
+    """Prefill and decode the bf16 reference of every item of the shard once and save it
+    (``--refs DIR/NNNNN.pt``: KV, answer, logits); ``run --refs DIR`` then costs only the
+    profiles' encode/decode and answers (a screen of many candidates on the same items)."""
+    from kvserve.models import load_model
+    from tqdm import tqdm
+
+    torch.set_num_threads(a.threads)
+    model, tok = load_model(a.model)
+    items = _items(a, tok)
+    k, n = (int(x) for x in a.shard.split("/"))
+    os.makedirs(a.refs, exist_ok=True)
+    stop = tasks.stop_token_ids(tok)
+    todo = [(i, it) for i, it in enumerate(items) if i % n == k and not os.path.exists(_ref_path(a.refs, i))]
+    print(f"{len(items)} items ({a.split}), shard {k}/{n}: {len(todo)} references to make", file=sys.stderr)
+    for i, it in tqdm(todo, desc="references", unit="item", disable=not a.progress, mininterval=30):
+        with torch.inference_mode():
+            tasks.save_reference(tasks.reference(model, tok, it, stop, a.max_new), _ref_path(a.refs, i))
+    return 0
+
+
 def run(a) -> int:
     from kvserve.models import load_model
     from tqdm import tqdm
@@ -145,19 +216,20 @@ def run(a) -> int:
     model, tok = load_model(a.model)
     profiles = resolve([p for s in a.profiles for p in s.split(",") if p], a.model)
     pipes = {c["name"]: Pipeline.from_config(c) for c in profiles}
-    items = tasks.task_items(tok, a.split, a.qa, a.needle, [int(x) for x in a.qa_lengths.split(",")],
-                        [int(x) for x in a.needle_lengths.split(",")], a.seed, chat=not a.no_chat)
+    items = _items(a, tok)
     k, n = (int(x) for x in a.shard.split("/"))
     stop = tasks.stop_token_ids(tok)
     done = _done(a.out)
     want = {c["name"] for c in profiles}
-    todo = [(i, it) for i, it in enumerate(items) if i % n == k and not want <= done.get(it.uid, set())]
+    todo = [(i, it) for i, it in enumerate(items[:a.first]) if i % n == k and not want <= done.get(it.uid, set())
+            and (a.only is None or it.task == a.only)]
     print(f"{len(items)} items ({a.split}), shard {k}/{n}: {len(todo)} to do, {len(profiles)} profiles", file=sys.stderr)
     with open(a.out, "a", encoding="utf-8") as f:
         for i, it in tqdm(todo, desc=f"{a.split} items", unit="item", disable=not sys.stderr.isatty() and not a.progress,
                           mininterval=30):
             t0 = time.perf_counter()
-            row = tasks.run_item(model, tok, it, pipes, stop, max_new=a.max_new, threads=a.threads,
+            src = _cached(a.refs, i, it)
+            row = tasks.run_item(model, tok, src, pipes, stop, max_new=a.max_new, threads=a.threads,
                                  measure=i % a.ratio_every == 0)
             row["index"] = i
             row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -327,23 +399,29 @@ def speed(a) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--model", default="smollm2", choices=sorted(ROPE))
-    r.add_argument("--split", default="tune", choices=["tune", "test"])
-    r.add_argument("--qa", type=int, default=500)
-    r.add_argument("--needle", type=int, default=96)
-    r.add_argument("--qa-lengths", default="1024,2048,4096")
-    r.add_argument("--needle-lengths", default="2048,3072,4096")
-    r.add_argument("--profiles", action="append", default=[])
-    r.add_argument("--out", required=True)
-    r.add_argument("--shard", default="0/1")
-    r.add_argument("--threads", type=int, default=1)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--max-new", type=int, default=12)
-    r.add_argument("--ratio-every", type=int, default=4)
-    r.add_argument("--no-chat", action="store_true")
-    r.add_argument("--progress", action="store_true")
-    r.set_defaults(fn=run)
+    for cmd, fn in (("run", run), ("prepare", prepare)):
+        r = sub.add_parser(cmd)
+        r.add_argument("--model", default="smollm2", choices=sorted(ROPE))
+        r.add_argument("--split", default="tune", choices=["tune", "test"])
+        r.add_argument("--qa", type=int, default=500)
+        r.add_argument("--needle", type=int, default=96)
+        r.add_argument("--qa-lengths", default="1024,2048,4096")
+        r.add_argument("--needle-lengths", default="2048,3072,4096")
+        r.add_argument("--shard", default="0/1")
+        r.add_argument("--threads", type=int, default=1)
+        r.add_argument("--seed", type=int, default=0)
+        r.add_argument("--max-new", type=int, default=12)
+        r.add_argument("--no-chat", action="store_true")
+        r.add_argument("--progress", action="store_true")
+        r.add_argument("--refs", default=None, required=cmd == "prepare",
+                       help="folder of saved references (prepare writes them, run reads those present)")
+        if cmd == "run":
+            r.add_argument("--profiles", action="append", default=[])
+            r.add_argument("--out", required=True)
+            r.add_argument("--ratio-every", type=int, default=4)
+            r.add_argument("--first", type=int, default=None, help="only the first N items of the list")
+            r.add_argument("--only", default=None, choices=["qa", "needle"], help="only the items of this task")
+        r.set_defaults(fn=fn)
     s = sub.add_parser("summary")
     s.add_argument("paths", nargs="+")
     s.add_argument("--profiles", default=None)

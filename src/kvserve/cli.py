@@ -134,17 +134,29 @@ def _profile(args) -> int:
 
     if args.floor is None:
         args.floor = P.QUALITY_FLOOR
+    tasks = args.objective == "tasks"
+    lengths = tuple(int(x) for x in args.lengths.split(",") if x)
     if args.refresh_speeds:
         lib = load_library(args.refresh_speeds)
         m = lib.meta.get("method", {})
-        bench = P.RealBench(lib.meta.get("model", args.model), m.get("windows", args.windows), m.get("ctx", args.ctx),
-                            m.get("cont", args.cont), seed=m.get("seed", 1), threads=m.get("threads", args.threads))
+        if lib.meta.get("quality_metric") == "task_rel_acc":
+            ls = tuple(m.get("lengths", lengths))
+            bench = P.TaskBench(lib.meta.get("model", args.model), len(ls), ls, refs=args.refs,
+                                threads=m.get("threads", args.threads))
+        else:
+            bench = P.RealBench(lib.meta.get("model", args.model), m.get("windows", args.windows),
+                                m.get("ctx", args.ctx), m.get("cont", args.cont), seed=m.get("seed", 1),
+                                threads=m.get("threads", args.threads))
         new = P.refresh_speeds(lib, bench.cheap, args.repeats, log=print)
         new.save(args.out)
         print(f"library with refreshed speeds -> {args.out}")
         return 0
-    configs = P.search_space(args.space)
-    bench = P.RealBench(args.model, args.windows, args.ctx, args.cont, seed=1, threads=args.threads)
+    space = args.space or ("tasks" if tasks else "default")
+    configs = P.search_space(space, args.model)
+    if tasks:
+        bench = P.TaskBench(args.model, args.qa, lengths, refs=args.refs, threads=args.threads)
+    else:
+        bench = P.RealBench(args.model, args.windows, args.ctx, args.cont, seed=1, threads=args.threads)
     t0 = time.perf_counter()
     records = P.measure_space(configs, bench.cheap)
     t_cheap = time.perf_counter() - t0
@@ -153,25 +165,28 @@ def _profile(args) -> int:
     else:
         res = P.bayes_search(records, bench.quality, args.budget, args.floor, args.target, args.acquisition,
                              seed=args.seed)
-    meta = {"model": args.model, "mode": res.mode, "configs": len(configs),
+    meta = {"model": args.model, "mode": res.mode, "space": space, "configs": len(configs),
             "quality_keys": len({r.key for r in records}), "evaluations": res.evaluations, "stopped": res.stopped,
             "seconds_cheap": round(t_cheap, 1), "seconds_search": round(res.seconds, 1),
             "method": bench.method(), "note": "speeds measured on a shared 2-core CPU machine"}
-    lib = P.build_library(records, meta, args.floor)
+    lib = P.build_library(records, meta, args.floor, details=bench.details if tasks else None)
     lib.save(args.out)
     png = args.png or os.path.splitext(args.out)[0] + ".png"
     P.plot_front(png, records, f"{args.model}: {res.mode}, {res.evaluations} evaluations, {len(lib.entries)} Pareto points",
-                 args.floor)
+                 args.floor, ylabel="relative task accuracy (% of bf16 F1)" if tasks else "quality (rel. perplexity x 100)")
     if args.records:
         with open(args.records, "w", encoding="utf-8") as f:
-            json.dump({"method": bench.method(), "records": [r.to_json() for r in records]}, f)
+            json.dump({"method": bench.method(), "records": [r.to_json() for r in records],
+                       "details": getattr(bench, "details", {})}, f)
     sp = P.Space(records, args.floor)
     print(f"{res.mode}: {len(configs)} configs, {len(sp.keys)} quality keys, {res.evaluations} evaluations, "
           f"HV {sp.hv({r.key: r.quality for r in records if r.quality is not None}):.3f}, stopped: {res.stopped}")
     print(f"library: {len(lib.entries)} Pareto entries -> {args.out} ({png})")
     for e in lib.entries[:40]:
-        print(f"  {e.name:34s} ratio {e.ratio:5.2f}  quality {e.quality:6.2f}  enc {e.encode_MBps:6.0f}  "
-              f"dec {e.decode_MBps:6.0f} MB/s")
+        ci = e.extra.get("quality_ci")
+        print(f"  {e.name:34s} ratio {e.ratio:5.2f}  quality {e.quality:6.2f}"
+              + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+              + f"  enc {e.encode_MBps:6.0f}  dec {e.decode_MBps:6.0f} MB/s")
     return 0
 
 
@@ -181,7 +196,15 @@ def _add_profile(sub) -> None:
     p.add_argument("--budget", type=int, default=None, help="quality evaluations (default: 1/20 of the keys)")
     p.add_argument("--out", default="kvserve-library.json", help="library JSON to write")
     p.add_argument("--png", default=None, help="plot of the front (default: OUT with .png)")
-    p.add_argument("--space", default="default", choices=["default", "tiny"])
+    p.add_argument("--objective", default="tasks", choices=["tasks", "ppl"],
+                   help="quality: relative task accuracy on tune-split HotpotQA items (tasks, default) or relative "
+                        "perplexity of sotu windows (ppl, the former objective)")
+    p.add_argument("--space", default=None, choices=["default", "tiny", "tasks"],
+                   help="search space (default: 'tasks' for the tasks objective, 'default' for ppl)")
+    p.add_argument("--qa", type=int, default=100, help="tune-split QA items (tasks objective)")
+    p.add_argument("--lengths", default="1024,2048,4096", help="QA prompt lengths in tokens, cycled (tasks objective)")
+    p.add_argument("--refs", default=None, metavar="DIR",
+                   help="folder caching the items' bf16 references (KV, answers) between runs (tasks objective)")
     p.add_argument("--acquisition", default="ehvi", choices=["ehvi", "paper"])
     p.add_argument("--target", type=float, default=97.0, help="quality target of the 'paper' acquisition")
     p.add_argument("--floor", type=float, default=None, help="lowest quality kept in the library (default 90)")
@@ -236,7 +259,9 @@ def _add_decide(sub) -> None:
     d.add_argument("--library", default=None, help="profile library JSON (default: the packaged SmolLM2 library)")
     d.add_argument("--bandwidth-mbps", type=float, required=True)
     d.add_argument("--slo-ms", type=float, default=math.inf)
-    d.add_argument("--min-quality", type=float, default=97.0, help="quality budget (relative perplexity x 100)")
+    d.add_argument("--min-quality", type=float, default=97.0,
+                   help="quality budget in the library's metric (its meta quality_metric: rel_ppl = relative "
+                        "perplexity x 100, task_rel_acc = %% of bf16's QA token F1)")
     d.add_argument("--kv-bytes", type=float, default=DEFAULT_KV_BYTES,
                    help=f"KV payload in bytes (default {DEFAULT_KV_BYTES}: SmolLM2, 1024 tokens)")
     d.add_argument("--t-model-ms", type=float, default=0.0)

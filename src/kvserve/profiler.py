@@ -53,6 +53,7 @@ from .quality import EvalConfig, Evaluator, nll
 QUALITY_FLOOR = 90.0
 #: SmolLM2's per-token KV in bytes, used only to label plots
 _CODECS_Q = [{"id": "bitpack"}, {"id": "rans", "pair": True}, {"id": "zstd", "level": 1, "pack": True}]
+_CODECS_TASKS = [{"id": "bitpack"}, {"id": "irans", "pair": True}]
 _CODECS_LOSSLESS = [{"id": "enec"}, {"id": "zstd", "level": 1, "pack": False}, {"id": "lz4", "pack": False}]
 
 
@@ -71,6 +72,8 @@ def _tag(stage: dict) -> str:
     sid = stage["id"]
     if sid == "bitpack":
         return "bp"
+    if sid == "irans":
+        return "irans"
     if sid == "zstd":
         return "zstdp" if stage.get("pack") else "zstd"
     return sid
@@ -82,7 +85,7 @@ def quality_keys(size: str = "default") -> list[dict]:
     ``default``: 2 transforms x 7 key x 6 value level counts x 3 mixes (all high, last
     33% / 67% of layers at half the levels) x 2 value axes = 504 KVServe keys, plus 8 KIVI
     (2/4 bits, group 32/64, recent 0/64), 4 CacheGen band sets and the lossless key.
-    ``tiny``: a few keys for tests."""
+    ``tiny``: a few keys for tests; ``tasks``: :func:`task_keys` (SmolLM2)."""
     keys = []
     if size == "tiny":
         for hk, hv in [(8, 6), (6, 4), (4, 3)]:
@@ -91,6 +94,8 @@ def quality_keys(size: str = "default") -> list[dict]:
                                                                      "keep_recent": 0, "keep_sinks": 0}})
         keys.append({"transform": {"id": "identity"}, "quantizer": {"id": "none"}})
         return keys
+    if size == "tasks":
+        return task_keys()
     if size != "default":
         raise KVServeError(f"unknown search-space size {size!r}")
     for tr in ({"id": "hadamard", "seed": 0}, {"id": "identity"}):
@@ -112,12 +117,46 @@ def quality_keys(size: str = "default") -> list[dict]:
     return keys
 
 
+#: RoPE bases for pre-RoPE keys in the ``tasks`` space (SmolLM2: one base; Gemma-3: local
+#: layers 1e4, every sixth layer global at 1e6), as in the packaged profiles
+ROPE_THETA = {"smollm2": 100000.0, "gemma3": [1e6 if i % 6 == 5 else 1e4 for i in range(18)]}
+
+
+def task_keys(model: str = "smollm2") -> list[dict]:
+    """The ``tasks`` space (profiled on task accuracy): portable Hadamard on pre-RoPE keys, the
+    KVServe quantizer with whole-window or 32/64-token key groups (compact key statistics),
+    4 key x 5 value level counts, no recent window or 64 recent tokens at 64 levels (a partial
+    last key group is quantized at the middle's levels), 1 sink, compact value statistics:
+    120 keys; plus 8 KIVI, 4 CacheGen and the lossless key."""
+    if model not in ROPE_THETA:
+        raise KVServeError(f"no RoPE bases for model {model!r}")
+    tr = {"id": "hadamard", "seed": 0, "key_rope_theta": ROPE_THETA[model], "portable": True}
+    keys = []
+    for g in (0, 32, 64):
+        for kl in (8, 12, 16, 24):
+            for vl in (4, 6, 8, 12, 16):
+                for recent in (0, 64):
+                    q = {"id": "kvserve", "high_key_levels": kl, "high_value_levels": vl, "split": "head",
+                         "key_axis": "channel", "value_axis": "token", "key_group": g, "keep_sinks": 1,
+                         "keep_recent": recent, "compact_value_stats": True}
+                    if g:
+                        q["compact_key_stats"] = True
+                    if g or recent:
+                        q["recent_key_levels"], q["recent_value_levels"] = (64, 64) if recent else (kl, vl)
+                    keys.append({"transform": tr, "quantizer": q})
+    return keys + [k for k in quality_keys("default") if k["quantizer"]["id"] in ("kivi", "cachegen", "none")]
+
+
 def key_name(key: dict) -> str:
     q, tr = key["quantizer"], key["transform"]
     t = "H" if tr["id"] == "hadamard" else "I"
     if q["id"] == "kvserve":
         s = f"{t}-k{q['high_key_levels']}v{q['high_value_levels']}"
-        if q["low_fraction"]:
+        if q.get("key_group"):
+            s += f"-g{q['key_group']}"
+        if q.get("recent_key_levels") and q.get("keep_recent"):
+            s += f"-r{q['keep_recent']}q{q['recent_key_levels']}"
+        if q.get("low_fraction"):
             s += f"-lo{q['low_fraction']:g}k{q['low_key_levels']}v{q['low_value_levels']}"
         s += "-th" if q["value_axis"] == "token_head" else ""
         s += f"-s{q['keep_sinks']}" if q["keep_sinks"] != 1 else ""
@@ -135,11 +174,12 @@ def quality_key(config: dict) -> str:
     return json.dumps({"transform": config["transform"], "quantizer": config["quantizer"]}, sort_keys=True)
 
 
-def search_space(size: str = "default") -> list[dict]:
-    """Every valid profile config of the space (each key x its codecs), named uniquely."""
+def search_space(size: str = "default", model: str = "smollm2") -> list[dict]:
+    """Every valid profile config of the space (each key x its codecs), named uniquely (the
+    ``tasks`` space: ``model``'s RoPE bases; codecs bitpack and irans, the GPU-capable ones)."""
     out = []
-    for key in quality_keys(size):
-        codecs = _CODECS_LOSSLESS if key["quantizer"]["id"] == "none" else _CODECS_Q
+    for key in (task_keys(model) if size == "tasks" else quality_keys(size)):
+        codecs = _CODECS_LOSSLESS if key["quantizer"]["id"] == "none" else _CODECS_TASKS if size == "tasks" else _CODECS_Q
         for c in codecs:
             cfg = {"name": f"{key_name(key)}-{_tag(c)}", "transform": key["transform"],
                    "quantizer": key["quantizer"], "codec": c}
@@ -162,9 +202,11 @@ def family_levels(key: dict) -> tuple[str, tuple]:
     """``(family, levels)``: within one family more levels (componentwise) never hurt quality."""
     q, tr = key["quantizer"], key["transform"]["id"]
     if q["id"] == "kvserve":
-        fam = json.dumps([tr, q["id"], q["low_fraction"], q["split"], q["key_axis"], q["value_axis"],
-                          q["key_group"], q["keep_sinks"], q["keep_recent"]])
-        return fam, (q["high_key_levels"], q["high_value_levels"], q["low_key_levels"], q["low_value_levels"])
+        fam = json.dumps([tr, q["id"], q.get("low_fraction", 0.0), q.get("split", "head"), q.get("key_axis", "channel"),
+                          q.get("value_axis", "token"), q.get("key_group", 0), q.get("keep_sinks", 0),
+                          q.get("keep_recent", 0), q.get("compact_key_stats", False),
+                          q.get("recent_key_levels", 0) if q.get("keep_recent") else bool(q.get("recent_key_levels"))])
+        return fam, (q["high_key_levels"], q["high_value_levels"], q.get("low_key_levels", 6), q.get("low_value_levels", 4))
     if q["id"] == "kivi":
         return json.dumps([tr, "kivi", q["keep_sinks"]]), (q["bits"], -q["group_size"], q["keep_recent"])
     if q["id"] == "cachegen":
@@ -179,12 +221,14 @@ def key_features(key: dict) -> list[float]:
     had = 1.0 if tr == "hadamard" else 0.0
     kind = [float(q["id"] == k) for k in ("kvserve", "kivi", "cachegen", "none")]
     if q["id"] == "kvserve":
-        f = q["low_fraction"]
-        kb = (1 - f) * math.log2(q["high_key_levels"]) + f * math.log2(q["low_key_levels"])
-        vb = (1 - f) * math.log2(q["high_value_levels"]) + f * math.log2(q["low_value_levels"])
-        kmin, vmin = math.log2(q["low_key_levels"] if f else q["high_key_levels"]), \
-            math.log2(q["low_value_levels"] if f else q["high_value_levels"])
-        extra = [f, float(q["value_axis"] == "token_head"), float(q["keep_sinks"]), 0.0, 0.0]
+        f = q.get("low_fraction", 0.0)
+        lk, lv = q.get("low_key_levels", 6), q.get("low_value_levels", 4)
+        kb = (1 - f) * math.log2(q["high_key_levels"]) + f * math.log2(lk)
+        vb = (1 - f) * math.log2(q["high_value_levels"]) + f * math.log2(lv)
+        kmin, vmin = math.log2(lk if f else q["high_key_levels"]), math.log2(lv if f else q["high_value_levels"])
+        g = q.get("key_group", 0)
+        extra = [f, float(q.get("value_axis") == "token_head"), float(q.get("keep_sinks", 0)),
+                 math.log2(g) if g else 0.0, q.get("keep_recent", 0) / 128]
     elif q["id"] == "kivi":
         kb = vb = kmin = vmin = float(q["bits"])
         extra = [0.0, 0.0, float(q["keep_sinks"]), math.log2(q["group_size"]), q["keep_recent"] / 128]
@@ -342,6 +386,118 @@ class RealBench:
             ntok += len(r["cont"])
         self.eval_seconds.append(time.perf_counter() - t0)
         return 100.0 * math.exp(nll_b / ntok) / math.exp(nll_c / ntok)
+
+
+class TaskBench:
+    """Real task measurements on ``tune``-split items (never the test split): the profiler's
+    quality is **relative task accuracy** (``kvserve.tasks``: RULER-style HotpotQA, token F1).
+
+    Items: ``qa`` QA items of the tune split at target ``lengths`` (cycled; seed 0), with
+    their bf16 references (prefill, greedy answer, teacher-forced logits) computed once and,
+    with ``refs`` (a folder), saved there and reused by later runs (``NNNNN.pt``, the format of
+    ``benchmarks/kvserve_tasks.py prepare``). ``cheap(config)``: ratio over the first three
+    items' KV (one per length) with the real codec, encode/decode speed on the first item's
+    KV (warm, ``threads``). ``quality(key)``: every item's KV round-trips through the key's
+    quantizer (codec ``none``), the answer is decoded greedily from it
+    (:func:`kvserve.tasks.answer_from`), and the result is 100 x sum F1 / sum F1(bf16) over
+    the items, uncapped; its paired bootstrap 95% CI, the answer agreement with bf16 and the
+    mean answer KL go to ``details[quality_key]``."""
+
+    def __init__(self, model: str = "smollm2", qa: int = 100, lengths=(1024, 2048, 4096), refs: str | None = None,
+                 threads: int = 1, max_new: int = 12, seed: int = 0):
+        import os
+
+        from . import tasks
+        from .models import load_model
+
+        self.model_name, self.qa, self.lengths, self.threads, self.max_new = model, qa, tuple(lengths), threads, max_new
+        self.seed, self.refs = seed, refs
+        self.model, self.tok = load_model(model)
+        self.stop = tasks.stop_token_ids(self.tok)
+        self.items = tasks.qa_items(self.tok, "tune", qa, self.lengths, seed=seed)
+        self._mem: dict[int, object] = {}
+        if refs:
+            os.makedirs(refs, exist_ok=True)
+        self.details: dict[str, dict] = {}
+        self.eval_seconds: list[float] = []
+        self._warm: set = set()
+
+    def reference(self, i: int):
+        """Item ``i``'s :class:`kvserve.tasks.Reference` (saved under ``refs`` when set)."""
+        import os
+
+        import torch
+
+        from . import tasks
+
+        if i in self._mem:
+            return self._mem[i]
+        path = os.path.join(self.refs, f"{i:05d}.pt") if self.refs else None
+        if path and os.path.exists(path):
+            ref = tasks.load_reference(path)
+            if ref.item.uid != self.items[i].uid or ref.item.ids != self.items[i].ids:
+                raise KVServeError(f"{path} holds another item ({ref.item.uid}); use another refs folder")
+        else:
+            with torch.inference_mode():
+                ref = tasks.reference(self.model, self.tok, self.items[i], self.stop, self.max_new)
+            if path:
+                tasks.save_reference(ref, path)
+        if not path or i < 3:
+            self._mem[i] = ref  # without a folder all stay in memory; with one, the cheap items only
+        return ref
+
+    def method(self) -> dict:
+        import torch
+
+        return {"model": self.model_name, "split": "tune", "qa_items": self.qa, "lengths": list(self.lengths),
+                "seed": self.seed, "max_new": self.max_new, "threads": self.threads, "torch": torch.__version__,
+                "metric": "task_rel_acc (100 x sum token F1 / sum token F1 of bf16 over RULER-style HotpotQA "
+                          "items of the tune split, greedy answers; uncapped) with its paired bootstrap 95% CI",
+                "speeds": f"bf16 MB/s of encode/decode of the first item's KV, {self.threads} thread(s), warm",
+                "ratio": "sum bf16 KV bytes / sum bundle bytes over the first item of each length"}
+
+    def cheap(self, config: dict) -> tuple[float, float, float]:
+        pipe, t = Pipeline.from_config(config), self.threads
+        refs = [self.reference(i) for i in range(min(len(self.lengths), len(self.items)))]
+        wkey = json.dumps(config["codec"], sort_keys=True) + config["quantizer"]["id"]
+        r0 = refs[0]
+        if wkey not in self._warm:
+            decode(pipe.encode(r0.kv, meta={"seq_len": r0.seq_len}, threads=t), threads=t)
+            self._warm.add(wkey)
+        raw = comp = 0
+        for r in refs[1:]:
+            raw += r.raw_bytes
+            comp += len(pipe.encode(r.kv, meta={"seq_len": r.seq_len}, threads=t))
+        t0 = time.perf_counter()
+        blob = pipe.encode(r0.kv, meta={"seq_len": r0.seq_len}, threads=t)
+        t1 = time.perf_counter()
+        decode(blob, threads=t)
+        t2 = time.perf_counter()
+        raw0 = r0.raw_bytes
+        return (raw + raw0) / (comp + len(blob)), raw0 / max(t1 - t0, 1e-9) / 1e6, raw0 / max(t2 - t1, 1e-9) / 1e6
+
+    def quality(self, key: dict) -> float:
+        from . import tasks
+
+        t0 = time.perf_counter()
+        pipe = Pipeline.from_config({"name": "q", **key, "codec": {"id": "none"}})
+        ref_s, new_s, ref_a, new_a, kls = [], [], [], [], []
+        for i in range(len(self.items)):
+            r = self.reference(i)
+            kv, _ = decode(pipe.encode(r.kv, meta={"seq_len": r.seq_len}, threads=self.threads), threads=self.threads)
+            res = tasks.answer_from(self.model, self.tok, r, kv, self.stop, self.max_new)
+            ref_s.append(r.score)
+            new_s.append(res["score"])
+            ref_a.append(r.text)
+            new_a.append(res["answer"])
+            kls.append(res["answer_kl"])
+        p, lo, hi = tasks.paired_bootstrap(ref_s, new_s)
+        self.details[quality_key(key)] = {"quality_ci": [round(lo, 3), round(hi, 3)], "items": len(ref_s),
+                                          "answer_agree": round(tasks.agreement(ref_a, new_a), 4),
+                                          "answer_kl": round(float(np.mean(kls)), 6),
+                                          "f1": round(float(np.mean(new_s)), 5), "f1_bf16": round(float(np.mean(ref_s)), 5)}
+        self.eval_seconds.append(time.perf_counter() - t0)
+        return float(p)
 
 
 def measure_space(configs: list[dict], cheap: Callable[[dict], tuple[float, float, float]],
@@ -645,18 +801,34 @@ def pareto_records(records: list[Record], floor: float = QUALITY_FLOOR) -> list[
     return sorted([r for r, keep in zip(known, m) if keep], key=lambda r: -r.ratio)
 
 
-def build_library(records: list[Record], meta: dict, floor: float = QUALITY_FLOOR):
-    """A :class:`kvserve.controller.Library` of the 3D Pareto set of evaluated records."""
+def build_library(records: list[Record], meta: dict, floor: float = QUALITY_FLOOR, details: dict | None = None):
+    """A :class:`kvserve.controller.Library` of the 3D Pareto set of evaluated records.
+
+    Without ``details`` the quality is relative perplexity, capped at 100 (``quality_metric``
+    ``rel_ppl``; the measured value in ``rel_ppl``). With ``details`` (a quality key's
+    measurement record from :class:`TaskBench`) it is relative task accuracy, stored as
+    measured, above 100 included (``quality_metric`` ``task_rel_acc``), with each entry's
+    ``quality_ci`` (paired bootstrap 95% CI), ``answer_agree``, ``answer_kl`` and ``items``;
+    lossless entries are 100 by construction (CI [100, 100]). The Pareto selection caps
+    quality at 100 either way, so noise above 100 cannot make a point of its own."""
     front = pareto_records(records, floor)
     if not front:
         raise KVServeError("no evaluated configuration meets the quality floor: empty library")
-    entries = [Entry(r.name, r.config, r.ratio, min(r.quality, QUALITY_CAP), r.encode_MBps, r.decode_MBps,
-                     {"rel_ppl": r.quality}) for r in front]
-    return Library(entries, {"quality_metric": "rel_ppl", "quality_floor": floor, **meta})
+    if details is None:
+        entries = [Entry(r.name, r.config, r.ratio, min(r.quality, QUALITY_CAP), r.encode_MBps, r.decode_MBps,
+                         {"rel_ppl": r.quality}) for r in front]
+        return Library(entries, {"quality_metric": "rel_ppl", "quality_floor": floor, **meta})
+    entries = []
+    for r in front:
+        d = details.get(r.key) or {"quality_ci": [100.0, 100.0], "items": 0, "answer_agree": 1.0, "answer_kl": 0.0}
+        entries.append(Entry(r.name, r.config, r.ratio, r.quality, r.encode_MBps, r.decode_MBps,
+                             {"task_rel_acc": r.quality, **d}))
+    return Library(entries, {"quality_metric": "task_rel_acc", "quality_floor": floor, **meta})
 
 
 def plot_front(path: str, records: list[Record], title: str = "", floor: float = QUALITY_FLOOR,
-               overlay: list[Record] | None = None, overlay_label: str = "") -> None:
+               overlay: list[Record] | None = None, overlay_label: str = "",
+               ylabel: str = "quality (rel. perplexity x 100)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -676,7 +848,7 @@ def plot_front(path: str, records: list[Record], title: str = "", floor: float =
         fig.colorbar(sc, ax=ax, label="codec ms/MB" if xa == "ratio" else "ratio")
         ax.axhline(floor, color="r", lw=0.5, ls="--")
         ax.set_xlabel(xl)
-        ax.set_ylabel("quality (rel. perplexity x 100)")
+        ax.set_ylabel(ylabel)
         ax.set_ylim(max(floor - 10, min([r.quality for r in known] + [floor])), None)
         ax.legend(fontsize=7)
     fig.suptitle(title)

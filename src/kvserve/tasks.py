@@ -402,7 +402,70 @@ def _quality_twin(pipe):
 _TWINS: dict = {}
 
 
-def run_item(model, tok, item: Item, pipes: dict, stop_ids, *, max_new: int = 12, threads: int = 1,
+@dataclass
+class Reference:
+    """The uncompressed side of one item, computed once and reusable for any number of
+    profiles (and, saved with :func:`save_reference`, by later processes): ``kv`` the bf16
+    per-layer KV of the context (the prompt but its last token), ``answer`` the greedy
+    answer tokens from it, ``text``/``score`` that answer and its score, ``logits`` the
+    float32 teacher-forced next-token logits along the answer ``(len(answer), vocab)``."""
+
+    item: Item
+    kv: list
+    answer: list[int]
+    text: str
+    score: float
+    logits: object
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.item.ids) - 1
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv)
+
+
+def reference(model, tok, item: Item, stop_ids, max_new: int = 12) -> Reference:
+    """Prefill ``item``'s context in bf16 and decode the reference answer greedily."""
+    from .models import prefill
+
+    kv = prefill(model, item.ids[:-1])
+    n, first = len(item.ids) - 1, item.ids[-1]
+    ref = greedy_answer(model, kv, n, first, max_new, stop_ids)
+    text = answer_text(tok, ref, stop_ids)
+    logits: list = []
+    greedy_answer(model, kv, n, first, max_new, stop_ids, guess=ref, logits_out=logits)
+    return Reference(item, kv, ref, text, score(item, text), logits[0])
+
+
+def answer_from(model, tok, ref: Reference, kv, stop_ids, max_new: int = 12) -> dict:
+    """A profile's answer from its decoded ``kv`` (the reference answer as the guess of
+    :func:`greedy_answer`): ``{"answer", "score", "answer_kl"}``."""
+    lg: list = []
+    ans = greedy_answer(model, kv, ref.seq_len, ref.item.ids[-1], max_new, stop_ids, guess=ref.answer, logits_out=lg)
+    text = answer_text(tok, ans, stop_ids)
+    return {"answer": text, "score": score(ref.item, text), "answer_kl": round(answer_kl(ref.logits, lg[0]), 6)}
+
+
+def save_reference(ref: Reference, path) -> None:
+    """Write a :class:`Reference` (bf16 KV, answer, logits, the item) to ``path`` atomically."""
+    import torch
+
+    tmp = f"{path}.part"
+    torch.save({"item": vars(ref.item), "kv": ref.kv, "answer": ref.answer, "text": ref.text, "score": ref.score,
+                "logits": ref.logits}, tmp)
+    os.replace(tmp, path)
+
+
+def load_reference(path) -> Reference:
+    import torch
+
+    d = torch.load(path, weights_only=True)
+    return Reference(Item(**d["item"]), [tuple(p) for p in d["kv"]], d["answer"], d["text"], d["score"], d["logits"])
+
+
+def run_item(model, tok, item: Item | Reference, pipes: dict, stop_ids, *, max_new: int = 12, threads: int = 1,
              measure: bool = True) -> dict:
     """One item for every profile, on one shared bf16 prefill. ``pipes``: name -> Pipeline.
 
@@ -411,31 +474,22 @@ def run_item(model, tok, item: Item, pipes: dict, stop_ids, *, max_new: int = 12
     (:func:`greedy_answer`, the reference as the guess). With ``measure`` the real bundle is
     made (its size recorded as ``comp``) and decoded; without, the codec-free twin is used
     for the KV (identical: codecs are lossless) and ``comp`` is None. A lossless profile
-    decodes to the reference KV bit for bit, so its answer is the reference's.
+    decodes to the reference KV bit for bit, so its answer is the reference's. ``item`` may
+    be a :class:`Reference` computed (or loaded) before.
     Returns a JSON-able row (see :func:`summarize`)."""
-    from .models import prefill
     from .pipeline import decode
 
-    kv = prefill(model, item.ids[:-1])
-    n, first = len(item.ids) - 1, item.ids[-1]
-    ref = greedy_answer(model, kv, n, first, max_new, stop_ids)
-    ref_text = answer_text(tok, ref, stop_ids)
-    ref_logits: list = []
-    greedy_answer(model, kv, n, first, max_new, stop_ids, guess=ref, logits_out=ref_logits)
+    ref = item if isinstance(item, Reference) else reference(model, tok, item, stop_ids, max_new)
+    item = ref.item
     row = {"uid": item.uid, "task": item.task, "length": item.length, "tokens": len(item.ids),
-           "answers": item.answers, "ref": {"answer": ref_text, "score": score(item, ref_text)},
-           "raw": sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv), "profiles": {}}
-    meta = {"seq_len": n}
+           "answers": item.answers, "ref": {"answer": ref.text, "score": ref.score},
+           "raw": ref.raw_bytes, "profiles": {}}
+    meta = {"seq_len": ref.seq_len}
     for name, pipe in pipes.items():
-        blob = (pipe if measure else _quality_twin(pipe)).encode(kv, meta=meta, threads=threads)
-        res = {"answer": ref_text, "score": row["ref"]["score"], "comp": len(blob) if measure else None,
-               "answer_kl": 0.0}
+        blob = (pipe if measure else _quality_twin(pipe)).encode(ref.kv, meta=meta, threads=threads)
+        res = {"answer": ref.text, "score": ref.score, "comp": len(blob) if measure else None, "answer_kl": 0.0}
         if pipe.quantizer.lossy:
-            lg: list = []
-            ans = greedy_answer(model, decode(blob, threads=threads)[0], n, first, max_new, stop_ids, guess=ref,
-                                logits_out=lg)
-            text = answer_text(tok, ans, stop_ids)
-            res.update(answer=text, score=score(item, text), answer_kl=round(answer_kl(ref_logits[0], lg[0]), 6))
+            res.update(answer_from(model, tok, ref, decode(blob, threads=threads)[0], stop_ids, max_new))
         row["profiles"][name] = res
     return row
 

@@ -29,6 +29,11 @@ STAGES = [
     ("quantizer", {"id": "kvserve", "tiers": [[0.5, 5, 3], [1.0, 9, 6]], "scores": [[1, 2, 3], [0, 5, 1], [2, 2, 2], [9, 0, 1]],
                    "compact_value_stats": True, "keep_sinks": 1}),
     ("quantizer", {"id": "kvserve", "high_value_levels": 6, "compact_value_stats": True, "value_axis": "token_head"}),
+    ("quantizer", {"id": "kvserve", "high_key_levels": 16, "key_group": 16, "keep_sinks": 1, "keep_recent": 5,
+                   "recent_key_levels": 64, "recent_value_levels": 32, "compact_key_stats": True,
+                   "compact_value_stats": True}),
+    ("quantizer", {"id": "kvserve", "tiers": [[0.5, 5, 4], [1.0, 9, 7]], "split": "layer", "key_group": 32,
+                   "recent_key_levels": 16, "recent_value_levels": 12, "value_axis": "token_head"}),
     ("quantizer", {"id": "kivi", "bits": 2}),
     ("quantizer", {"id": "kivi", "bits": 4, "group_size": 16, "keep_recent": 7, "keep_sinks": 1}),
     ("quantizer", {"id": "cachegen"}),
@@ -230,6 +235,81 @@ def test_compact_value_stats_are_smaller_and_close():
     assert float((out - x - 100).abs().max()) < 10
 
 
+def test_recent_window_quantized_instead_of_bf16():
+    """recent_*_levels: the recent window and the partial last key group are quantized
+    (parts rq/rmin/rrange, no bf16 "recent" part), to within half a step of their own
+    range, at a fraction of the bf16 window's bytes."""
+    x = torch.randn(2, 1, 3, 100, 64) * torch.linspace(0.5, 4, 64)
+    base = {"id": "kvserve", "high_key_levels": 16, "key_group": 32, "keep_sinks": 1, "keep_recent": 20}
+    bf = get_stage("quantizer", base)
+    rq = get_stage("quantizer", {**base, "recent_key_levels": 256, "recent_value_levels": 128})
+    for which, lv in (("k", 256), ("v", 128)):
+        parts = {p.name: p for p in rq.encode(x, [0, 1], which, (2, 3))}
+        assert "recent" not in parts and "rq" in parts and parts["rq"].bits == bits_for(lv) and "sink" in parts
+        s, e = (int(v) for v in parts["split"].array)
+        assert (s, e) == ((1, 65) if which == "k" else (1, 80))  # keys: 99 - 20 tokens hold 2 whole groups
+        out = check_quantizer_roundtrip(rq, x, [0, 1], which, (2, 3))
+        win, got = x[..., e:, :], out[..., e:, :]
+        dims = (3,) if which == "k" else (2, 4)
+        half_step = (win.amax(dim=dims, keepdim=True) - win.amin(dim=dims, keepdim=True)) / (lv - 1) / 2
+        assert bool(((got - win).abs() <= half_step * 1.01 + 1e-3).all())
+        assert (got - win).abs().max() > 0  # quantized, not kept
+        torch.testing.assert_close(out[..., :s, :], x[..., :s, :].bfloat16().float(), rtol=0, atol=0)  # the sink
+        bytes_q = parts["rq"].array.nbytes + parts["rmin"].array.nbytes + parts["rrange"].array.nbytes
+        bytes_bf = {p.name: p for p in bf.encode(x, [0, 1], which, (2, 3))}["recent"].array.nbytes
+        assert bytes_q < 0.6 * bytes_bf
+    # no recent window: the 3 tokens after the last whole key group are quantized too
+    tail = get_stage("quantizer", {**base, "keep_recent": 0, "recent_key_levels": 16, "recent_value_levels": 16})
+    parts = {p.name: p for p in tail.encode(x, [0, 1], "k", (2, 3))}
+    assert "recent" not in parts and parts["rq"].array.size == 2 * 3 * 3 * 64
+
+
+def test_compact_key_stats_halve_the_side_info_and_never_fall_back():
+    """compact_key_stats: 2 bytes per key group and channel (+ a centre per channel) instead of
+    4, error close to float16 statistics; channels with a large offset and a group far from
+    its channel's centre (a drift) still decode within two steps of the widest group (a wider range
+    code for those groups, no fallback)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 3, 256, 64) + 20 * torch.randn(1, 1, 3, 1, 64)  # per-channel offsets
+    x[..., 5] += torch.linspace(0, 40, 256)  # one drifting channel
+    cfg = {"id": "kvserve", "high_key_levels": 16, "key_group": 32}
+    plain, comp = get_stage("quantizer", cfg), get_stage("quantizer", {**cfg, "compact_key_stats": True})
+    side, errs = {}, {}
+    for name, q in (("plain", plain), ("compact", comp)):
+        parts = q.encode(x, [0, 1, 2], "k", (3, 3))
+        side[name] = sum(p.array.nbytes for p in parts if p.bits is None)
+        out = check_quantizer_roundtrip(q, x, [0, 1, 2], "k", (3, 3))
+        errs[name] = (out - x).pow(2).mean(dim=(0, 1, 2, 3))  # per channel
+    assert side["compact"] < 0.6 * side["plain"]  # 8 groups here: the centres cost 1/16 of the stats
+    other = torch.arange(64) != 5
+    assert float(errs["compact"][other].mean()) < 1.1 * float(errs["plain"][other].mean())
+    names = {p.name for p in comp.encode(x, [0, 1, 2], "k", (3, 3))}
+    assert {"centre", "rcode", "mcode", "rmax"} <= names and "min" not in names
+    step = (x.reshape(3, 1, 3, 8, 32, 64).amax(4) - x.reshape(3, 1, 3, 8, 32, 64).amin(4)).amax() / 15
+    out = check_quantizer_roundtrip(comp, x, [0, 1, 2], "k", (3, 3))
+    assert float((out - x)[..., 5].abs().max()) < 2 * float(step)
+    # values are unaffected by the key option
+    assert {p.name for p in comp.encode(x, [0, 1, 2], "v", (3, 3))} == {p.name for p in plain.encode(x, [0, 1, 2], "v", (3, 3))}
+
+
+def test_new_kvserve_options_keep_old_configs_identity():
+    """Options added later are left out of the config at their defaults, so every older
+    profile (and its bundles' headers) keeps its exact config."""
+    from kvserve.pipeline import Pipeline, load_profile, profile_names
+
+    new = {"recent_key_levels", "recent_value_levels", "compact_key_stats"}
+    for name in profile_names():
+        cfg = load_profile(name)
+        got = Pipeline.from_config(cfg).get_config()
+        assert set(got["quantizer"]) & new == set(cfg["quantizer"]) & new
+        assert Pipeline.from_config(got).get_config() == got
+    q = get_stage("quantizer", {"id": "kvserve", "key_group": 32})
+    assert not {"recent_key_levels", "recent_value_levels", "compact_key_stats"} & set(q.get_config())
+    q = get_stage("quantizer", {"id": "kvserve", "key_group": 32, "compact_key_stats": True, "keep_recent": 4,
+                                "recent_key_levels": 64, "recent_value_levels": 64})
+    assert get_stage("quantizer", q.get_config()) == q and q.get_config()["compact_key_stats"] is True
+
+
 def test_scores_list_picks_the_matching_geometry():
     q = get_stage("quantizer", {"id": "kvserve", "tiers": [[0.5, 4, 3], [1.0, 8, 5]], "scores": ["smollm2", "gemma3"]})
     assert q.tier_index(18, 1).sum() == 9 and q.tier_index(30, 3).sum() == 45
@@ -272,6 +352,12 @@ def test_hadamard_key_rope_undoes_rotary_embedding():
     ("quantizer", {"id": "kvserve", "high_key_levels": 1}),
     ("quantizer", {"id": "kvserve", "low_fraction": 2}),
     ("quantizer", {"id": "kvserve", "unknown": 1}),
+    ("quantizer", {"id": "kvserve", "keep_recent": 8, "recent_key_levels": 64}),
+    ("quantizer", {"id": "kvserve", "recent_key_levels": 1, "recent_value_levels": 16}),
+    ("quantizer", {"id": "kvserve", "recent_key_levels": True, "recent_value_levels": 16}),
+    ("quantizer", {"id": "kvserve", "compact_key_stats": True}),
+    ("quantizer", {"id": "kvserve", "key_group": 32, "key_axis": "token", "compact_key_stats": True}),
+    ("quantizer", {"id": "kvserve", "key_group": 32, "compact_key_stats": 1}),
     ("quantizer", {"id": "cachegen", "key_bands": [[0.5, 8]]}),
     ("codec", {"id": "zstd", "level": 99}),
     ("codec", {"id": "ans", "pair": "yes"}),

@@ -51,7 +51,7 @@ from ..errors import KVServeError
 from . import irans, rans
 from . import transforms as _tf
 from .quantizers import (CacheGenQuant, KIVIQuant, KVServeQuant, NoQuant, Part, _compact_codes, _ft, _stats,
-                         bits_for)
+                         bits_for, compact_key_codes, key_stats)
 from .transforms import Hadamard
 
 #: Tests: treat CPU tensors as device tensors and run the kernels in Triton's interpreter.
@@ -325,10 +325,12 @@ def _get(parts: dict, name: str, count: int):
     return a
 
 
-def _stats_on(parts, stat_shape, device):
-    """(min, range) of a part set on ``device``, decoded by the CPU's own ``_stats``."""
-    host = {k: _host(v) for k, v in parts.items() if k in ("min", "range", "rmax", "rcode", "mcode")}
-    mn, rg = _stats(host, "", stat_shape)
+def _stats_on(parts, stat_shape, device, prefix: str = "", stats=_stats):
+    """(min, range) of a part set on ``device``, decoded on the host by the CPU's own
+    ``stats`` function (``_stats``, or ``key_stats`` for compact key statistics)."""
+    names = {prefix + k for k in ("min", "range", "rmax", "rcode", "mcode", "centre")}
+    host = {k: _host(v) for k, v in parts.items() if k in names}
+    mn, rg = stats(host, prefix, stat_shape)
     return mn.to(device), rg.to(device)
 
 
@@ -364,7 +366,11 @@ def _kvserve_encode(qz: KVServeQuant, x, layer_ids, which, geometry) -> list[Par
     if qz._grouped(which):  # the remainder of the token grouping joins the recent window
         e = s + (e - s) // qz.key_group * qz.key_group
     parts.append(Part("split", np.asarray([s, e], dtype=np.int64)))
-    _windows_encode(qz, x, s, e, parts)
+    _windows_encode(qz, x, s, e if not qz.recent_key_levels else t, parts)
+    if qz.recent_key_levels and e < t:
+        lv = qz._recent_levels(which)
+        q = _minmax(x[..., e:, :], qz._stat_dims(which), lv, parts, "r")
+        parts.append(Part("rq", q.reshape(-1), bits=bits_for(lv), dtype="uint8"))
     if e > s:
         lv = torch.tensor(levels, dtype=torch.float32)[torch.from_numpy(idx.astype(np.int64))]
         lv = lv.to(x.device)[:, None, :, None, None]
@@ -375,7 +381,12 @@ def _kvserve_encode(qz: KVServeQuant, x, layer_ids, which, geometry) -> list[Par
             lv, dims = lv[..., None], (4,)
         else:
             dims = qz._stat_dims(which)
-        if which == "v" and qz.compact_value_stats:
+        if which == "k" and qz.compact_key_stats:  # statistics on the device, codes on the host
+            mn = xm.amin(dim=dims, keepdim=True)
+            codes, mn_h, rg_h = compact_key_codes(mn.cpu(), (xm.amax(dim=dims, keepdim=True) - mn).cpu())
+            parts += codes
+            q = _quantize_stats(xm, mn_h.to(x.device), rg_h.to(x.device), lv)
+        elif which == "v" and qz.compact_value_stats:
             q = _minmax_compact(xm, dims, lv, parts)
         else:
             q = _minmax(xm, dims, lv, parts)
@@ -399,7 +410,11 @@ def _kvserve_decode(qz: KVServeQuant, parts, shape, layer_ids, which, device) ->
     if not 0 <= s <= e <= t:
         raise KVServeError("kvserve: bad token split")
     out = torch.empty(shape, dtype=torch.float32, device=device)
-    _windows_decode(out, parts, shape, s, e)
+    _windows_decode(out, parts, shape, s, e if not qz.recent_key_levels else t)
+    if qz.recent_key_levels and e < t:
+        lv, stat = qz._recent_levels(which), qz._recent_stat_shape(which, n, b, h, t - e, d)
+        q = _dev(_get(parts, "rq", n * b * h * (t - e) * d), device).reshape(n, b, h, t - e, d)
+        out[..., e:, :] = _deminmax(q, *_stats_on(parts, stat, device, "r"), lv)
     if e > s:
         tm = e - s
         q = torch.empty((n * h, b, tm, d), dtype=torch.uint8, device=device)
@@ -412,7 +427,7 @@ def _kvserve_decode(qz: KVServeQuant, parts, shape, layer_ids, which, device) ->
         lv = torch.tensor(levels, dtype=torch.float32)[torch.from_numpy(idx.astype(np.int64))]
         lv = lv.to(device)[:, None, :, None, None]
         q, stat, lv = qz._stat_layout(q, lv, which, n, b, h, tm, d)
-        mn, rg = _stats_on(parts, stat, device)
+        mn, rg = _stats_on(parts, stat, device, stats=key_stats if which == "k" and qz.compact_key_stats else _stats)
         out[..., s:e, :] = _deminmax(q, mn, rg, lv).reshape(n, b, h, tm, d)
     return out
 

@@ -92,15 +92,32 @@ def _minmax(x: torch.Tensor, dims, levels, parts: list, prefix: str) -> torch.Te
     parts += [pm, pr]
     mn = torch.from_numpy(pm.array.astype(np.float32)).reshape(mn.shape)
     rg = torch.from_numpy(pr.array.astype(np.float32)).reshape(rg.shape)
+    return _quantize_with(x, levels, mn, rg.clamp_min(1e-8))
+
+
+def _quantize_with(x: torch.Tensor, levels, mn: torch.Tensor, rg: torch.Tensor) -> torch.Tensor:
+    """uint8 ``clamp(round((x - mn) * (levels - 1) / rg), 0, levels - 1)``."""
     lv = levels - 1 if isinstance(levels, int) else (levels - 1).to(torch.float32)
-    inv = lv / rg.clamp_min(1e-8)
+    inv = lv / rg
     q = (x - mn).mul_(inv).round_().clamp_(min=0)
     q = q.clamp_(max=lv)
     return q.to(torch.uint8)
 
 
+def _compact_key_minmax(x: torch.Tensor, dims, parts: list):
+    """Grouped key statistics as :func:`compact_key_codes` (parts appended): ``(min, range)``."""
+    mn = x.amin(dim=dims, keepdim=True)
+    rg = x.amax(dim=dims, keepdim=True) - mn
+    codes, mn, rg = compact_key_codes(mn, rg)
+    parts += codes
+    return mn, rg
+
+
 def _deminmax(q: torch.Tensor, parts: dict, prefix: str, stat_shape, levels) -> torch.Tensor:
-    mn, rg = _stats(parts, prefix, stat_shape)
+    return _dequantize_with(q, *_stats(parts, prefix, stat_shape), levels)
+
+
+def _dequantize_with(q: torch.Tensor, mn: torch.Tensor, rg: torch.Tensor, levels) -> torch.Tensor:
     lv = levels - 1 if isinstance(levels, int) else (levels - 1).to(torch.float32)
     return q.to(torch.float32).mul_(rg / lv).add_(mn)
 
@@ -157,6 +174,39 @@ def _compact_stats(rc: torch.Tensor, mc: torch.Tensor, rmax):
     mn = mc.to(torch.float32) * (rg / _MC)
     # the rounded min may leave the maximum up to range/256 above the top level: clamped
     return mn, rg
+
+
+def compact_key_codes(mn: torch.Tensor, rg: torch.Tensor, prefix: str = ""):
+    """Compact 2-byte statistics of token-grouped key channels (CPU tensors ``mn``, ``rg`` of
+    shape ``(n, B, H, G, 1, D)``): a float16 *centre* per (layer, batch, head, channel), the
+    midpoint of the channel's smallest min and largest max over its groups, and each group's
+    (min - centre, range) as :func:`_compact_codes` would store it, except that a group lying
+    further from the centre than its own range widens its range code until its min code
+    fits (it never falls back). Returns ``(parts, min, range)``, the float32 (min, range) the
+    decoder computes. Host-only (``log2``/``exp2``), as the value codes; the GPU path calls it."""
+    lo, hi = mn.amin(dim=3, keepdim=True), (mn + rg).amax(dim=3, keepdim=True)
+    pc = _side((lo + hi) * 0.5, prefix + "centre")
+    c = torch.from_numpy(pc.array.astype(np.float32)).reshape(lo.shape)
+    rel = mn - c
+    need = torch.maximum(rg, rel.abs() * (_MC / 127.0))  # a range whose min code is within [-128, 127]
+    rmax = need.reshape(need.shape[0], -1).amax(1).to(torch.float32).clamp_min(1e-30)
+    rmax = rmax.reshape((-1,) + (1,) * (need.dim() - 1))
+    rc = torch.ceil(torch.log2(torch.maximum(need, rmax * 2.0 ** -7.9) / rmax) * _RC - 1e-6).clamp_(-255, 0) + 255
+    rhat = rmax * torch.exp2((rc - 255) / _RC)
+    mc = torch.round(rel / (rhat / _MC)).clamp_(-128, 127)
+    parts = [pc, Part(prefix + "rmax", rmax.numpy().reshape(-1).copy()),
+             Part(prefix + "rcode", rc.to(torch.uint8).numpy().reshape(-1)),
+             Part(prefix + "mcode", mc.to(torch.int8).numpy().reshape(-1).view(np.uint8))]
+    mn_hat, rg_hat = _compact_stats(rc, mc, rmax)
+    return parts, mn_hat + c, rg_hat
+
+
+def key_stats(parts: dict, prefix: str, stat_shape):
+    """(min, range) float32 of compact key statistics (:func:`compact_key_codes`): the
+    group codes as :func:`_stats` decodes them, plus the channel centre."""
+    mn, rg = _stats(parts, prefix, stat_shape)
+    cshape = stat_shape[:3] + (1,) + stat_shape[4:]
+    return mn + _ft(parts, prefix + "centre", cshape), rg
 
 
 def _stats(parts: dict, prefix: str, stat_shape):
@@ -296,6 +346,19 @@ class KVServeQuant(_Windowed):
     file's ``key_scores`` and values by its ``value_scores`` (each measured with only that
     half of the head coarsened), so a head can keep precise keys and coarse values (a file
     without them falls back to its joint ``scores``).
+
+    ``recent_key_levels`` / ``recent_value_levels`` (default 0: bf16) quantize the recent
+    window (the last ``keep_recent`` tokens, plus the remainder of the key grouping for keys)
+    instead of storing it in bf16: min-max along the same axes as the middle (keys per
+    channel over the whole window, values per ``value_axis``) at these level counts for
+    every pair, with float16 statistics (parts ``rq``, ``rmin``, ``rrange``). So the tokens
+    nearest the question keep high precision at a fraction of bf16's cost, and a partial last
+    key group is quantized rather than kept in bf16.
+
+    ``compact_key_stats`` (default False; token-grouped channel keys only) stores each key
+    group's (min, range) in 2 bytes instead of 4, relative to a float16 centre per channel
+    (:func:`compact_key_codes`): with 32-token groups that halves the keys' side
+    information (1 to 0.5 bit per key element).
     """
 
     stage_id = "kvserve"
@@ -304,8 +367,18 @@ class KVServeQuant(_Windowed):
         "low_fraction": 0.0, "split": "head", "scores": None,
         "key_axis": "channel", "value_axis": "token", "key_group": 0,
         "keep_sinks": 0, "keep_recent": 0, "tiers": None, "compact_value_stats": False,
-        "kind_scores": False,
+        "kind_scores": False, "recent_key_levels": 0, "recent_value_levels": 0, "compact_key_stats": False,
     }
+    #: parameters added after bundles and profiles were written: left out of the config while
+    #: at their default, so older configs keep their identity (and bundles their bytes)
+    optional = {"recent_key_levels": 0, "recent_value_levels": 0, "compact_key_stats": False}
+
+    def get_config(self):
+        cfg = super().get_config()
+        for k, default in self.optional.items():
+            if cfg[k] == default and type(cfg[k]) is type(default):
+                del cfg[k]
+        return cfg
 
     def validate(self):
         for p in ("high_key_levels", "high_value_levels", "low_key_levels", "low_value_levels"):
@@ -334,6 +407,16 @@ class KVServeQuant(_Windowed):
             raise KVServeError("kvserve: kind_scores needs tiers and packaged score file name(s)")
         if not isinstance(self.compact_value_stats, bool):
             raise KVServeError("kvserve: compact_value_stats must be a bool")
+        for p in ("recent_key_levels", "recent_value_levels"):
+            v = getattr(self, p)
+            if v != 0 or isinstance(v, bool):
+                _check_levels(self.stage_id, f"{p} (0 = bf16)", v)
+        if (self.recent_key_levels == 0) != (self.recent_value_levels == 0):
+            raise KVServeError("kvserve: recent_key_levels and recent_value_levels are both 0 (bf16) or both set")
+        if not isinstance(self.compact_key_stats, bool):
+            raise KVServeError("kvserve: compact_key_stats must be a bool")
+        if self.compact_key_stats and not self._grouped("k"):
+            raise KVServeError("kvserve: compact_key_stats needs key_axis='channel' and key_group > 0")
         self._check_windows()
         self._resolve_tiers()
 
@@ -457,6 +540,13 @@ class KVServeQuant(_Windowed):
         dims = self._stat_dims(which)
         return q, tuple(1 if i in dims else sz for i, sz in enumerate((n, b, h, tm, d))), lv
 
+    def _recent_levels(self, which) -> int:
+        return self.recent_key_levels if which == "k" else self.recent_value_levels
+
+    def _recent_stat_shape(self, which, n, b, h, tw, d) -> tuple:
+        dims = self._stat_dims(which)
+        return tuple(1 if i in dims else sz for i, sz in enumerate((n, b, h, tw, d)))
+
     def _tier_levels(self, which):
         return [r[1] if which == "k" else r[2] for r in self._tiers]
 
@@ -469,7 +559,11 @@ class KVServeQuant(_Windowed):
         if self._grouped(which):  # the remainder of the token grouping joins the recent window
             e = s + (e - s) // self.key_group * self.key_group
         parts.append(Part("split", np.asarray([s, e], dtype=np.int64)))
-        self._encode_windows(x, s, e, parts)
+        self._encode_windows(x, s, e if not self.recent_key_levels else t, parts)
+        if self.recent_key_levels and e < t:
+            lv = self._recent_levels(which)
+            q = _minmax(x[..., e:, :], self._stat_dims(which), lv, parts, "r")
+            parts.append(Part("rq", q.contiguous().numpy().reshape(-1), bits=bits_for(lv)))
         if e > s:
             tl = self._tier_levels(which)
             tier_t = torch.from_numpy(tier.astype(np.int64))
@@ -481,8 +575,11 @@ class KVServeQuant(_Windowed):
                 lv, dims = lv[..., None], (4,)
             else:
                 dims = self._stat_dims(which)
-            quant = _minmax_compact if (which == "v" and self.compact_value_stats) else _minmax
-            q = quant(xm, dims, lv, parts, "")
+            if which == "k" and self.compact_key_stats:
+                q = _quantize_with(xm, lv, *_compact_key_minmax(xm, dims, parts))
+            else:
+                quant = _minmax_compact if (which == "v" and self.compact_value_stats) else _minmax
+                q = quant(xm, dims, lv, parts, "")
             q = q.reshape(n, b, h, e - s, d).transpose(1, 2)  # (n, H, B, Tm, D)
             for ti, levels in enumerate(tl):
                 sel = tier_t == ti
@@ -521,7 +618,11 @@ class KVServeQuant(_Windowed):
         if not 0 <= s <= e <= t:
             raise KVServeError("kvserve: bad token split")
         out = torch.empty(shape, dtype=torch.float32)
-        self._decode_windows(out, parts, shape, s, e)
+        self._decode_windows(out, parts, shape, s, e if not self.recent_key_levels else t)
+        if self.recent_key_levels and e < t:
+            lv, stat = self._recent_levels(which), self._recent_stat_shape(which, n, b, h, t - e, d)
+            q = torch.from_numpy(_get(parts, "rq", n * b * h * (t - e) * d)).reshape(n, b, h, t - e, d)
+            out[..., e:, :] = _deminmax(q, parts, "r", stat, lv)
         if e > s:
             tm = e - s
             tl = self._tier_levels(which)
@@ -536,7 +637,11 @@ class KVServeQuant(_Windowed):
             q = q.transpose(1, 2)
             lv = torch.tensor(tl, dtype=torch.float32)[tier_t][:, None, :, None, None]
             q, stat, lv = self._stat_layout(q, lv, which, n, b, h, tm, d)
-            out[..., s:e, :] = _deminmax(q, parts, "", stat, lv).reshape(n, b, h, tm, d)
+            if which == "k" and self.compact_key_stats:
+                mn, rg = key_stats(parts, "", stat)
+                out[..., s:e, :] = _dequantize_with(q, mn, rg, lv).reshape(n, b, h, tm, d)
+            else:
+                out[..., s:e, :] = _deminmax(q, parts, "", stat, lv).reshape(n, b, h, tm, d)
         return out
 
 
