@@ -374,13 +374,7 @@ def _kvserve_encode(qz: KVServeQuant, x, layer_ids, which, geometry) -> list[Par
     if e > s:
         lv = torch.tensor(levels, dtype=torch.float32)[torch.from_numpy(idx.astype(np.int64))]
         lv = lv.to(x.device)[:, None, :, None, None]
-        xm = x[..., s:e, :]
-        if qz._grouped(which):
-            g = qz.key_group
-            xm = xm.reshape(n, b, h, (e - s) // g, g, d)
-            lv, dims = lv[..., None], (4,)
-        else:
-            dims = qz._stat_dims(which)
+        xm, lv, dims = qz._middle(x, lv, which, s, e)
         if which == "k" and qz.compact_key_stats:  # statistics on the device, codes on the host
             mn = xm.amin(dim=dims, keepdim=True)
             codes, mn_h, rg_h = compact_key_codes(mn.cpu(), (xm.amax(dim=dims, keepdim=True) - mn).cpu())

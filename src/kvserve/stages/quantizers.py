@@ -540,6 +540,17 @@ class KVServeQuant(_Windowed):
         dims = self._stat_dims(which)
         return q, tuple(1 if i in dims else sz for i, sz in enumerate((n, b, h, tm, d))), lv
 
+    def _middle(self, x, lv, which, s: int, e: int):
+        """``(xm, lv, dims)`` for quantising the middle tokens ``x[..., s:e, :]``: reshaped into
+        ``key_group``-token groups (and the level tensor with them) when keys are grouped, and
+        the dims their statistics reduce over. Shared by the CPU and the device encoders."""
+        n, b, h, _, d = x.shape
+        xm = x[..., s:e, :]
+        if self._grouped(which):
+            g = self.key_group
+            return xm.reshape(n, b, h, (e - s) // g, g, d), lv[..., None], (4,)
+        return xm, lv, self._stat_dims(which)
+
     def _recent_levels(self, which) -> int:
         return self.recent_key_levels if which == "k" else self.recent_value_levels
 
@@ -568,13 +579,7 @@ class KVServeQuant(_Windowed):
             tl = self._tier_levels(which)
             tier_t = torch.from_numpy(tier.astype(np.int64))
             lv = torch.tensor(tl, dtype=torch.float32)[tier_t][:, None, :, None, None]  # (n, 1, H, 1, 1)
-            xm = x[..., s:e, :]
-            if self._grouped(which):
-                g = self.key_group
-                xm = xm.reshape(n, b, h, (e - s) // g, g, d)
-                lv, dims = lv[..., None], (4,)
-            else:
-                dims = self._stat_dims(which)
+            xm, lv, dims = self._middle(x, lv, which, s, e)
             if which == "k" and self.compact_key_stats:
                 q = _quantize_with(xm, lv, *_compact_key_minmax(xm, dims, parts))
             else:
