@@ -371,7 +371,11 @@ def greedy_answer(model, kv, seq_len: int, first: int, max_new: int, stop_ids, g
                     break
             if len(out) >= max_new or out[-1] in stop:
                 return out[:max_new]
-            cache.crop(seq_len + len(out) - cache.get_seq_length())  # drop the unverified tail
+            try:
+                cache.crop(seq_len + len(out) - cache.get_seq_length())  # drop the unverified tail
+            except RuntimeError:  # sliding-window layers past their window cannot roll back (Gemma-3)
+                cache = cache_from_kv(model, kv, seq_len)
+                model(torch.tensor([[first] + out[:-1]]), past_key_values=cache, use_cache=True)
             tok = out[-1]
         else:
             tok = first

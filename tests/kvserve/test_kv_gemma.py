@@ -61,3 +61,21 @@ def test_rebuilt_sliding_layers_know_the_sequence_length(gemma):
     for layer, t in zip(cache.layers, model.config.layer_types):
         assert getattr(layer, "is_sliding", False) == (t == "sliding_attention")
         assert layer.get_seq_length() == n
+
+
+def test_greedy_answer_with_a_wrong_guess_past_the_sliding_window(gemma):
+    """Past Gemma-3's sliding window its local layers cannot roll back (``crop`` raises): a
+    wrong guess must still give plain greedy's tokens (the cache is rebuilt instead)."""
+    from kvserve import tasks
+    from kvserve.models import prefill
+
+    model, tok = gemma
+    window = model.config.sliding_window
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(100, 20000, (window + 40,), generator=g).tolist()
+    kv = prefill(model, ids[:-1])
+    stop = tasks.stop_token_ids(tok)
+    plain = tasks.greedy_answer(model, kv, len(ids) - 1, ids[-1], 6, stop)
+    assert len(plain) >= 2
+    wrong = plain[:1] + [(plain[1] + 1) % 20000] * 5
+    assert tasks.greedy_answer(model, kv, len(ids) - 1, ids[-1], 6, stop, guess=wrong) == plain
