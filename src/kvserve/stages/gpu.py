@@ -51,7 +51,7 @@ from ..errors import KVServeError
 from . import irans, rans
 from . import transforms as _tf
 from .quantizers import (CacheGenQuant, KIVIQuant, KVServeQuant, NoQuant, Part, _compact_codes, _ft, _stats,
-                         bits_for, compact_key_codes, key_stats)
+                         bits_for, compact_key_minmax, key_stats)
 from .transforms import Hadamard
 
 #: Tests: treat CPU tensors as device tensors and run the kernels in Triton's interpreter.
@@ -376,10 +376,7 @@ def _kvserve_encode(qz: KVServeQuant, x, layer_ids, which, geometry) -> list[Par
         lv = lv.to(x.device)[:, None, :, None, None]
         xm, lv, dims = qz._middle(x, lv, which, s, e)
         if which == "k" and qz.compact_key_stats:  # statistics on the device, codes on the host
-            mn = xm.amin(dim=dims, keepdim=True)
-            codes, mn_h, rg_h = compact_key_codes(mn.cpu(), (xm.amax(dim=dims, keepdim=True) - mn).cpu())
-            parts += codes
-            q = _quantize_stats(xm, mn_h.to(x.device), rg_h.to(x.device), lv)
+            q = _quantize_stats(xm, *compact_key_minmax(xm, dims, parts), lv)
         elif which == "v" and qz.compact_value_stats:
             q = _minmax_compact(xm, dims, lv, parts)
         else:

@@ -104,13 +104,15 @@ def _quantize_with(x: torch.Tensor, levels, mn: torch.Tensor, rg: torch.Tensor) 
     return q.to(torch.uint8)
 
 
-def _compact_key_minmax(x: torch.Tensor, dims, parts: list):
-    """Grouped key statistics as :func:`compact_key_codes` (parts appended): ``(min, range)``."""
+def compact_key_minmax(x: torch.Tensor, dims, parts: list):
+    """Grouped key statistics as :func:`compact_key_codes` (parts appended): ``(min, range)``
+    as the decoder computes them, on ``x``'s device. The min/max reductions run where ``x``
+    lives; the codes are made on the host (the CPU and the device encoders both call this)."""
     mn = x.amin(dim=dims, keepdim=True)
     rg = x.amax(dim=dims, keepdim=True) - mn
-    codes, mn, rg = compact_key_codes(mn, rg)
+    codes, mn, rg = compact_key_codes(mn.cpu(), rg.cpu())
     parts += codes
-    return mn, rg
+    return mn.to(x.device), rg.to(x.device)
 
 
 def _deminmax(q: torch.Tensor, parts: dict, prefix: str, stat_shape, levels) -> torch.Tensor:
@@ -581,7 +583,7 @@ class KVServeQuant(_Windowed):
             lv = torch.tensor(tl, dtype=torch.float32)[tier_t][:, None, :, None, None]  # (n, 1, H, 1, 1)
             xm, lv, dims = self._middle(x, lv, which, s, e)
             if which == "k" and self.compact_key_stats:
-                q = _quantize_with(xm, lv, *_compact_key_minmax(xm, dims, parts))
+                q = _quantize_with(xm, lv, *compact_key_minmax(xm, dims, parts))
             else:
                 quant = _minmax_compact if (which == "v" and self.compact_value_stats) else _minmax
                 q = quant(xm, dims, lv, parts, "")
