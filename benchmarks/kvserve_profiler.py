@@ -2,15 +2,20 @@
 
     python benchmarks/kvserve_profiler.py [--windows 4 --ctx 256 --cont 64] [--seeds 5]
         [--write-library src/kvserve/library/smollm2.json]
+    python benchmarks/kvserve_profiler.py --objective tasks --qa 12 --refs DIR [--cheap-from RECORDS]
 
-1. Measures ratio and codec speed of every configuration of the default space (1 thread).
+1. Measures ratio and codec speed of every configuration of the space (1 thread): the
+   ``default`` space on relative perplexity (``--objective ppl``, the default here), or the
+   ``tasks`` space on relative task accuracy of ``--qa`` tune-split HotpotQA items
+   (``--objective tasks``, ``profiler.TaskBench``; ``--cheap-from`` reuses the ratio/speed
+   measurements of a ``kvserve profile --records`` file for identical configurations).
 2. Grid: evaluates the quality of every quality key (cached in
-   benchmarks/results/kvserve_profiler_grid.json; delete it to re-run).
+   benchmarks/results/kvserve_profiler[_tasks]_grid.json; delete it to re-run).
 3. Bayesian: ``--seeds`` runs per acquisition (``ehvi``, ``paper``). Quality evaluation is
    deterministic (same windows, same forward pass), so these runs read the grid's measured
    qualities instead of recomputing them; ``--live`` adds one run that evaluates for real
    and checks that its values equal the grid's.
-Writes benchmarks/results/kvserve_profiler.json and .png, prints a table.
+Writes benchmarks/results/kvserve_profiler[_tasks].json and .png, prints a table.
 """
 import argparse
 import copy
@@ -35,14 +40,26 @@ def main():
     ap.add_argument("--live", action="store_true", help="one Bayesian run with real evaluations")
     ap.add_argument("--write-library", default=None)
     ap.add_argument("--grid-only", action="store_true")
+    ap.add_argument("--objective", default="ppl", choices=["ppl", "tasks"])
+    ap.add_argument("--qa", type=int, default=12, help="tune-split QA items (tasks objective)")
+    ap.add_argument("--lengths", default="1024,2048,4096", help="QA prompt lengths, cycled (tasks objective)")
+    ap.add_argument("--refs", default=None, help="folder caching the items' bf16 references (tasks objective)")
+    ap.add_argument("--cheap-from", default=None, help="`kvserve profile --records` JSON: reuse its ratio/speeds")
     a = ap.parse_args()
     os.makedirs(RES, exist_ok=True)
     import torch
 
     torch.set_num_threads(1)
-    cache = os.path.join(RES, "kvserve_profiler_grid.json")
-    configs = P.search_space("default")
+    tasks = a.objective == "tasks"
+    tag = "kvserve_profiler_tasks" if tasks else "kvserve_profiler"
+    cache = os.path.join(RES, tag + "_grid.json")
+    configs = P.search_space("tasks" if tasks else "default")
     bench = None
+
+    def make_bench():
+        if tasks:
+            return P.TaskBench("smollm2", a.qa, tuple(int(x) for x in a.lengths.split(",")), refs=a.refs, threads=1)
+        return P.RealBench("smollm2", a.windows, a.ctx, a.cont, seed=1, threads=1)
     if os.path.exists(cache):
         with open(cache) as f:
             g = json.load(f)
@@ -51,9 +68,13 @@ def main():
         grid_info = g["grid"]
         method = g["method"]
     else:
-        bench = P.RealBench("smollm2", a.windows, a.ctx, a.cont, seed=1, threads=1)
+        bench = make_bench()
+        earlier = None
+        if a.cheap_from:
+            with open(a.cheap_from) as f:
+                earlier = {r["name"]: r for r in json.load(f)["records"]}
         t0 = time.perf_counter()
-        records = P.measure_space(configs, bench.cheap)
+        records = P.measure_space(configs, bench.cheap, cache=earlier)
         t_cheap = time.perf_counter() - t0
         res = P.grid_search(records, bench.quality)
         grid_info = {"evaluations": res.evaluations, "seconds_quality": res.seconds, "seconds_cheap": t_cheap,
@@ -78,7 +99,7 @@ def main():
         print(f"library: {len(lib.entries)} entries -> {a.write_library}")
     if a.grid_only:
         return
-    budget = int(np.ceil(n_lossy / 20))
+    budget = max(9, int(np.ceil(n_lossy / 20)))  # the profiler's default: 1/20, at least cold start + 1
     runs = []
 
     def lookup(key):
@@ -104,7 +125,7 @@ def main():
         print(f"  ehvi {kw}: {res.evaluations} evals, HV {100 * hv / hv_grid:.2f}% of grid", flush=True)
     live = None
     if a.live:
-        bench = bench or P.RealBench("smollm2", a.windows, a.ctx, a.cont, seed=1, threads=1)
+        bench = bench or make_bench()
         recs = [P.Record(r.name, r.config, r.key, r.ratio, r.encode_MBps, r.decode_MBps) for r in records]
         res = P.bayes_search(recs, bench.quality, budget=budget, acquisition="ehvi", seed=0)
         hv = sp.hv({r.key: r.quality for r in recs if r.quality is not None})
@@ -126,7 +147,7 @@ def main():
            "target": "HV >= 98% of grid with <= 1/20 of the grid's evaluations", "summary": summary,
            "runs": runs, "ablation": ablation, "live": live,
            "front": [r.to_json() for r in P.pareto_records(records)]}
-    with open(os.path.join(RES, "kvserve_profiler.json"), "w") as f:
+    with open(os.path.join(RES, tag + ".json"), "w") as f:
         json.dump(out, f, indent=1)
     print()
     print(f"| method | evaluations | HV (% of grid) | runs meeting target |")
@@ -145,10 +166,10 @@ def main():
     if live:
         print(f"\nlive run (real evaluations): {live['evaluations']} evals, HV {100 * live['hv_frac']:.2f}% of grid, "
               f"{live['seconds']:.0f} s vs grid {out['grid']['seconds_quality']:.0f} s")
-    plot(out, records, os.path.join(RES, "kvserve_profiler.png"))
+    plot(out, records, os.path.join(RES, tag + ".png"), tasks)
 
 
-def plot(out, records, path):
+def plot(out, records, path, tasks=False):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,9 +202,10 @@ def plot(out, records, path):
             ax.set_xscale("log")
         ax.axhline(P.QUALITY_FLOOR, color="r", lw=0.5, ls="--")
         ax.set_xlabel(xl)
-        ax.set_ylabel("quality (rel. PPL x 100)")
+        ax.set_ylabel("relative task accuracy (capped at 100)" if tasks else "quality (rel. PPL x 100)")
         ax.legend(fontsize=8)
-    fig.suptitle("kvserve profiler on SmolLM2 (tune split, small set): grid vs Bayesian")
+    obj = "relative task accuracy, HotpotQA" if tasks else "relative perplexity"
+    fig.suptitle(f"kvserve profiler on SmolLM2 ({obj}; tune split, small set): grid vs Bayesian")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
