@@ -221,8 +221,11 @@ def run(a) -> int:
     stop = tasks.stop_token_ids(tok)
     done = _done(a.out)
     want = {c["name"] for c in profiles}
+    among = None
+    if a.items_of:  # exactly the items of earlier runs (a new profile on the same items)
+        among = {r["uid"] for r in load_rows(a.items_of)}
     todo = [(i, it) for i, it in enumerate(items[:a.first]) if i % n == k and not want <= done.get(it.uid, set())
-            and (a.only is None or it.task == a.only)]
+            and (a.only is None or it.task == a.only) and (among is None or it.uid in among)]
     print(f"{len(items)} items ({a.split}), shard {k}/{n}: {len(todo)} to do, {len(profiles)} profiles", file=sys.stderr)
     with open(a.out, "a", encoding="utf-8") as f:
         for i, it in tqdm(todo, desc=f"{a.split} items", unit="item", disable=not sys.stderr.isatty() and not a.progress,
@@ -421,6 +424,8 @@ def main(argv=None) -> int:
             r.add_argument("--ratio-every", type=int, default=4)
             r.add_argument("--first", type=int, default=None, help="only the first N items of the list")
             r.add_argument("--only", default=None, choices=["qa", "needle"], help="only the items of this task")
+            r.add_argument("--items-of", action="append", default=None, metavar="JSONL",
+                           help="only the items that have rows in these earlier outputs")
         r.set_defaults(fn=fn)
     s = sub.add_parser("summary")
     s.add_argument("paths", nargs="+")

@@ -232,9 +232,13 @@ def _decide(args) -> int:
     lib = load_library(args.library)
     ctl = Controller(lib, slo_ms=args.slo_ms, min_quality=args.min_quality, epsilon=0.0)
     d = ctl.decide(args.kv_bytes, args.bandwidth_mbps, args.t_model_ms)
+    metric = lib.meta.get("quality_metric", "rel_ppl")
+    entry = next((e for e in lib.entries if e.name == d.profile), None)
+    ci = entry.extra.get("quality_ci") if entry is not None else None
     print(f"profile        {d.profile}")
     print(f"reason         {d.reason}")
-    print(f"ratio          {d.ratio:.2f}x   quality {d.quality:.2f}")
+    print(f"ratio          {d.ratio:.2f}x   quality {d.quality:.2f} ({metric}"
+          + (f", 95% CI {ci[0]:.1f}-{ci[1]:.1f} over {entry.extra.get('items')} items)" if ci else ")"))
     print(f"predicted      {d.predicted_ms:.2f} ms   (uncompressed {d.uncompressed_ms:.2f} ms, "
           f"{d.uncompressed_ms / d.predicted_ms:.2f}x)")
     rows = optimal_intervals(lib.entries, args.min_quality)
@@ -245,7 +249,8 @@ def _decide(args) -> int:
         out = {"profile": d.profile, "ratio": d.ratio, "quality": d.quality, "predicted_ms": d.predicted_ms,
                "uncompressed_ms": d.uncompressed_ms, "reason": d.reason, "config": d.config,
                "bandwidth_mbps": args.bandwidth_mbps, "kv_bytes": args.kv_bytes,
-               "slo_ms": None if math.isinf(args.slo_ms) else args.slo_ms, "min_quality": args.min_quality}
+               "slo_ms": None if math.isinf(args.slo_ms) else args.slo_ms, "min_quality": args.min_quality,
+               "quality_metric": metric, "quality_ci": ci}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)
             f.write("\n")

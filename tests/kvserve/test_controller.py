@@ -308,6 +308,10 @@ def test_packaged_library_and_cli(tmp_path, capsys):
     d = json.loads(out.read_text())
     assert {"profile", "ratio", "quality", "predicted_ms", "uncompressed_ms"} <= set(d)
     assert d["profile"] != "bf16" and d["quality"] >= 97 and d["predicted_ms"] < d["uncompressed_ms"]
+    assert d["quality_metric"] == lib.meta["quality_metric"] in ("rel_ppl", "task_rel_acc")
+    if d["quality_metric"] == "task_rel_acc":  # the packaged library: measured on tasks, CI stored
+        lo, hi = d["quality_ci"]
+        assert lo <= d["quality"] <= hi
     assert main(["decide", "--bandwidth-mbps", "1000000", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["profile"] == "bf16"
     assert "profile" in capsys.readouterr().out
