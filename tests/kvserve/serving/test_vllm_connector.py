@@ -1141,10 +1141,11 @@ def test_direct_lossy_and_controller(direct_run, pd_run):
         assert bundle["profile"] == "cachegen"
     else:
         # the setting's 100 Mbps is only the first estimate: the earlier pushes measured the
-        # loopback link (Gbps), at which sending this short prompt's KV uncompressed is fastest,
-        # where at 100 Mbps the controller compresses it
+        # loopback link (Gbps on a quiet machine: sending this short prompt's KV uncompressed is
+        # fastest; a few hundred Mbps on a loaded one: a lighter profile), so the push does not
+        # use the profile the controller picks at 100 Mbps
         assert res["pusher"]["samples"] == len(res["producer"]) and res["pusher"]["bandwidth_mbps"] > 300
-        assert bundle["profile"] == "bf16" != res["decide_at_setting"], (bundle, res["pusher"], res["decide_at_setting"])
+        assert bundle["profile"] != res["decide_at_setting"], (bundle, res["pusher"], res["decide_at_setting"])
 
 
 @needs_vllm
