@@ -9,6 +9,7 @@ Hand-made library (per MB of KV: codec ms = 1000/enc + 1000/dec, transfer = 8000
 """
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -309,13 +310,30 @@ def test_packaged_library_and_cli(tmp_path, capsys):
     assert {"profile", "ratio", "quality", "predicted_ms", "uncompressed_ms"} <= set(d)
     assert d["profile"] != "bf16" and d["quality"] >= 97 and d["predicted_ms"] < d["uncompressed_ms"]
     assert d["quality_metric"] == lib.meta["quality_metric"] in ("rel_ppl", "task_rel_acc")
-    if d["quality_metric"] == "task_rel_acc":  # the packaged library: measured on tasks, CI stored
+    if d["quality_metric"] == "task_rel_acc":  # a library measured on tasks stores each entry's CI
         lo, hi = d["quality_ci"]
         assert lo <= d["quality"] <= hi
     assert main(["decide", "--bandwidth-mbps", "1000000", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["profile"] == "bf16"
     assert "profile" in capsys.readouterr().out
     assert main(["decide", "--library", str(tmp_path / "missing.json"), "--bandwidth-mbps", "10"]) == 2
+
+
+def test_decide_reports_the_metric_and_ci_of_a_task_library(tmp_path, capsys):
+    """A library profiled on the task objective (the 60-item run recorded in benchmarks/results):
+    `decide` names the metric and prints the chosen entry's CI and item count."""
+    from kvserve.cli import main
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "kvserve_profile_tasks_tune60_library.json"
+    lib = load_library(str(path))
+    assert lib.meta["quality_metric"] == "task_rel_acc"
+    out = tmp_path / "d.json"
+    assert main(["decide", "--library", str(path), "--bandwidth-mbps", "10", "--min-quality", "97",
+                 "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    entry = next(e for e in lib.entries if e.name == d["profile"])
+    assert d["quality_metric"] == "task_rel_acc" and d["quality_ci"] == entry.extra["quality_ci"]
+    assert f"(task_rel_acc, 95% CI {d['quality_ci'][0]:.1f}-" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------- simulation
