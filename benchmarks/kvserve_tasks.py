@@ -36,9 +36,10 @@ import time
 import torch
 
 from kvserve import tasks
+from kvserve.errors import KVServeError
 from kvserve.pipeline import Pipeline, load_profile
+from kvserve.profiler import ROPE_THETA as ROPE  # per model: SmolLM2's base, Gemma-3's per-layer bases
 
-ROPE = {"smollm2": 100000.0, "gemma3": [1e6 if i % 6 == 5 else 1e4 for i in range(18)]}
 BASELINES = ["bf16", "kivi-2", "kivi-4", "cachegen", "kvserve"]
 RANS = {"id": "rans", "pair": True}
 IRANS = {"id": "irans", "pair": True}
@@ -166,18 +167,14 @@ def _done(path: str) -> dict[str, set]:
     return done
 
 
-def _ref_path(refs: str, i: int) -> str:
-    return os.path.join(refs, f"{i:05d}.pt")
-
-
 def _cached(refs: str | None, i: int, item):
     """The saved :class:`kvserve.tasks.Reference` of item ``i`` when ``refs`` has it, else the item."""
-    if not refs or not os.path.exists(_ref_path(refs, i)):
+    if not refs or not os.path.exists(tasks.reference_path(refs, i)):
         return item
-    ref = tasks.load_reference(_ref_path(refs, i))
-    if ref.item.uid != item.uid or ref.item.ids != item.ids:
-        sys.exit(f"{_ref_path(refs, i)} holds {ref.item.uid}, not item {i} ({item.uid}): other item options?")
-    return ref
+    try:
+        return tasks.load_reference(tasks.reference_path(refs, i), item)
+    except KVServeError as e:
+        sys.exit(str(e))
 
 
 def _items(a, tok):
@@ -198,11 +195,11 @@ def prepare(a) -> int:
     k, n = (int(x) for x in a.shard.split("/"))
     os.makedirs(a.refs, exist_ok=True)
     stop = tasks.stop_token_ids(tok)
-    todo = [(i, it) for i, it in enumerate(items) if i % n == k and not os.path.exists(_ref_path(a.refs, i))]
+    todo = [(i, it) for i, it in enumerate(items) if i % n == k and not os.path.exists(tasks.reference_path(a.refs, i))]
     print(f"{len(items)} items ({a.split}), shard {k}/{n}: {len(todo)} references to make", file=sys.stderr)
     for i, it in tqdm(todo, desc="references", unit="item", disable=not a.progress, mininterval=30):
         with torch.inference_mode():
-            tasks.save_reference(tasks.reference(model, tok, it, stop, a.max_new), _ref_path(a.refs, i))
+            tasks.save_reference(tasks.reference(model, tok, it, stop, a.max_new), tasks.reference_path(a.refs, i))
     return 0
 
 
@@ -324,7 +321,7 @@ def kl_screen(a) -> int:
     """Cheap screen (no generation): per item, the bf16 answer is decoded once; every profile
     only gets the teacher-forced pass along it: ``answer_kl`` and ``exact`` (every argmax
     along the answer equals bf16's, i.e. the profile's greedy answer is the same)."""
-    from kvserve.models import load_model, prefill
+    from kvserve.models import load_model
     from kvserve.pipeline import decode
 
     torch.set_num_threads(a.threads)
@@ -335,21 +332,17 @@ def kl_screen(a) -> int:
     stop = tasks.stop_token_ids(tok)
     acc = {n: {"kl": 0.0, "exact": 0, "raw": 0, "comp": 0} for n in pipes}
     for it in items:
-        kv = prefill(model, it.ids[:-1])
-        n, first = len(it.ids) - 1, it.ids[-1]
-        ref = tasks.greedy_answer(model, kv, n, first, a.max_new, stop)
-        rl: list = []
-        tasks.greedy_answer(model, kv, n, first, a.max_new, stop, guess=ref, logits_out=rl)
-        raw = sum(k.numel() * 2 + v.numel() * 2 for k, v in kv)
+        ref = tasks.reference(model, tok, it, stop, a.max_new)
+        n, first = ref.seq_len, it.ids[-1]
         for name, p in pipes.items():
-            blob = p.encode(kv, meta={"seq_len": n}, threads=a.threads)
+            blob = p.encode(ref.kv, meta={"seq_len": n}, threads=a.threads)
             lg: list = []
-            ans = tasks.greedy_answer(model, decode(blob, threads=a.threads)[0], n, first, len(ref), stop, guess=ref,
-                                      logits_out=lg)
+            ans = tasks.greedy_answer(model, decode(blob, threads=a.threads)[0], n, first, len(ref.answer), stop,
+                                      guess=ref.answer, logits_out=lg)
             r = acc[name]
-            r["kl"] += tasks.answer_kl(rl[0], lg[0])
-            r["exact"] += int(ans == ref)
-            r["raw"] += raw
+            r["kl"] += tasks.answer_kl(ref.logits, lg[0])
+            r["exact"] += int(ans == ref.answer)
+            r["raw"] += ref.raw_bytes
             r["comp"] += len(blob)
         done = items.index(it) + 1
         res = [{"profile": k, "ratio": v["raw"] / v["comp"], "answer_kl": v["kl"] / done, "exact": v["exact"] / done,

@@ -49,6 +49,7 @@ from .library import Entry, Library
 from .models import continuation
 from .pipeline import Pipeline, decode
 from .quality import EvalConfig, Evaluator, nll
+from .stages.quantizers import KVServeQuant
 
 QUALITY_FLOOR = 90.0
 #: SmolLM2's per-token KV in bytes, used only to label plots
@@ -198,15 +199,20 @@ def is_lossless(key: dict) -> bool:
     return key["quantizer"]["id"] == "none"
 
 
+def _with_defaults(q: dict) -> dict:
+    """A ``kvserve`` quantizer config with the stage's defaults filled in (configs leave out
+    parameters at their defaults); other quantizers as they are."""
+    return {**KVServeQuant.params, **q} if q["id"] == "kvserve" else q
+
+
 def family_levels(key: dict) -> tuple[str, tuple]:
     """``(family, levels)``: within one family more levels (componentwise) never hurt quality."""
-    q, tr = key["quantizer"], key["transform"]["id"]
+    q, tr = _with_defaults(key["quantizer"]), key["transform"]["id"]
     if q["id"] == "kvserve":
-        fam = json.dumps([tr, q["id"], q.get("low_fraction", 0.0), q.get("split", "head"), q.get("key_axis", "channel"),
-                          q.get("value_axis", "token"), q.get("key_group", 0), q.get("keep_sinks", 0),
-                          q.get("keep_recent", 0), q.get("compact_key_stats", False),
-                          q.get("recent_key_levels", 0) if q.get("keep_recent") else bool(q.get("recent_key_levels"))])
-        return fam, (q["high_key_levels"], q["high_value_levels"], q.get("low_key_levels", 6), q.get("low_value_levels", 4))
+        fam = json.dumps([tr, q["id"], q["low_fraction"], q["split"], q["key_axis"], q["value_axis"], q["key_group"],
+                          q["keep_sinks"], q["keep_recent"], q["compact_key_stats"],
+                          q["recent_key_levels"] if q["keep_recent"] else bool(q["recent_key_levels"])])
+        return fam, (q["high_key_levels"], q["high_value_levels"], q["low_key_levels"], q["low_value_levels"])
     if q["id"] == "kivi":
         return json.dumps([tr, "kivi", q["keep_sinks"]]), (q["bits"], -q["group_size"], q["keep_recent"])
     if q["id"] == "cachegen":
@@ -217,18 +223,18 @@ def family_levels(key: dict) -> tuple[str, tuple]:
 
 def key_features(key: dict) -> list[float]:
     """Numeric description of a quality key for the GP (scaled later)."""
-    q, tr = key["quantizer"], key["transform"]["id"]
+    q, tr = _with_defaults(key["quantizer"]), key["transform"]["id"]
     had = 1.0 if tr == "hadamard" else 0.0
     kind = [float(q["id"] == k) for k in ("kvserve", "kivi", "cachegen", "none")]
     if q["id"] == "kvserve":
-        f = q.get("low_fraction", 0.0)
-        lk, lv = q.get("low_key_levels", 6), q.get("low_value_levels", 4)
+        f = q["low_fraction"]
+        lk, lv = q["low_key_levels"], q["low_value_levels"]
         kb = (1 - f) * math.log2(q["high_key_levels"]) + f * math.log2(lk)
         vb = (1 - f) * math.log2(q["high_value_levels"]) + f * math.log2(lv)
         kmin, vmin = math.log2(lk if f else q["high_key_levels"]), math.log2(lv if f else q["high_value_levels"])
-        g = q.get("key_group", 0)
-        extra = [f, float(q.get("value_axis") == "token_head"), float(q.get("keep_sinks", 0)),
-                 math.log2(g) if g else 0.0, q.get("keep_recent", 0) / 128]
+        g = q["key_group"]
+        extra = [f, float(q["value_axis"] == "token_head"), float(q["keep_sinks"]),
+                 math.log2(g) if g else 0.0, q["keep_recent"] / 128]
     elif q["id"] == "kivi":
         kb = vb = kmin = vmin = float(q["bits"])
         extra = [0.0, 0.0, float(q["keep_sinks"]), math.log2(q["group_size"]), q["keep_recent"] / 128]
@@ -432,11 +438,9 @@ class TaskBench:
 
         if i in self._mem:
             return self._mem[i]
-        path = os.path.join(self.refs, f"{i:05d}.pt") if self.refs else None
+        path = tasks.reference_path(self.refs, i) if self.refs else None
         if path and os.path.exists(path):
-            ref = tasks.load_reference(path)
-            if ref.item.uid != self.items[i].uid or ref.item.ids != self.items[i].ids:
-                raise KVServeError(f"{path} holds another item ({ref.item.uid}); use another refs folder")
+            ref = tasks.load_reference(path, self.items[i])
         else:
             with torch.inference_mode():
                 ref = tasks.reference(self.model, self.tok, self.items[i], self.stop, self.max_new)

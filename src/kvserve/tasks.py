@@ -462,11 +462,22 @@ def save_reference(ref: Reference, path) -> None:
     os.replace(tmp, path)
 
 
-def load_reference(path) -> Reference:
+def reference_path(folder, i: int) -> str:
+    """Where item ``i``'s saved :class:`Reference` lives in a references folder (``NNNNN.pt``)."""
+    return os.path.join(folder, f"{i:05d}.pt")
+
+
+def load_reference(path, item: Item | None = None) -> Reference:
+    """A :class:`Reference` written by :func:`save_reference`; with ``item``, raises
+    :class:`KVServeError` unless it is that item's (same uid and token ids)."""
     import torch
 
     d = torch.load(path, weights_only=True)
-    return Reference(Item(**d["item"]), [tuple(p) for p in d["kv"]], d["answer"], d["text"], d["score"], d["logits"])
+    ref = Reference(Item(**d["item"]), [tuple(p) for p in d["kv"]], d["answer"], d["text"], d["score"], d["logits"])
+    if item is not None and (ref.item.uid != item.uid or ref.item.ids != item.ids):
+        raise KVServeError(f"{path} holds another item ({ref.item.uid}, not {item.uid}): made with other item "
+                           f"options; use another references folder")
+    return ref
 
 
 def run_item(model, tok, item: Item | Reference, pipes: dict, stop_ids, *, max_new: int = 12, threads: int = 1,

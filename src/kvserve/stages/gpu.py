@@ -403,7 +403,7 @@ def _kvserve_decode(qz: KVServeQuant, parts, shape, layer_ids, which, device) ->
     out = torch.empty(shape, dtype=torch.float32, device=device)
     _windows_decode(out, parts, shape, s, e if not qz.recent_key_levels else t)
     if qz.recent_key_levels and e < t:
-        lv, stat = qz._recent_levels(which), qz._recent_stat_shape(which, n, b, h, t - e, d)
+        lv, stat = qz._recent_levels(which), qz._stat_shape(which, n, b, h, t - e, d)
         q = _dev(_get(parts, "rq", n * b * h * (t - e) * d), device).reshape(n, b, h, t - e, d)
         out[..., e:, :] = _deminmax(q, *_stats_on(parts, stat, device, "r"), lv)
     if e > s:

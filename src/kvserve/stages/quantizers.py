@@ -539,8 +539,7 @@ class KVServeQuant(_Windowed):
             if tm % g:
                 raise KVServeError("kvserve: token split not a multiple of key_group")
             return q.reshape(n, b, h, tm // g, g, d), (n, b, h, tm // g, 1, d), lv[..., None]
-        dims = self._stat_dims(which)
-        return q, tuple(1 if i in dims else sz for i, sz in enumerate((n, b, h, tm, d))), lv
+        return q, self._stat_shape(which, n, b, h, tm, d), lv
 
     def _middle(self, x, lv, which, s: int, e: int):
         """``(xm, lv, dims)`` for quantising the middle tokens ``x[..., s:e, :]``: reshaped into
@@ -556,7 +555,8 @@ class KVServeQuant(_Windowed):
     def _recent_levels(self, which) -> int:
         return self.recent_key_levels if which == "k" else self.recent_value_levels
 
-    def _recent_stat_shape(self, which, n, b, h, tw, d) -> tuple:
+    def _stat_shape(self, which, n, b, h, tw, d) -> tuple:
+        """Shape of the (ungrouped) statistics of ``tw`` tokens: 1 along the reduced dims."""
         dims = self._stat_dims(which)
         return tuple(1 if i in dims else sz for i, sz in enumerate((n, b, h, tw, d)))
 
@@ -627,7 +627,7 @@ class KVServeQuant(_Windowed):
         out = torch.empty(shape, dtype=torch.float32)
         self._decode_windows(out, parts, shape, s, e if not self.recent_key_levels else t)
         if self.recent_key_levels and e < t:
-            lv, stat = self._recent_levels(which), self._recent_stat_shape(which, n, b, h, t - e, d)
+            lv, stat = self._recent_levels(which), self._stat_shape(which, n, b, h, t - e, d)
             q = torch.from_numpy(_get(parts, "rq", n * b * h * (t - e) * d)).reshape(n, b, h, t - e, d)
             out[..., e:, :] = _deminmax(q, parts, "r", stat, lv)
         if e > s:
