@@ -220,7 +220,7 @@ def run(a) -> int:
     want = {c["name"] for c in profiles}
     among = None
     if a.items_of:  # exactly the items of earlier runs (a new profile on the same items)
-        among = {r["uid"] for r in load_rows(a.items_of)}
+        among = {r["uid"] for r in tasks.load_rows(a.items_of)}
     todo = [(i, it) for i, it in enumerate(items[:a.first]) if i % n == k and not want <= done.get(it.uid, set())
             and (a.only is None or it.task == a.only) and (among is None or it.uid in among)]
     print(f"{len(items)} items ({a.split}), shard {k}/{n}: {len(todo)} to do, {len(profiles)} profiles", file=sys.stderr)
@@ -238,23 +238,59 @@ def run(a) -> int:
     return 0
 
 
+def reref(a) -> int:
+    """Rows written before :attr:`kvserve.tasks.Reference.reply` existed scored bf16 by its
+    step-by-step greedy answer while every profile's answer came from the batched check
+    (:func:`kvserve.tasks.greedy_answer`), so a near-tie rounded differently counted as a
+    disagreement even for identical KV. This recomputes each row's bf16 side (``ref``) with
+    the fixed procedure (saved references where ``--refs`` has them, a bf16 prefill otherwise)
+    and writes the rows to ``--out``; the profiles' answers are unchanged (they never depended
+    on it). Per-uid results go to ``--out``.part as they are made, so a stopped run resumes."""
+    from kvserve.models import load_model
+    from tqdm import tqdm
+
+    torch.set_num_threads(a.threads)
+    lines = [json.loads(x) for p in a.paths for x in open(p, encoding="utf-8") if x.strip()]
+    part = a.out + ".part"
+    done = {}
+    if os.path.exists(part):
+        for x in open(part, encoding="utf-8"):
+            try:
+                d = json.loads(x)
+            except ValueError:
+                continue
+            done[d["uid"]] = d["ref"]
+    model, tok = load_model(a.model)
+    items = _items(a, tok)
+    pos = {it.uid: i for i, it in enumerate(items)}
+    missing = sorted({r["uid"] for r in lines} - set(pos))
+    if missing:
+        sys.exit(f"{len(missing)} rows' items are not among these options' items (e.g. {missing[0]}); "
+                 "give the options of the runs that wrote them")
+    want = {r["uid"]: pos[r["uid"]] for r in lines}
+    stop = tasks.stop_token_ids(tok)
+    todo = [(u, i) for u, i in want.items() if u not in done]
+    print(f"{len(want)} items in the rows, {len(todo)} to recompute", file=sys.stderr)
+    with open(part, "a", encoding="utf-8") as f:
+        for uid, i in tqdm(todo, desc="references", unit="item", disable=not a.progress, mininterval=30):
+            src = _cached(a.refs, i, items[i])
+            with torch.inference_mode():
+                ref = tasks.complete_reference(model, tok, src, stop, a.max_new) if isinstance(src, tasks.Reference) \
+                    else tasks.reference(model, tok, src, stop, a.max_new)
+            done[uid] = {"answer": ref.text, "score": ref.score, "stepwise": tasks.answer_text(tok, ref.answer, stop)}
+            f.write(json.dumps({"uid": uid, "ref": done[uid]}) + "\n")
+            f.flush()
+    changed = sum(1 for u, i in want.items() if done[u]["answer"] != done[u]["stepwise"])
+    with open(a.out + ".tmp", "w", encoding="utf-8") as f:
+        for r in lines:
+            f.write(json.dumps({**r, "ref": done[r["uid"]]}) + "\n")
+    os.replace(a.out + ".tmp", a.out)
+    print(f"{len(want)} items: bf16's answer by the profiles' procedure differs from the step-by-step one "
+          f"on {changed} ({100 * changed / max(1, len(want)):.1f}%) -> {a.out}", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------ summary
-
-
-def load_rows(paths) -> list[dict]:
-    rows: dict[str, dict] = {}
-    for p in paths:
-        with open(p, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue
-                if r["uid"] in rows:
-                    rows[r["uid"]]["profiles"].update(r["profiles"])
-                else:
-                    rows[r["uid"]] = r
-    return list(rows.values())
 
 
 def table(results: list[dict]) -> str:
@@ -304,7 +340,7 @@ def plot(results: list[dict], path: str, title: str) -> None:
 
 
 def summary(a) -> int:
-    rows = load_rows(a.paths)
+    rows = tasks.load_rows(a.paths)
     res = tasks.summarize(rows, a.profiles.split(",") if a.profiles else None)
     res.sort(key=lambda r: -(r["ratio"] or 0))
     print(table(res))
@@ -319,8 +355,8 @@ def summary(a) -> int:
 
 def kl_screen(a) -> int:
     """Cheap screen (no generation): per item, the bf16 answer is decoded once; every profile
-    only gets the teacher-forced pass along it: ``answer_kl`` and ``exact`` (every argmax
-    along the answer equals bf16's, i.e. the profile's greedy answer is the same)."""
+    only gets the teacher-forced pass along it: ``answer_kl`` and ``exact`` (the profile's
+    answer is bf16's ``reply``: the same procedure on the uncompressed KV)."""
     from kvserve.models import load_model
     from kvserve.pipeline import decode
 
@@ -341,7 +377,7 @@ def kl_screen(a) -> int:
                                       guess=ref.answer, logits_out=lg)
             r = acc[name]
             r["kl"] += tasks.answer_kl(ref.logits, lg[0])
-            r["exact"] += int(ans == ref.answer)
+            r["exact"] += int(ans == ref.reply)
             r["raw"] += ref.raw_bytes
             r["comp"] += len(blob)
         done = items.index(it) + 1
@@ -395,7 +431,7 @@ def speed(a) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for cmd, fn in (("run", run), ("prepare", prepare)):
+    for cmd, fn in (("run", run), ("prepare", prepare), ("reref", reref)):
         r = sub.add_parser(cmd)
         r.add_argument("--model", default="smollm2", choices=sorted(ROPE))
         r.add_argument("--split", default="tune", choices=["tune", "test"])
@@ -411,6 +447,9 @@ def main(argv=None) -> int:
         r.add_argument("--progress", action="store_true")
         r.add_argument("--refs", default=None, required=cmd == "prepare",
                        help="folder of saved references (prepare writes them, run reads those present)")
+        if cmd == "reref":
+            r.add_argument("paths", nargs="+", help="rows (JSONL) of earlier runs made with these item options")
+            r.add_argument("--out", required=True, help="the rows with their bf16 side recomputed (JSONL)")
         if cmd == "run":
             r.add_argument("--profiles", action="append", default=[])
             r.add_argument("--out", required=True)

@@ -151,6 +151,10 @@ def _profile(args) -> int:
         new.save(args.out)
         print(f"library with refreshed speeds -> {args.out}")
         return 0
+    if args.from_records:
+        return _confirm(args)
+    if args.confirm or args.candidates:
+        raise KVServeError("--confirm and --candidates need --from-records (the search's --records file)")
     space = args.space or ("tasks" if tasks else "default")
     configs = P.search_space(space, args.model)
     if tasks:
@@ -190,6 +194,54 @@ def _profile(args) -> int:
     return 0
 
 
+def _confirm(args) -> int:
+    """``profile --from-records``: the confirmation candidates (``--candidates DIR``) or the
+    library of a task search confirmed on many items (``--confirm ROWS``)."""
+    from . import profiler as P
+    from . import tasks
+
+    records, method, details = P.load_records(args.from_records)
+    if method.get("metric", "").split(" ")[0] != "task_rel_acc":
+        raise KVServeError(f"{args.from_records}: not a task-objective search; only those are confirmed")
+    if args.candidates:
+        os.makedirs(args.candidates, exist_ok=True)
+        paths = []
+        for c in P.confirm_candidates(records, details, args.floor):
+            paths.append(os.path.join(args.candidates, c["name"] + ".json"))
+            with open(paths[-1], "w", encoding="utf-8") as f:
+                json.dump(c, f, indent=1)
+        print(",".join(paths))
+        return 0
+    if not args.confirm:
+        raise KVServeError("--from-records needs --confirm ROWS (the candidates' rows) or --candidates DIR")
+    recs, det, n = P.confirm(records, details, tasks.load_rows(args.confirm))
+    meta = {"model": method.get("model", args.model), "mode": "bayes-ehvi + confirm", "space": "tasks",
+            "configs": len(recs), "quality_keys": len({r.key for r in recs}), "evaluations": len(det),
+            "method": {**method, "qa_items": n,
+                       "confirm": f"search on {method.get('qa_items')} tune items ({args.from_records}); every "
+                                  f"evaluated lossy key whose CI reached the floor measured again on the same {n} "
+                                  "tune QA items (benchmarks/kvserve_tasks.py run); the library holds those figures only"},
+            "note": "speeds measured on a shared 2-core CPU machine"}
+    lib = P.build_library(recs, meta, args.floor, details=det)
+    lib.save(args.out)
+    png = args.png or os.path.splitext(args.out)[0] + ".png"
+    P.plot_front(png, recs, f"{meta['model']}: {len(det)} keys confirmed on {n} tune QA items, "
+                 f"{len(lib.entries)} Pareto points", args.floor, ylabel="relative task accuracy (% of bf16 F1)")
+    print(f"confirmed {len(det)} keys on {n} QA items; library: {len(lib.entries)} Pareto entries -> {args.out} ({png})")
+    for k, d in sorted(det.items(), key=lambda kv: -max(r.ratio for r in recs if r.key == kv[0])):
+        name = P.key_name(json.loads(k))
+        s = d.get("search") or {}
+        q = next(r.quality for r in recs if r.key == k)
+        print(f"  {name:28s} {q:6.1f} [{d['quality_ci'][0]:.1f}, {d['quality_ci'][1]:.1f}] agree {d['answer_agree']:.3f}"
+              f"  (search: {s.get('items', '?')} items, CI {s.get('quality_ci')})")
+    for e in lib.entries:
+        ci = e.extra.get("quality_ci")
+        print(f"  {e.name:34s} ratio {e.ratio:5.2f}  quality {e.quality:6.2f}"
+              + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+              + f"  enc {e.encode_MBps:6.0f}  dec {e.decode_MBps:6.0f} MB/s")
+    return 0
+
+
 def _add_profile(sub) -> None:
     p = sub.add_parser("profile", help="profile the strategy space into a Pareto library (Bayesian or --grid)")
     p.add_argument("--grid", action="store_true", help="exhaustive grid instead of the Bayesian engine")
@@ -219,6 +271,13 @@ def _add_profile(sub) -> None:
                    help="no search: re-time the encode/decode speeds of LIBRARY's entries (best of --repeats; "
                         "ratios re-measured, qualities kept) and write the library to --out")
     p.add_argument("--repeats", type=int, default=5, help="timings per entry with --refresh-speeds")
+    p.add_argument("--from-records", default=None, metavar="RECORDS",
+                   help="no search: confirm an earlier task search (its --records file) on more items")
+    p.add_argument("--candidates", default=None, metavar="DIR",
+                   help="with --from-records: write the configs to confirm into DIR and print their paths")
+    p.add_argument("--confirm", action="append", default=[], metavar="ROWS",
+                   help="with --from-records: rows (JSONL) of benchmarks/kvserve_tasks.py run --split tune for the "
+                        "candidates; the library gets their figures (repeatable: shards)")
     p.set_defaults(fn=_profile)
 
 

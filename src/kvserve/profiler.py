@@ -440,7 +440,8 @@ class TaskBench:
             return self._mem[i]
         path = tasks.reference_path(self.refs, i) if self.refs else None
         if path and os.path.exists(path):
-            ref = tasks.load_reference(path, self.items[i])
+            ref = tasks.complete_reference(self.model, self.tok, tasks.load_reference(path, self.items[i]), self.stop,
+                                           self.max_new)
         else:
             with torch.inference_mode():
                 ref = tasks.reference(self.model, self.tok, self.items[i], self.stop, self.max_new)
@@ -803,6 +804,78 @@ def pareto_records(records: list[Record], floor: float = QUALITY_FLOOR) -> list[
     pts = objectives([r.ratio for r in known], [r.quality for r in known], [r.codec_ms_per_MB for r in known])
     m = pareto_mask(pts)
     return sorted([r for r, keep in zip(known, m) if keep], key=lambda r: -r.ratio)
+
+
+def load_records(path: str) -> tuple[list[Record], dict, dict]:
+    """``(records, method, details)`` of a file written by ``kvserve profile --records``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        recs = [Record(r["name"], r["config"], quality_key(r["config"]), float(r["ratio"]), float(r["encode_MBps"]),
+                       float(r["decode_MBps"]), None if r["quality"] is None else float(r["quality"]))
+                for r in d["records"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KVServeError(f"{path}: not a records file of kvserve profile --records ({e})") from None
+    return recs, d.get("method", {}), d.get("details", {})
+
+
+def confirm_candidates(records: list[Record], details: dict, floor: float = QUALITY_FLOOR) -> list[dict]:
+    """The configurations a task profile's confirmation should measure: one per evaluated lossy
+    key (its highest-ratio codec variant) whose search CI reaches ``floor`` (a key whose whole
+    CI lies below the floor is out even on few items)."""
+    best: dict[str, Record] = {}
+    for r in records:
+        if r.quality is None or is_lossless(json.loads(r.key)):
+            continue
+        ci = (details.get(r.key) or {}).get("quality_ci")
+        if ci is not None and ci[1] < floor:
+            continue
+        if r.key not in best or r.ratio > best[r.key].ratio:
+            best[r.key] = r
+    return [r.config for r in sorted(best.values(), key=lambda r: -r.ratio)]
+
+
+def confirm(records: list[Record], details: dict, rows: list[dict], n_boot: int = 2000):
+    """Second fidelity of a task profile: the search's few-item qualities are replaced by
+    measurements on many more items (``rows`` of :func:`kvserve.tasks.run_item`, named by
+    configuration, e.g. from ``benchmarks/kvserve_tasks.py run --split tune``).
+
+    The confirmed keys are those with a configuration among the rows' profiles; they are
+    compared on exactly the QA items every one of them has. Each confirmed key's quality
+    becomes its relative task accuracy over those items (details: CI, agreement, KL, items,
+    and the search's figures under ``search``); lossless keys stay 100; every other key loses
+    its quality (its few-item estimate is not trusted into the library). Rows from the test
+    split are refused. Returns ``(records, details, n_items)`` (new objects)."""
+    from . import tasks
+
+    by_name = {r.name: r for r in records}
+    for r in rows:
+        if r["task"] == "qa" and tasks.split_of(r["uid"].split("-")[1]) != "tune":
+            raise KVServeError(f"row {r['uid']} is a test-split item: a library is confirmed on tune items only")
+    names = sorted({p for r in rows for p in r["profiles"] if p in by_name})
+    if not names:
+        raise KVServeError("no row profile is a configuration of these records: nothing to confirm")
+    keys = {}
+    for n in names:
+        keys.setdefault(by_name[n].key, n)
+    qa = [r for r in rows if r["task"] == "qa" and all(n in r["profiles"] for n in keys.values())]
+    if not qa:
+        raise KVServeError("no QA item has every confirmed configuration")
+    new_details, quality = {}, {}
+    for key, n in keys.items():
+        res = tasks.summarize(qa, [n], n_boot=n_boot)[0]
+        if "task_rel_acc" not in res:
+            raise KVServeError("bf16 scored nothing on the confirmation items: relative accuracy undefined")
+        quality[key] = res["task_rel_acc"]
+        new_details[key] = {"quality_ci": [round(x, 3) for x in res["task_rel_acc_ci"]], "items": res["qa_items"],
+                            "answer_agree": round(res["answer_agree"], 4), "answer_kl": round(res["answer_kl"], 6),
+                            "f1": round(res["f1"], 5), "f1_bf16": round(res["f1_bf16"], 5),
+                            "search": details.get(key)}
+    out = []
+    for r in records:
+        q = 100.0 if is_lossless(json.loads(r.key)) else quality.get(r.key)
+        out.append(Record(r.name, r.config, r.key, r.ratio, r.encode_MBps, r.decode_MBps, q))
+    return out, new_details, len(qa)
 
 
 def build_library(records: list[Record], meta: dict, floor: float = QUALITY_FLOOR, details: dict | None = None):

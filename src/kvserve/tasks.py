@@ -32,6 +32,7 @@ KV a prefill node would ship (:class:`Item`). Scoring helpers: :func:`token_f1`,
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -410,9 +411,16 @@ _TWINS: dict = {}
 class Reference:
     """The uncompressed side of one item, computed once and reusable for any number of
     profiles (and, saved with :func:`save_reference`, by later processes): ``kv`` the bf16
-    per-layer KV of the context (the prompt but its last token), ``answer`` the greedy
-    answer tokens from it, ``text``/``score`` that answer and its score, ``logits`` the
-    float32 teacher-forced next-token logits along the answer ``(len(answer), vocab)``."""
+    per-layer KV of the context (the prompt but its last token), ``answer`` the plain greedy
+    answer tokens from it (every profile's guess in :func:`answer_from`), ``logits`` the
+    float32 teacher-forced next-token logits along ``answer`` ``(len(answer), vocab)``,
+    ``reply`` the tokens :func:`answer_from`'s procedure gives from this very KV and
+    ``text``/``score`` that reply and its score.
+
+    ``reply`` differs from ``answer`` where the batched teacher-forced pass and step-by-step
+    decoding round a near-tie differently (bf16): scoring bf16 by ``answer`` would count such
+    an item as a disagreement of a profile whose KV is bit-identical. ``reply`` is None for
+    references saved before it existed; :func:`complete_reference` fills it."""
 
     item: Item
     kv: list
@@ -420,6 +428,7 @@ class Reference:
     text: str
     score: float
     logits: object
+    reply: list[int] | None = None
 
     @property
     def seq_len(self) -> int:
@@ -436,11 +445,21 @@ def reference(model, tok, item: Item, stop_ids, max_new: int = 12) -> Reference:
 
     kv = prefill(model, item.ids[:-1])
     n, first = len(item.ids) - 1, item.ids[-1]
-    ref = greedy_answer(model, kv, n, first, max_new, stop_ids)
-    text = answer_text(tok, ref, stop_ids)
+    guess = greedy_answer(model, kv, n, first, max_new, stop_ids)
     logits: list = []
-    greedy_answer(model, kv, n, first, max_new, stop_ids, guess=ref, logits_out=logits)
-    return Reference(item, kv, ref, text, score(item, text), logits[0])
+    reply = greedy_answer(model, kv, n, first, max_new, stop_ids, guess=guess, logits_out=logits)
+    text = answer_text(tok, reply, stop_ids)
+    return Reference(item, kv, guess, text, score(item, text), logits[0], reply)
+
+
+def complete_reference(model, tok, ref: Reference, stop_ids, max_new: int = 12) -> Reference:
+    """``ref`` with its ``reply`` (and ``text``/``score``) filled in when it was saved without
+    one (one teacher-forced pass); unchanged otherwise."""
+    if ref.reply is not None:
+        return ref
+    reply = greedy_answer(model, ref.kv, ref.seq_len, ref.item.ids[-1], max_new, stop_ids, guess=ref.answer)
+    text = answer_text(tok, reply, stop_ids)
+    return dataclasses.replace(ref, reply=reply, text=text, score=score(ref.item, text))
 
 
 def answer_from(model, tok, ref: Reference, kv, stop_ids, max_new: int = 12) -> dict:
@@ -458,7 +477,7 @@ def save_reference(ref: Reference, path) -> None:
 
     tmp = f"{path}.part"
     torch.save({"item": vars(ref.item), "kv": ref.kv, "answer": ref.answer, "text": ref.text, "score": ref.score,
-                "logits": ref.logits}, tmp)
+                "logits": ref.logits, "reply": ref.reply}, tmp)
     os.replace(tmp, path)
 
 
@@ -473,7 +492,8 @@ def load_reference(path, item: Item | None = None) -> Reference:
     import torch
 
     d = torch.load(path, weights_only=True)
-    ref = Reference(Item(**d["item"]), [tuple(p) for p in d["kv"]], d["answer"], d["text"], d["score"], d["logits"])
+    ref = Reference(Item(**d["item"]), [tuple(p) for p in d["kv"]], d["answer"], d["text"], d["score"], d["logits"],
+                    d.get("reply"))
     if item is not None and (ref.item.uid != item.uid or ref.item.ids != item.ids):
         raise KVServeError(f"{path} holds another item ({ref.item.uid}, not {item.uid}): made with other item "
                            f"options; use another references folder")
@@ -495,9 +515,11 @@ def run_item(model, tok, item: Item | Reference, pipes: dict, stop_ids, *, max_n
     from .pipeline import decode
 
     ref = item if isinstance(item, Reference) else reference(model, tok, item, stop_ids, max_new)
+    ref = complete_reference(model, tok, ref, stop_ids, max_new)
     item = ref.item
     row = {"uid": item.uid, "task": item.task, "length": item.length, "tokens": len(item.ids),
-           "answers": item.answers, "ref": {"answer": ref.text, "score": ref.score},
+           "answers": item.answers, "ref": {"answer": ref.text, "score": ref.score,
+                                            "stepwise": answer_text(tok, ref.answer, stop_ids)},
            "raw": ref.raw_bytes, "profiles": {}}
     meta = {"seq_len": ref.seq_len}
     for name, pipe in pipes.items():
@@ -507,6 +529,25 @@ def run_item(model, tok, item: Item | Reference, pipes: dict, stop_ids, *, max_n
             res.update(answer_from(model, tok, ref, decode(blob, threads=threads)[0], stop_ids, max_new))
         row["profiles"][name] = res
     return row
+
+
+def load_rows(paths) -> list[dict]:
+    """The rows of :func:`run_item` in JSONL files (e.g. the shards and resumptions of one run),
+    one per item: rows of the same item (other profiles) are merged, a line cut short by an
+    interrupted run is skipped."""
+    rows: dict[str, dict] = {}
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                if r["uid"] in rows:
+                    rows[r["uid"]]["profiles"].update(r["profiles"])
+                else:
+                    rows[r["uid"]] = r
+    return list(rows.values())
 
 
 def summarize(rows: list[dict], names: list[str] | None = None, n_boot: int = 2000) -> list[dict]:

@@ -210,3 +210,78 @@ def test_refresh_speeds_with_real_codecs(tmp_path):
         P.refresh_speeds(bad, cheap, repeats=1)
     with pytest.raises(kvserve.KVServeError, match="repeats"):
         P.refresh_speeds(small, cheap, repeats=0)
+
+
+def _tune_ids(n, split="tune"):
+    from kvserve.tasks import split_of
+
+    return [i for i in (f"id{j}" for j in range(200)) if split_of(i) == split][:n]
+
+
+def test_confirm_replaces_the_search_figures_with_many_items(tmp_path, capsys):
+    """Second fidelity of a task profile: candidates are the evaluated lossy keys whose CI
+    reaches the floor (highest-ratio codec variant); confirmation rows replace their
+    qualities (same items for all), other keys lose theirs, lossless keys stay 100."""
+    from kvserve.cli import main
+
+    keep = {f"{k}-{c}" for k in ("H-k16v8-g32-r64q64", "H-k8v4-g64", "H-k24v16-g64") for c in ("bp", "irans")}
+    cfgs = [c for c in P.search_space("tasks") if c["name"] in keep or c["quantizer"]["id"] == "none"]
+    assert len(cfgs) == 9
+    recs = [P.Record(c["name"], c, P.quality_key(c), 1.5 if c["quantizer"]["id"] == "none" else
+                     (4.5 if "k16v8" in c["name"] else 7.0 if "k8v4" in c["name"] else 3.5) * (1.1 if "irans" in c["name"] else 1.0),
+                     300.0, 400.0) for c in cfgs]
+    q = {"k16v8": 70.0, "k8v4": 60.0}
+    for r in recs:
+        r.quality = 100.0 if r.config["quantizer"]["id"] == "none" else next((v for k, v in q.items() if k in r.name), None)
+    key = {k: next(r.key for r in recs if k in r.name) for k in q}
+    details = {key["k16v8"]: {"quality_ci": [41.8, 103.6], "items": 60}, key["k8v4"]: {"quality_ci": [20.0, 85.0], "items": 60}}
+    cand = P.confirm_candidates(recs, details)
+    assert [c["name"] for c in cand] == ["H-k16v8-g32-r64q64-irans"]  # k8v4's CI is below the floor
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps({"method": {"model": "smollm2", "qa_items": 60, "metric": "task_rel_acc (...)"},
+                                "records": [r.to_json() for r in recs], "details": details}))
+    assert main(["profile", "--from-records", str(path), "--candidates", str(tmp_path / "c")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "c" / "H-k16v8-g32-r64q64-irans.json")
+
+    name = cand[0]["name"]
+    ids = _tune_ids(5)
+    ref_s, new_s = [1.0, 0.5, 0.0, 1.0, 0.4], [1.0, 0.4, 0.0, 1.0, 0.4]
+    rows = [{"uid": f"qa-{i}-1024", "task": "qa", "length": 1024, "ref": {"answer": f"a{j}", "score": rs},
+             "raw": 100, "profiles": {name: {"answer": f"a{j}" if ns == rs else "x", "score": ns, "comp": None,
+                                              "answer_kl": 0.01}}}
+            for j, (i, rs, ns) in enumerate(zip(ids, ref_s, new_s))]
+    rows.append({**rows[0], "uid": f"qa-{ids[0]}-2048", "profiles": {}})  # lacks the candidate: not counted
+    out, det, n = P.confirm(recs, details, rows)
+    assert n == 5
+    got = {r.name: r.quality for r in out}
+    assert got[name] == pytest.approx(100 * sum(new_s) / sum(ref_s)) == got["H-k16v8-g32-r64q64-bp"]
+    assert all(got[r.name] is None for r in out if "k8v4" in r.name or "k24v16" in r.name)
+    assert all(got[r.name] == 100.0 for r in out if r.config["quantizer"]["id"] == "none")
+    d = det[key["k16v8"]]
+    assert d["items"] == 5 and d["answer_agree"] == 0.8 and d["search"] == details[key["k16v8"]]
+    assert d["quality_ci"][0] <= got[name] <= d["quality_ci"][1]
+    assert recs[0].quality is not None or recs[0].config["quantizer"]["id"] != "none"  # inputs untouched
+
+    rpath = tmp_path / "rows.jsonl"
+    rpath.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut sh')
+    lib_path = tmp_path / "lib.json"
+    assert main(["profile", "--from-records", str(path), "--confirm", str(rpath), "--out", str(lib_path)]) == 0
+    lib = load_library(str(lib_path))
+    assert lib.meta["quality_metric"] == "task_rel_acc" and lib.meta["method"]["qa_items"] == 5
+    e = next(e for e in lib.entries if e.name == name)
+    assert e.extra["items"] == 5 and e.extra["quality_ci"] == d["quality_ci"]
+
+    bad = [{**rows[0], "uid": f"qa-{_tune_ids(1, 'test')[0]}-1024"}]
+    with pytest.raises(kvserve.KVServeError, match="test-split"):
+        P.confirm(recs, details, bad)
+    with pytest.raises(kvserve.KVServeError, match="nothing to confirm"):
+        P.confirm(recs, details, [{**rows[0], "profiles": {"other": rows[0]["profiles"][name]}}])
+    capsys.readouterr()
+    assert main(["profile", "--confirm", str(rpath)]) == 2
+    assert "need --from-records" in capsys.readouterr().err
+    path.write_text(json.dumps({"method": {"metric": "rel_ppl"}, "records": [], "details": {}}))
+    assert main(["profile", "--from-records", str(path), "--confirm", str(rpath)]) == 2
+    assert "not a task-objective search" in capsys.readouterr().err
+    path.write_text("{")
+    assert main(["profile", "--from-records", str(path), "--confirm", str(rpath)]) == 2
+    assert "not a records file" in capsys.readouterr().err
