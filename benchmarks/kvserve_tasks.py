@@ -7,12 +7,13 @@
     python benchmarks/kvserve_tasks.py speed --profiles kvserve,k16v8-g32 --threads 2
 
 Method (kvserve.tasks builds the items; fixed seeds): per item, prefill the whole prompt
-but its last token in bf16 once (SmolLM2 via kvserve.models.load_model) and decode the
-reference answer greedily (max 12 tokens, stop at a newline or end of turn). Then for every
-lossy profile: encode the context KV, decode it, rebuild the cache and decode the answer
-greedily (:func:`kvserve.tasks.greedy_answer`: the reference answer is checked in one
-teacher-forced pass and decoding resumes where it diverges). A lossless profile decodes to
-the reference KV bit for bit, so its answer is the reference's. Profiles are run with their codec replaced by
+but its last token in bf16 once (via kvserve.models.load_model) and decode a guess answer
+greedily, step by step (max 12 tokens, stop at a newline or end of turn). Every answer, bf16's
+and each lossy profile's from its encoded-and-decoded KV, is then that guess checked in one
+teacher-forced pass with decoding resumed where it diverges (:func:`kvserve.tasks.greedy_answer`),
+so bf16 and a profile are scored by the same procedure (``Reference.reply``; rows made before
+it are corrected by ``reref``). A lossless profile decodes to the reference KV bit for bit, so
+its answer is the reference's. Profiles are run with their codec replaced by
 ``none`` for quality (codecs are lossless, so decoded KV is identical); the ratio is
 measured with the real codec on every ``--ratio-every``-th item (lengths interleave, so every
 length is sampled). Rows are appended per item to a JSONL checkpoint; a rerun skips items
@@ -37,7 +38,7 @@ import torch
 
 from kvserve import tasks
 from kvserve.errors import KVServeError
-from kvserve.pipeline import Pipeline, load_profile
+from kvserve.pipeline import Pipeline, load_profile, profile_names
 from kvserve.profiler import ROPE_THETA as ROPE  # per model: SmolLM2's base, Gemma-3's per-layer bases
 
 BASELINES = ["bf16", "kivi-2", "kivi-4", "cachegen", "kvserve"]
@@ -281,9 +282,15 @@ def reref(a) -> int:
             f.write(json.dumps({"uid": uid, "ref": done[uid]}) + "\n")
             f.flush()
     changed = sum(1 for u, i in want.items() if done[u]["answer"] != done[u]["stepwise"])
+    lossless = {n for r in lines for n in r["profiles"] if n in profile_names()
+                and not Pipeline.from_config(load_profile(n)).quantizer.lossy}
     with open(a.out + ".tmp", "w", encoding="utf-8") as f:
         for r in lines:
-            f.write(json.dumps({**r, "ref": done[r["uid"]]}) + "\n")
+            ref = done[r["uid"]]
+            # a lossless profile's answer is the reference's (run_item): it moves with it
+            prof = {n: {**v, "answer": ref["answer"], "score": ref["score"]} if n in lossless else v
+                    for n, v in r["profiles"].items()}
+            f.write(json.dumps({**r, "ref": ref, "profiles": prof}) + "\n")
     os.replace(a.out + ".tmp", a.out)
     print(f"{len(want)} items: bf16's answer by the profiles' procedure differs from the step-by-step one "
           f"on {changed} ({100 * changed / max(1, len(want)):.1f}%) -> {a.out}", file=sys.stderr)

@@ -296,8 +296,10 @@ def _decide(args) -> int:
     ci = entry.extra.get("quality_ci") if entry is not None else None
     print(f"profile        {d.profile}")
     print(f"reason         {d.reason}")
+    agree = entry.extra.get("answer_agree") if entry is not None else None
     print(f"ratio          {d.ratio:.2f}x   quality {d.quality:.2f} ({metric}"
-          + (f", 95% CI {ci[0]:.1f}-{ci[1]:.1f} over {entry.extra.get('items')} items)" if ci else ")"))
+          + (f", 95% CI {ci[0]:.1f}-{ci[1]:.1f} over {entry.extra.get('items')} items" if ci else "")
+          + (f"; answers identical to bf16's: {agree:.2f})" if agree is not None else ")"))
     print(f"predicted      {d.predicted_ms:.2f} ms   (uncompressed {d.uncompressed_ms:.2f} ms, "
           f"{d.uncompressed_ms / d.predicted_ms:.2f}x)")
     rows = optimal_intervals(lib.entries, args.min_quality)
@@ -309,7 +311,7 @@ def _decide(args) -> int:
                "uncompressed_ms": d.uncompressed_ms, "reason": d.reason, "config": d.config,
                "bandwidth_mbps": args.bandwidth_mbps, "kv_bytes": args.kv_bytes,
                "slo_ms": None if math.isinf(args.slo_ms) else args.slo_ms, "min_quality": args.min_quality,
-               "quality_metric": metric, "quality_ci": ci}
+               "quality_metric": metric, "quality_ci": ci, "answer_agree": agree}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)
             f.write("\n")

@@ -333,7 +333,10 @@ def test_decide_reports_the_metric_and_ci_of_a_task_library(tmp_path, capsys):
     d = json.loads(out.read_text())
     entry = next(e for e in lib.entries if e.name == d["profile"])
     assert d["quality_metric"] == "task_rel_acc" and d["quality_ci"] == entry.extra["quality_ci"]
-    assert f"(task_rel_acc, 95% CI {d['quality_ci'][0]:.1f}-" in capsys.readouterr().out
+    assert d["answer_agree"] == entry.extra["answer_agree"]
+    printed = capsys.readouterr().out
+    assert f"(task_rel_acc, 95% CI {d['quality_ci'][0]:.1f}-" in printed
+    assert f"answers identical to bf16's: {d['answer_agree']:.2f})" in printed
 
 
 # ----------------------------------------------------------------- simulation
