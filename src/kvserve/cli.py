@@ -218,9 +218,10 @@ def _confirm(args) -> int:
     meta = {"model": method.get("model", args.model), "mode": "bayes-ehvi + confirm", "space": "tasks",
             "configs": len(recs), "quality_keys": len({r.key for r in recs}), "evaluations": len(det),
             "method": {**method, "qa_items": n,
-                       "confirm": f"search on {method.get('qa_items')} tune items ({args.from_records}); every "
-                                  f"evaluated lossy key whose CI reached the floor measured again on the same {n} "
-                                  "tune QA items (benchmarks/kvserve_tasks.py run); the library holds those figures only"},
+                       "confirm": f"search on {method.get('qa_items')} tune items ({args.from_records}); the keys "
+                                  f"of the confirmation rows (--candidates: each evaluated lossy key whose CI reached "
+                                  f"the floor) measured again on the same {n} tune QA items (benchmarks/kvserve_tasks.py "
+                                  "run); the library holds those figures only"},
             "note": "speeds measured on a shared 2-core CPU machine"}
     lib = P.build_library(recs, meta, args.floor, details=det)
     lib.save(args.out)
