@@ -427,6 +427,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except BrokenPipeError:  # e.g. `kvserve decide ... | head -1`: the reader left, not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (KVServeError, OSError) as exc:
         print(f"kvserve: error: {exc}", file=sys.stderr)
         return 2
