@@ -253,14 +253,19 @@ def reref(a) -> int:
     torch.set_num_threads(a.threads)
     lines = [json.loads(x) for p in a.paths for x in open(p, encoding="utf-8") if x.strip()]
     part = a.out + ".part"
-    done = {}
-    if os.path.exists(part):
-        for x in open(part, encoding="utf-8"):
-            try:
-                d = json.loads(x)
-            except ValueError:
-                continue
-            done[d["uid"]] = d["ref"]
+
+    def finished() -> dict:  # uid -> recomputed ref, from every shard so far
+        out = {}
+        if os.path.exists(part):
+            for x in open(part, encoding="utf-8"):
+                try:
+                    d = json.loads(x)
+                except ValueError:
+                    continue
+                out[d["uid"]] = d["ref"]
+        return out
+
+    done = finished()
     model, tok = load_model(a.model)
     items = _items(a, tok)
     pos = {it.uid: i for i, it in enumerate(items)}
@@ -270,7 +275,8 @@ def reref(a) -> int:
                  "give the options of the runs that wrote them")
     want = {r["uid"]: pos[r["uid"]] for r in lines}
     stop = tasks.stop_token_ids(tok)
-    todo = [(u, i) for u, i in want.items() if u not in done]
+    k, n = (int(x) for x in a.shard.split("/"))
+    todo = [(u, i) for u, i in want.items() if u not in done and i % n == k]
     print(f"{len(want)} items in the rows, {len(todo)} to recompute", file=sys.stderr)
     with open(part, "a", encoding="utf-8") as f:
         for uid, i in tqdm(todo, desc="references", unit="item", disable=not a.progress, mininterval=30):
@@ -281,6 +287,11 @@ def reref(a) -> int:
             done[uid] = {"answer": ref.text, "score": ref.score, "stepwise": tasks.answer_text(tok, ref.answer, stop)}
             f.write(json.dumps({"uid": uid, "ref": done[uid]}) + "\n")
             f.flush()
+    done = finished()
+    if len(set(want) - set(done)):
+        print(f"{len(set(want) & set(done))} of {len(want)} items re-scored; --out is written once the other "
+              "shards (or a rerun) have done the rest", file=sys.stderr)
+        return 0
     changed = sum(1 for u, i in want.items() if done[u]["answer"] != done[u]["stepwise"])
     lossless = {n for r in lines for n in r["profiles"] if n in profile_names()
                 and not Pipeline.from_config(load_profile(n)).quantizer.lossy}
