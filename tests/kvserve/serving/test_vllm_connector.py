@@ -214,6 +214,7 @@ def _direct(out: str, model: str, work: str) -> None:
     consumer to decode. The consumer gets the producer's returned ``kv_transfer_params``, as a
     router would pass them."""
     import os
+    import random
     import socket
     import time
 
@@ -229,9 +230,18 @@ def _direct(out: str, model: str, work: str) -> None:
     from kvserve.serving.store import binding
 
     work = Path(work)
-    with socket.socket() as s:  # a free loopback port for the consumer's receiver
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # a free loopback port for the consumer's receiver, below Linux's ephemeral range: the two
+    # engines start at once and bind ports of their own (port 0), which once took the one an
+    # ephemeral pick had freed for the consumer ("Address already in use" in CI)
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
     log = open(work / "consumer.log", "w")
     child = subprocess.Popen([sys.executable, __file__, "direct-consumer", str(work / "consumer.json"), model,
                               str(work), str(port)], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
