@@ -293,8 +293,8 @@ def reref(a) -> int:
               "shards (or a rerun) have done the rest", file=sys.stderr)
         return 0
     changed = sum(1 for u, i in want.items() if done[u]["answer"] != done[u]["stepwise"])
-    lossless = {n for r in lines for n in r["profiles"] if n in profile_names()
-                and not Pipeline.from_config(load_profile(n)).quantizer.lossy}
+    names = {n for r in lines for n in r["profiles"]} & set(profile_names())
+    lossless = {n for n in names if not Pipeline.from_config(load_profile(n)).quantizer.lossy}
     with open(a.out + ".tmp", "w", encoding="utf-8") as f:
         for r in lines:
             ref = done[r["uid"]]
