@@ -1,7 +1,7 @@
 """Profiler benchmark: exhaustive grid vs the Bayesian engine on SmolLM2 (small tune-split set).
 
     python benchmarks/kvserve_profiler.py [--windows 4 --ctx 256 --cont 64] [--seeds 5]
-        [--write-library src/kvserve/library/smollm2.json]
+        [--write-library src/kvserve/library/smollm2-ppl.json]
     python benchmarks/kvserve_profiler.py --objective tasks --qa 12 --refs DIR [--cheap-from RECORDS]
 
 1. Measures ratio and codec speed of every configuration of the space (1 thread): the

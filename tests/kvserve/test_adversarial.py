@@ -10,6 +10,7 @@ grad.
 from __future__ import annotations
 
 import hashlib
+import json
 import hmac
 import os
 import socket
@@ -414,3 +415,31 @@ def test_encode_kv_that_requires_grad(profile):
     assert blob == kvserve.encode(kv, profile, meta={"seq_len": 48})
     out, _ = kvserve.decode(blob)
     assert out[0][0].shape == kv[0][0].shape and not out[0][0].requires_grad
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d["entries"][0].update(quality_ci="ab"),
+    lambda d: d["entries"][0].update(quality_ci=[5.0, 1.0]),
+    lambda d: d["entries"][0].update(quality_ci=[1.0, float("nan")]),
+    lambda d: d["entries"][0].update(answer_agree="x"),
+    lambda d: d["entries"][0].update(answer_agree=1.5),
+    lambda d: d["entries"][0].update(items=-1),
+    lambda d: d.update(withheld=5),
+    lambda d: d.update(withheld={"k": {"ratio": "big"}}),
+    lambda d: d.update(min_answer_agree=[0.6]),
+    lambda d: d.update(quality_metric="accuracy"),
+])
+def test_library_task_figures_are_validated(tmp_path, capsys, edit):
+    """The task figures `decide` prints (CI, agreement, items, withheld keys) are checked when
+    the library is loaded: a bad one is one line, exit 2, never a traceback."""
+    from importlib import resources
+
+    from kvserve.cli import main
+
+    d = json.loads(resources.files("kvserve").joinpath("library", "smollm2.json").read_text())
+    edit(d)
+    bad = tmp_path / "lib.json"
+    bad.write_text(json.dumps(d))
+    assert main(["decide", "--library", str(bad), "--bandwidth-mbps", "100"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvserve: error:") and err.count("\n") == 1

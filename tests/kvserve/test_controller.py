@@ -317,6 +317,22 @@ def test_packaged_library_and_cli(tmp_path, capsys):
     assert json.loads(out.read_text())["profile"] == "bf16"
     assert "profile" in capsys.readouterr().out
     assert main(["decide", "--library", str(tmp_path / "missing.json"), "--bandwidth-mbps", "10"]) == 2
+    assert "packaged library: smollm2, smollm2-ppl" in capsys.readouterr().err
+
+
+def test_packaged_libraries_by_name(tmp_path, monkeypatch):
+    """`--library NAME` picks a packaged library: smollm2 (task accuracy, the default) or
+    smollm2-ppl (perplexity); a file of that name in the working folder wins."""
+    from kvserve.library import packaged_libraries
+
+    assert packaged_libraries() == ["smollm2", "smollm2-ppl"]
+    task, ppl = load_library("smollm2"), load_library("smollm2-ppl")
+    assert task.meta["quality_metric"] == load_library().meta["quality_metric"] == "task_rel_acc"
+    assert ppl.meta["quality_metric"] == "rel_ppl" and max(e.ratio for e in ppl.entries) > 8
+    assert all(e.extra["answer_agree"] >= task.meta["min_answer_agree"] for e in task.entries)
+    monkeypatch.chdir(tmp_path)
+    ppl.save("smollm2")
+    assert load_library("smollm2").meta["quality_metric"] == "rel_ppl"
 
 
 def test_decide_reports_the_metric_and_ci_of_a_task_library(tmp_path, capsys):

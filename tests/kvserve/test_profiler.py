@@ -189,7 +189,7 @@ def test_refresh_speeds_with_real_codecs(tmp_path):
         t2 = time.perf_counter()
         return raw / len(blob), raw / (t1 - t0) / 1e6, raw / (t2 - t1) / 1e6
 
-    lib = load_library()
+    lib = load_library("smollm2-ppl")
     picked = [e for e in lib.entries if e.config["quantizer"]["id"] == "kvserve"
               and e.config["quantizer"].get("scores") is None][:3]
     assert len(picked) == 3
@@ -285,3 +285,37 @@ def test_confirm_replaces_the_search_figures_with_many_items(tmp_path, capsys):
     path.write_text("{")
     assert main(["profile", "--from-records", str(path), "--confirm", str(rpath)]) == 2
     assert "not a records file" in capsys.readouterr().err
+
+
+def test_task_library_withholds_keys_that_change_many_answers(tmp_path, capsys):
+    """A lossy key whose answers agree with bf16's on fewer than ``min_agree`` of the items is
+    withheld (its figures in meta ``withheld``), before the Pareto selection: the trusted key it
+    would have dominated stays, and `decide --min-quality 97` can only pick trusted keys."""
+    from kvserve.cli import main
+
+    names = ("H-k16v8-g32-r64q64-irans", "H-k8v16-g64-irans", "H-k8v4-r64q64-irans")
+    cfgs = {c["name"]: c for c in P.search_space("tasks") if c["name"] in names or c["name"] == "bf16-enec"}
+    figures = {"H-k16v8-g32-r64q64-irans": (4.5, 99.7, 0.754), "H-k8v16-g64-irans": (4.8, 113.4, 0.523),
+               "H-k8v4-r64q64-irans": (8.0, 89.8, 0.483)}
+    recs = [P.Record("bf16-enec", cfgs["bf16-enec"], P.quality_key(cfgs["bf16-enec"]), 1.4, 900.0, 900.0, 100.0)]
+    details = {}
+    for n, (ratio, q, agree) in figures.items():
+        recs.append(P.Record(n, cfgs[n], P.quality_key(cfgs[n]), ratio, 300.0, 400.0, q))
+        details[recs[-1].key] = {"quality_ci": [q - 10, q + 10], "items": 325, "answer_agree": agree, "answer_kl": 0.01}
+    lib = P.build_library(recs, {"model": "smollm2"}, details=details)
+    assert [e.name for e in lib.entries] == ["H-k16v8-g32-r64q64-irans", "bf16-enec"]  # k8v16 would dominate k16v8
+    assert lib.meta["min_answer_agree"] == P.MIN_ANSWER_AGREE
+    assert list(lib.meta["withheld"]) == ["H-k8v16-g64"]  # k8v4 is below the floor anyway
+    assert lib.meta["withheld"]["H-k8v16-g64"] == {"ratio": 4.8, "quality": 113.4, "quality_ci": [103.4, 123.4],
+                                                   "answer_agree": 0.523, "items": 325}
+    loose = P.build_library(recs, {"model": "smollm2"}, details=details, min_agree=0.5)
+    assert [e.name for e in loose.entries][0] == "H-k8v16-g64-irans" and loose.meta["withheld"] == {}
+    path = tmp_path / "lib.json"
+    lib.save(str(path))
+    out = tmp_path / "d.json"
+    assert main(["decide", "--library", str(path), "--bandwidth-mbps", "10", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["profile"] == "H-k16v8-g32-r64q64-irans"
+    assert load_library(str(path)).meta["withheld"] == lib.meta["withheld"]
+    capsys.readouterr()
+    assert main(["profile", "--from-records", str(path), "--confirm", str(path), "--min-agree", "1.5"]) == 2
+    assert "--min-agree 1.5" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 A library is a JSON file (``format: "kvserve-profile-library"``, ``version: 1``; fields in
 docs/KVSERVE.md) written by ``kvserve profile`` and read by :func:`load_library`; the
-packaged SmolLM2 library is ``kvserve/library/smollm2.json``. Each :class:`Entry` holds a
+packaged SmolLM2 libraries are ``kvserve/library/smollm2.json`` (relative task accuracy, the
+default) and ``smollm2-ppl.json`` (relative perplexity). Each :class:`Entry` holds a
 full profile config and its measured ratio, quality and codec speeds.
 """
 from __future__ import annotations
@@ -130,27 +131,73 @@ def library_from_json(obj: Any, source: str = "library") -> Library:
         quality = _num(d, "quality", where, strict=False)
         if quality > 1000:
             raise KVServeError(f"{where}: 'quality' {quality} is not a relative score (0..~100)")
+        _check_task_figures(d, where)
         entries.append(Entry(name, cfg, ratio, quality, _num(d, "encode_MBps", where), _num(d, "decode_MBps", where),
                              {k: v for k, v in d.items() if k not in known}))
     meta = {k: v for k, v in obj.items() if k not in ("entries", "intervals")}
+    if meta.get("quality_metric", "rel_ppl") not in ("rel_ppl", "task_rel_acc"):
+        raise KVServeError(f"{source}: 'quality_metric' must be 'rel_ppl' or 'task_rel_acc'")
+    if "min_answer_agree" in meta:
+        _fraction(meta, "min_answer_agree", source)
+    withheld = meta.get("withheld", {})
+    if not isinstance(withheld, dict) or len(withheld) > 10000:
+        raise KVServeError(f"{source}: 'withheld' must be an object of key name -> figures")
+    for k, w in withheld.items():
+        if not isinstance(w, dict):
+            raise KVServeError(f"{source}: withheld {k[:80]!r} must be an object")
+        _num(w, "ratio", f"{source}: withheld {k[:80]!r}")
+        _check_task_figures(w, f"{source}: withheld {k[:80]!r}")
     return Library(entries, meta)
 
 
-def default_library_path() -> str:
-    return str(resources.files("kvserve").joinpath("library", "smollm2.json"))
+def _fraction(d: dict, key: str, where: str) -> float:
+    v = _num(d, key, where, strict=False)
+    if v > 1:
+        raise KVServeError(f"{where}: {key!r} must be a fraction 0..1, got {v!r}")
+    return v
+
+
+def _check_task_figures(d: dict, where: str) -> None:
+    """The optional task-accuracy figures of an entry (or a withheld key): types and ranges,
+    so that printing them cannot fail."""
+    ci = d.get("quality_ci")
+    if ci is not None:
+        if (not isinstance(ci, list) or len(ci) != 2 or any(isinstance(x, bool) or not isinstance(x, (int, float))
+                                                            or not math.isfinite(x) for x in ci) or ci[0] > ci[1]):
+            raise KVServeError(f"{where}: 'quality_ci' must be [lo, hi] with finite lo <= hi")
+    if d.get("answer_agree") is not None:
+        _fraction(d, "answer_agree", where)
+    for key in ("answer_kl", "quality", "task_rel_acc", "f1", "f1_bf16"):
+        if d.get(key) is not None:
+            _num(d, key, where, strict=False)
+    n = d.get("items")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise KVServeError(f"{where}: 'items' must be a count >= 0, got {n!r}")
+
+
+def packaged_libraries() -> list[str]:
+    """Names of the packaged libraries (``smollm2``: relative task accuracy, the default;
+    ``smollm2-ppl``: relative perplexity, the former default)."""
+    return sorted(p.name[:-5] for p in resources.files("kvserve").joinpath("library").iterdir()
+                  if p.name.endswith(".json"))
 
 
 def load_library(path: str | None = None) -> Library:
-    """The packaged SmolLM2 library (``path=None``) or a library JSON file."""
-    if path is None:
+    """A packaged library by name (``path=None``: ``smollm2``; see :func:`packaged_libraries`)
+    or a library JSON file."""
+    name = "smollm2" if path is None else path
+    if name in packaged_libraries() and not os.path.isfile(name):
+        source = f"kvserve/library/{name}.json"
         try:
-            text = resources.files("kvserve").joinpath("library", "smollm2.json").read_text(encoding="utf-8")
-        except (FileNotFoundError, OSError) as exc:
-            raise KVServeError("the packaged profile library kvserve/library/smollm2.json is missing") from exc
-        source = "kvserve/library/smollm2.json"
+            text = resources.files("kvserve").joinpath("library", name + ".json").read_text(encoding="utf-8")
+        except OSError as exc:
+            raise KVServeError(f"the packaged profile library {source} cannot be read ({exc})") from None
+    elif path is None:
+        raise KVServeError("the packaged profile library kvserve/library/smollm2.json is missing")
     else:
         if not os.path.isfile(path):
-            raise KVServeError(f"profile library {path!r} does not exist")
+            raise KVServeError(f"profile library {path!r} does not exist (a JSON file, or a packaged library: "
+                               f"{', '.join(packaged_libraries())})")
         with open(path, "rb") as f:  # bytes: bad UTF-8 is a JSON error below
             text = f.read()
         source = path
