@@ -48,7 +48,7 @@ Load it with::
   direct push is authenticated with it (:mod:`kvserve.serving.transport`).
 * ``accept_profiles`` (consumer): the profiles a loaded bundle may carry: a list of profile
   names or config dicts, or ``"any"``; default: the packaged profiles and the entries of
-  the packaged profile library.
+  every packaged profile library (``smollm2``, ``smollm2-ppl``).
 * ``producer_tp`` (consumer): the producer's tensor-parallel size (default: the consumer's
   own); a request's ``kv_transfer_params["kvserve_tp"]`` (the producer returns it) overrides it.
 
@@ -123,7 +123,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from ..errors import KVServeConnectorError, KVServeError
-from ..library import load_library
+from ..library import load_library, packaged_libraries
 from ..pipeline import MAX_HEADER, Pipeline, decode, header_shapes, load_profile, parse_header, profile_names
 from ..stages import gpu as _gpu
 from . import transport as tp
@@ -255,7 +255,8 @@ def accepted_profiles(spec: Any) -> set[str] | None:
     if spec == "any":
         return None
     if spec is None:
-        configs = [load_profile(n) for n in profile_names()] + [e.config for e in load_library().entries]
+        configs = [load_profile(n) for n in profile_names()] + [e.config for lib in packaged_libraries()
+                                                                for e in load_library(lib).entries]
     elif isinstance(spec, list):
         configs = [load_profile(x) if isinstance(x, str) else resolve_compression(x)[1] for x in spec]
     else:

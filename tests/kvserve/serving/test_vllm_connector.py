@@ -475,6 +475,11 @@ def _units(out: str, work: str) -> None:
         except Exception as exc:
             res["errors"][name] = f"{type(exc).__name__}: {exc}"
     res["fixed"] = push.resolve_compression("bf16")[1]["name"]
+    from kvserve.library import load_library, packaged_libraries
+
+    accept = conn.accepted_profiles(None)
+    res["accepts_packaged_libraries"] = {lib: all(conn.canonical_profile(e.config) in accept
+                                                  for e in load_library(lib).entries) for lib in packaged_libraries()}
     # controller mode: a decision per request when kvserve.controller and its library exist
     try:
         mode, setting = push.resolve_compression({"mode": "controller", "bandwidth_mbps": 100, "seed": 0})
@@ -943,6 +948,7 @@ def test_connector_pieces(tmp_path):
     assert "4 KV heads cannot be split over 3" in err["bad_producer_tp"]
     assert "must equal the consumer's" in err["unknown_heads_other_tp"]
     assert res["fixed"] == "bf16"
+    assert res["accepts_packaged_libraries"] == {"smollm2": True, "smollm2-ppl": True}  # by default
     roles_redis = res["roles_redis"]
     if "skipped" in roles_redis:
         assert "redis" in roles_redis["skipped"].lower(), roles_redis
