@@ -180,10 +180,8 @@ def _profile(args) -> int:
     lib = P.build_library(records, meta, args.floor, details=bench.details if tasks else None, min_agree=args.min_agree)
     lib.save(args.out)
     png = args.png or os.path.splitext(args.out)[0] + ".png"
-    kept, held = P.split_withheld(records, lib)
-    P.plot_front(png, kept, f"{args.model}: {res.mode}, {res.evaluations} evaluations, {len(lib.entries)} Pareto points",
-                 args.floor, overlay=held, overlay_label=f"withheld (answer agreement < {args.min_agree:g})",
-                 ylabel="relative task accuracy (% of bf16 F1)" if tasks else "quality (rel. perplexity x 100)")
+    _plot_library(png, records, lib, f"{args.model}: {res.mode}, {res.evaluations} evaluations, "
+                  f"{len(lib.entries)} Pareto points", args)
     if args.records:
         with open(args.records, "w", encoding="utf-8") as f:
             json.dump({"method": bench.method(), "records": [r.to_json() for r in records],
@@ -198,6 +196,17 @@ def _profile(args) -> int:
               + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
               + f"  enc {e.encode_MBps:6.0f}  dec {e.decode_MBps:6.0f} MB/s")
     return 0
+
+
+def _plot_library(png: str, records, lib, title: str, args) -> None:
+    """The front of ``records`` as ``lib`` holds it: keys the library withheld are circled."""
+    from . import profiler as P
+
+    kept, held = P.split_withheld(records, lib)
+    task = lib.meta.get("quality_metric") == "task_rel_acc"
+    P.plot_front(png, kept, title, args.floor, overlay=held,
+                 overlay_label=f"withheld (answer agreement < {args.min_agree:g})",
+                 ylabel="relative task accuracy (% of bf16 F1)" if task else "quality (rel. perplexity x 100)")
 
 
 def _confirm(args) -> int:
@@ -232,11 +241,8 @@ def _confirm(args) -> int:
     lib = P.build_library(recs, meta, args.floor, details=det, min_agree=args.min_agree)
     lib.save(args.out)
     png = args.png or os.path.splitext(args.out)[0] + ".png"
-    kept, held = P.split_withheld(recs, lib)
-    P.plot_front(png, kept, f"{meta['model']}: {len(det)} keys confirmed on {n} tune QA items, "
-                 f"{len(lib.entries)} Pareto points", args.floor, overlay=held,
-                 overlay_label=f"withheld (answer agreement < {args.min_agree:g})",
-                 ylabel="relative task accuracy (% of bf16 F1)")
+    _plot_library(png, recs, lib, f"{meta['model']}: {len(det)} keys confirmed on {n} tune QA items, "
+                  f"{len(lib.entries)} Pareto points", args)
     print(f"confirmed {len(det)} keys on {n} QA items; library: {len(lib.entries)} Pareto entries -> {args.out} ({png})")
     for k, d in sorted(det.items(), key=lambda kv: -max(r.ratio for r in recs if r.key == kv[0])):
         name = P.key_name(json.loads(k))
@@ -311,9 +317,8 @@ def _decide(args) -> int:
     print(f"profile        {d.profile}")
     print(f"reason         {d.reason}")
     agree = entry.extra.get("answer_agree") if entry is not None else None
-    lossless = entry is None or entry.config.get("quantizer", {}).get("id") == "none"
     print(f"ratio          {d.ratio:.2f}x   quality {d.quality:.2f} ({metric}"
-          + (", lossless)" if lossless else
+          + (", lossless)" if entry is None or entry.lossless else
              (f", 95% CI {ci[0]:.1f}-{ci[1]:.1f} over {entry.extra.get('items')} items" if ci else "")
              + (f"; answers identical to bf16's: {agree:.2f})" if agree is not None else ")")))
     print(f"predicted      {d.predicted_ms:.2f} ms   (uncompressed {d.uncompressed_ms:.2f} ms, "

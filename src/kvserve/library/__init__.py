@@ -45,6 +45,11 @@ class Entry:
     def codec_id(self) -> str:
         return str(self.config.get("codec", {}).get("id", "?"))
 
+    @property
+    def lossless(self) -> bool:
+        """No quantizer: the decoded KV is the original's, bit for bit."""
+        return self.config.get("quantizer", {}).get("id") == "none"
+
 
 BF16_ENTRY = Entry(BF16, BF16_CONFIG, 1.0, 100.0, math.inf, math.inf)
 
